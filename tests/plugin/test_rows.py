@@ -1,0 +1,124 @@
+"""Plans, rows and per-token buffers against a direct reading of the steering semantics."""
+import pytest
+import torch
+
+from steer_vllm.batch import RequestRows, SteeringBatch
+from steer_vllm.ops import add_steering
+from steer_vllm.plans import plan_layers
+from steer_vllm.slots import RowsExhausted, RowTable
+from steer_vllm.spec import EngineSteering, SteeringSpecError, steering_of
+
+HIDDEN, POINTS = 8, 4
+gen = torch.Generator().manual_seed(0)
+VECTORS = {
+    "v-seq5": torch.randn(5, HIDDEN, generator=gen),
+    "v-seq3": torch.randn(3, HIDDEN, generator=gen),
+    "v-const": torch.randn(1, HIDDEN, generator=gen),
+    "v-const2": torch.randn(1, HIDDEN, generator=gen),
+    "v-seq31": torch.randn(31, HIDDEN, generator=gen),
+}
+
+
+def expected_delta(additions: list[dict], layer: int, pos: int, prompt_len: int) -> torch.Tensor:
+    """What the issue says each addition adds to the stream entering ``layer`` at ``pos``."""
+    delta = torch.zeros(HIDDEN)
+    for a in additions:
+        if a["layer"] != layer:
+            continue
+        v = VECTORS[a["vector"]]
+        if a.get("mode", "actadd") == "actadd":
+            if pos < v.shape[0]:
+                delta += a["coeff"] * v[pos]
+        else:
+            where = a.get("positions", "all")
+            if where == "all" or (where == "prompt") == (pos < prompt_len):
+                delta += a["coeff"] * v[0]
+    return delta
+
+
+def place(table: RowTable, additions: list[dict], prompt_len: int) -> tuple[RequestRows, list[str]]:
+    steering = EngineSteering.model_validate({"additions": additions})
+    rows = RequestRows(POINTS, prompt_len)
+    keys = []
+    for plan in plan_layers(steering, lambda a: VECTORS[a.vector][:]):
+        rows.set_layer(plan.layer, table.acquire(plan), plan.scale)
+        keys.append(plan.key)
+    return rows, keys
+
+
+REQUESTS = [
+    ([{"vector": "v-seq5", "layer": 1, "coeff": 5.0}, {"vector": "v-seq3", "layer": 1, "coeff": -5.0}], 9),
+    ([{"vector": "v-const", "layer": 2, "coeff": 2.5, "mode": "constant", "positions": "prompt"},
+      {"vector": "v-seq3", "layer": 2, "coeff": 1.0}], 6),
+    ([{"vector": "v-const", "layer": 0, "coeff": -1.5, "mode": "constant", "positions": "generated"},
+      {"vector": "v-const2", "layer": 3, "coeff": 0.5, "mode": "constant", "positions": "all"},
+      {"vector": "v-const2", "layer": 3, "coeff": 0.25, "mode": "constant", "positions": "prompt"}], 4),
+    (None, 7),  # unsteered
+]
+
+
+def test_filled_buffers_add_exactly_what_the_spec_says():
+    table = RowTable(64, HIDDEN, torch.float32, torch.device("cpu"))
+    batch = SteeringBatch(POINTS, max_tokens=64, max_reqs=8, dtype=torch.float32, device=torch.device("cpu"))
+    in_batch, req_index, positions, expected = [], [], [], []
+    for slot, (additions, prompt_len) in enumerate(REQUESTS):
+        in_batch.append(place(table, additions, prompt_len)[0] if additions else None)
+        # a prefill chunk from position 2 through past the prompt (generated positions too)
+        for pos in range(2, prompt_len + 3):
+            req_index.append(slot)
+            positions.append(pos)
+            expected.append([expected_delta(additions or [], layer, pos, prompt_len) for layer in range(POINTS)])
+    batch.fill(in_batch, torch.tensor(req_index, dtype=torch.int32), torch.tensor(positions))
+    stream = torch.zeros(len(positions), HIDDEN)
+    for layer in range(POINTS):
+        got = add_steering(stream, table.vector_table, batch.row_of_token[layer], batch.scale_of_token[layer])
+        want = torch.stack([e[layer] for e in expected])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_unsteered_batch_adds_exact_zero_and_clears_old_rows():
+    table = RowTable(16, HIDDEN, torch.float32, torch.device("cpu"))
+    batch = SteeringBatch(POINTS, 16, 4, torch.float32, torch.device("cpu"))
+    rows, _ = place(table, REQUESTS[0][0], 9)
+    batch.fill([rows], torch.zeros(6, dtype=torch.int64), torch.arange(6))
+    assert batch.scale_of_token.abs().sum() > 0
+    batch.fill([None, None], torch.tensor([0, 0, 1, 1, 1, 1]), torch.arange(6))
+    stream = torch.randn(6, HIDDEN)
+    for layer in range(POINTS):
+        out = add_steering(stream, table.vector_table, batch.row_of_token[layer], batch.scale_of_token[layer])
+        assert torch.equal(out, stream)
+
+
+def test_coefficient_change_shares_rows_and_rows_come_back():
+    table = RowTable(32, HIDDEN, torch.float32, torch.device("cpu"))
+    love_hate = lambda c: [{"vector": "v-seq5", "layer": 1, "coeff": c}, {"vector": "v-seq3", "layer": 1, "coeff": -c}]
+    _, keys5 = place(table, love_hate(5.0), 9)
+    used = table.rows_in_use
+    assert used == 5
+    _, keys7 = place(table, love_hate(7.0), 9)
+    assert keys7 == keys5 and table.rows_in_use == used  # same rows, other scale
+    _, other = place(table, [{"vector": "v-seq3", "layer": 1, "coeff": 1.0}], 9)
+    assert table.rows_in_use == used + 3
+    for key in keys5 + keys7 + other:
+        table.release(key)
+    assert table.rows_in_use == 0 and table.num_plans == 0
+    # everything came back as one free block: a plan as large as the table fits
+    place(table, [{"vector": "v-seq31", "layer": 1, "coeff": 1.0}], 40)
+    with pytest.raises(RowsExhausted, match="table is full"):
+        place(table, [{"vector": "v-seq3", "layer": 2, "coeff": 1.0}], 9)
+
+
+@pytest.mark.parametrize(
+    "payload, message",
+    [
+        ('{"additions": []}', "steering.additions: List should have at least 1 item"),
+        ({"additions": [{"vector": "v-1", "layer": -1, "coeff": 1}]}, "steering.additions.0.layer"),
+        ({"additions": [{"vector": "v-1", "layer": 1, "coeff": float("nan")}]}, "coeff must be a finite number"),
+        ({"additions": [{"vector": "v-1", "layer": 1, "coeff": 1, "mode": "sideways"}]}, "steering.additions.0.mode"),
+        ({"additions": [{"vector": "v-1", "layer": 1, "coeff": 1, "colour": 3}]}, "steering.additions.0.colour"),
+        ("{not json", "steering: not valid JSON"),
+    ],
+)
+def test_malformed_payloads_name_the_field(payload, message):
+    with pytest.raises(SteeringSpecError, match=message.replace("[", r"\[").replace(".", r"\.")):
+        steering_of({"steering": payload})

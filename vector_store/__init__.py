@@ -1,0 +1,20 @@
+"""Steering vectors: content-addressed, cached, shared across replicas."""
+from vector_store.base import (
+    StoredVector,
+    VectorMeta,
+    VectorNotFound,
+    VectorStore,
+    VectorStoreError,
+    content_id_of,
+)
+from vector_store.open import open_store
+
+__all__ = [
+    "StoredVector",
+    "VectorMeta",
+    "VectorNotFound",
+    "VectorStore",
+    "VectorStoreError",
+    "content_id_of",
+    "open_store",
+]

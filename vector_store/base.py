@@ -1,0 +1,121 @@
+"""The store's data model and the interface both backends implement.
+
+A stored vector holds one direction tensor per layer, each shaped ``[k, hidden]``:
+k = 1 for a constant vector, k = token length of the steering prompt for an ActAdd
+sequence. Layer L is the residual stream *entering* decoder block L (Hugging Face's
+``hidden_states[L]``). Its content id hashes the tensors and the metadata that
+defines them, so the same content always has the same id and an id never changes
+meaning.
+"""
+from __future__ import annotations
+
+import abc
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+
+class VectorStoreError(ValueError):
+    """Bad input to the store; the message names what is wrong."""
+
+
+class VectorNotFound(KeyError):
+    """No vector with that name or content id."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else "vector not found"
+
+
+@dataclass(frozen=True)
+class VectorMeta:
+    """What a vector is for and where it came from (hashed into the content id,
+    except ``created``)."""
+
+    model_fingerprint: str
+    hidden_size: int
+    kind: str  # "actadd" (a per-position sequence) or "constant" (k = 1)
+    method: str = "upload"  # how it was made: actadd | last_token_diff | mean_diff | upload | gguf
+    source: dict = field(default_factory=dict)  # prompts, coefficients, pad token, ...
+    created: float = 0.0
+
+    def hashed_fields(self) -> dict:
+        fields = asdict(self)
+        fields.pop("created")
+        return fields
+
+
+@dataclass(frozen=True)
+class StoredVector:
+    meta: VectorMeta
+    directions: dict[int, torch.Tensor]  # layer -> float32 [k, hidden]
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted(self.directions)
+
+    @property
+    def content_id(self) -> str:
+        return content_id_of(self.meta, self.directions)
+
+
+def content_id_of(meta: VectorMeta, directions: dict[int, torch.Tensor]) -> str:
+    """sha256 over the canonical metadata and each layer's float32 bytes, in layer order."""
+    digest = hashlib.sha256()
+    digest.update(json.dumps(meta.hashed_fields(), sort_keys=True).encode())
+    for layer in sorted(directions):
+        tensor = directions[layer].detach().to(torch.float32).contiguous().cpu()
+        digest.update(f"|{layer}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.numpy().tobytes())
+    return "v-" + digest.hexdigest()[:40]
+
+
+class VectorStore(abc.ABC):
+    """Content-addressed vectors, names that point at them, and a cache of computed
+    contrast pairs. Writes are atomic: a reader sees a whole entry or none."""
+
+    @abc.abstractmethod
+    def put(self, vector: StoredVector) -> str:
+        """Store (idempotent) and return the content id."""
+
+    @abc.abstractmethod
+    def get(self, content_id: str) -> StoredVector:
+        """Raise VectorNotFound if absent, VectorStoreError if the bytes no longer
+        match the id."""
+
+    @abc.abstractmethod
+    def delete(self, content_id: str) -> None:
+        """Remove the vector and every name pointing at it."""
+
+    @abc.abstractmethod
+    def list(self) -> list[tuple[str, VectorMeta, list[str]]]:
+        """(content id, metadata, names) for every stored vector."""
+
+    @abc.abstractmethod
+    def set_name(self, name: str, content_id: str) -> None:
+        """Point a name at a stored content id (re-pointing is allowed)."""
+
+    @abc.abstractmethod
+    def name_target(self, name: str) -> str | None:
+        """The content id a name points at, or None."""
+
+    @abc.abstractmethod
+    def delete_name(self, name: str) -> None: ...
+
+    @abc.abstractmethod
+    def cached_computation(self, key: str) -> str | None:
+        """Content id computed earlier for this computation key, if still stored."""
+
+    @abc.abstractmethod
+    def remember_computation(self, key: str, content_id: str) -> None: ...
+
+    def resolve(self, name_or_id: str) -> str:
+        """A name or a content id -> content id; VectorNotFound if neither."""
+        target = self.name_target(name_or_id)
+        if target is not None:
+            return target
+        if name_or_id.startswith("v-"):
+            self.get(name_or_id)  # raises VectorNotFound
+            return name_or_id
+        raise VectorNotFound(f"no vector named or with id {name_or_id!r}")
