@@ -90,8 +90,12 @@ class CaptureRecorder:
         self._slices = []
         self.active = False
 
-    def take(self, capture_id: str) -> dict[int, torch.Tensor] | None:
-        return self._done.pop(capture_id, None)
+    def take(self, capture_id: str) -> dict[int, tuple[int, bytes]] | None:
+        """The finished capture as ``{layer: (positions, float32 bytes)}`` (RPC-safe)."""
+        streams = self._done.pop(capture_id, None)
+        if streams is None:
+            return None
+        return {layer: (stream.shape[0], stream.numpy().tobytes()) for layer, stream in streams.items()}
 
 
 def capture_params(layers: list[int]):
@@ -103,12 +107,13 @@ def capture_params(layers: list[int]):
     return capture_id, params
 
 
-def merge_worker_results(capture_id: str, per_worker: list[dict[int, torch.Tensor] | None]) -> dict[int, torch.Tensor]:
+def merge_worker_results(capture_id: str, per_worker: list[dict | None]) -> dict[int, torch.Tensor]:
     """Tensor-parallel ranks return copies; pipeline ranks return their own layers."""
     merged: dict[int, torch.Tensor] = {}
     for result in per_worker:
-        for layer, stream in (result or {}).items():
-            merged.setdefault(int(layer), torch.as_tensor(stream))
+        for layer, (positions, data) in (result or {}).items():
+            stream = torch.frombuffer(bytearray(data), dtype=torch.float32)
+            merged.setdefault(int(layer), stream.reshape(positions, -1))
     if not merged:
         raise RuntimeError(f"capture {capture_id}: no worker recorded it (is the steer plugin loaded?)")
     return merged
