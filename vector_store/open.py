@@ -1,0 +1,38 @@
+"""One place that turns a store location into a backend."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vector_store.base import VectorStore, VectorStoreError
+from vector_store.redis import RedisVectorStore
+from vector_store.sqlite import SqliteVectorStore
+
+_REDIS_SCHEMES = ("redis://", "rediss://")
+_SQLITE_SCHEME = "sqlite://"
+
+
+def default_store_location() -> str:
+    """``$STEER_STORE``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``) + ``/steer-server/vectors``."""
+    if os.environ.get("STEER_STORE"):
+        return os.environ["STEER_STORE"]
+    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return os.path.join(cache_home, "steer-server", "vectors")
+
+
+def open_store(url: str | None = None) -> VectorStore:
+    """``redis://host:port/db`` (or ``rediss://``) -> RedisVectorStore; ``sqlite:///abs/dir``
+    or a plain directory path -> SqliteVectorStore; None -> ``default_store_location()``."""
+    location = url if url is not None else default_store_location()
+    if location.startswith(_REDIS_SCHEMES):
+        return RedisVectorStore(location)
+    if location.startswith(_SQLITE_SCHEME):
+        path = location[len(_SQLITE_SCHEME):]
+        if not path.startswith("/"):
+            raise VectorStoreError(f"bad store URL {location!r}: expected sqlite:///absolute/directory")
+        return SqliteVectorStore(path)
+    if "://" in location or not location:
+        raise VectorStoreError(
+            f"bad store location {location!r}: expected redis://..., sqlite:///absolute/dir or a directory path"
+        )
+    return SqliteVectorStore(os.path.expanduser(location))

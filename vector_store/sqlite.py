@@ -1,0 +1,211 @@
+"""The embedded default backend: an SQLite index beside one safetensors blob per vector.
+
+Layout under ``data_dir``: ``index.sqlite3`` (WAL) and ``blobs/<content id>.safetensors``.
+A write takes SQLite's write lock first (``BEGIN IMMEDIATE``), so writers in any thread
+or process run one at a time; inside it the blob is written to a temp file, fsynced and
+renamed into place, and only then indexed. A crash before the commit leaves at most a
+blob without an index row, which nothing reads and the next put of that vector
+overwrites.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from vector_store import codec
+from vector_store.base import StoredVector, VectorMeta, VectorNotFound, VectorStore, VectorStoreError
+
+_BUSY_TIMEOUT_S = 30.0
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vectors (
+    content_id  TEXT PRIMARY KEY,
+    meta        TEXT NOT NULL,
+    created     REAL NOT NULL,
+    blob        TEXT NOT NULL,
+    blob_sha256 TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS names (
+    name       TEXT PRIMARY KEY,
+    content_id TEXT NOT NULL REFERENCES vectors(content_id) ON DELETE CASCADE
+);
+CREATE TABLE IF NOT EXISTS computations (
+    key        TEXT PRIMARY KEY,
+    content_id TEXT NOT NULL REFERENCES vectors(content_id) ON DELETE CASCADE
+);
+CREATE INDEX IF NOT EXISTS names_by_content_id ON names(content_id);
+CREATE INDEX IF NOT EXISTS computations_by_content_id ON computations(content_id);
+"""
+
+
+class SqliteVectorStore(VectorStore):
+    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+        self.data_dir = Path(data_dir)
+        self.blob_dir = self.data_dir / "blobs"
+        try:
+            self.blob_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise VectorStoreError(f"cannot create the vector store directory {self.blob_dir}: {error}") from None
+        self.index_path = self.data_dir / "index.sqlite3"
+        with self._connect() as connection:
+            connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+            connection.executescript(_SCHEMA)
+
+    def __repr__(self) -> str:
+        return f"SqliteVectorStore({str(self.data_dir)!r})"
+
+    @contextlib.contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        # One short-lived connection per operation: safe across threads and after fork.
+        # timeout is SQLite's busy timeout: how long to wait for another writer's lock.
+        connection = sqlite3.connect(self.index_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        try:
+            connection.execute("PRAGMA foreign_keys=ON")  # deletes cascade to names and computations
+            yield connection
+        finally:
+            connection.close()
+
+    def _blob_path(self, content_id: str) -> Path:
+        return self.blob_dir / f"{content_id}.safetensors"
+
+    def put(self, vector: StoredVector) -> str:
+        entry = codec.encode(vector)
+        blob_path = self._blob_path(entry.content_id)
+        with self._connect() as connection, _write_transaction(connection):
+            known = connection.execute("SELECT 1 FROM vectors WHERE content_id = ?", (entry.content_id,)).fetchone()
+            if known and _read_or_none(blob_path) == entry.tensor_bytes:
+                return entry.content_id
+            # New, or its blob was lost or damaged: (re)write the blob; a row already there keeps its meta.
+            _write_atomically(blob_path, entry.tensor_bytes)
+            connection.execute(
+                "INSERT INTO vectors (content_id, meta, created, blob, blob_sha256) VALUES (?, ?, ?, ?, ?)"
+                " ON CONFLICT (content_id) DO UPDATE SET blob_sha256 = excluded.blob_sha256",
+                (entry.content_id, entry.meta_json, entry.created, blob_path.name, entry.tensor_sha256),
+            )
+        return entry.content_id
+
+    def get(self, content_id: str) -> StoredVector:
+        codec.check_content_id(content_id)
+        with self._connect() as connection:
+            row = connection.execute(
+                "SELECT meta, blob, blob_sha256 FROM vectors WHERE content_id = ?", (content_id,)
+            ).fetchone()
+        if row is None:
+            raise VectorNotFound(f"no vector with id {content_id}")
+        meta_json, blob_name, blob_sha256 = row
+        try:
+            tensor_bytes = (self.blob_dir / blob_name).read_bytes()
+        except OSError as error:
+            raise VectorStoreError(f"stored tensors of {content_id} are missing: {error}") from None
+        return codec.decode(content_id, meta_json, tensor_bytes, blob_sha256)
+
+    def delete(self, content_id: str) -> None:
+        codec.check_content_id(content_id)
+        with self._connect() as connection, _write_transaction(connection):
+            deleted = connection.execute("DELETE FROM vectors WHERE content_id = ?", (content_id,)).rowcount
+            if not deleted:
+                raise VectorNotFound(f"no vector with id {content_id}")
+            # Still inside the write lock, so no put of the same vector can interleave.
+            self._blob_path(content_id).unlink(missing_ok=True)
+
+    def list(self) -> list[tuple[str, VectorMeta, list[str]]]:
+        with self._connect() as connection:
+            rows = connection.execute(
+                "SELECT content_id, meta FROM vectors ORDER BY created, content_id"
+            ).fetchall()
+            names: dict[str, list[str]] = {}
+            for name, content_id in connection.execute("SELECT name, content_id FROM names ORDER BY name"):
+                names.setdefault(content_id, []).append(name)
+        return [
+            (content_id, codec.decode_meta(content_id, meta_json), names.get(content_id, []))
+            for content_id, meta_json in rows
+        ]
+
+    def set_name(self, name: str, content_id: str) -> None:
+        codec.check_name(name)
+        codec.check_content_id(content_id)
+        with self._connect() as connection, _write_transaction(connection):
+            self._require(connection, content_id)
+            connection.execute(
+                "INSERT INTO names (name, content_id) VALUES (?, ?)"
+                " ON CONFLICT (name) DO UPDATE SET content_id = excluded.content_id",
+                (name, content_id),
+            )
+
+    def name_target(self, name: str) -> str | None:
+        if not codec.is_valid_name(name):
+            return None  # no such name can have been stored
+        with self._connect() as connection:
+            row = connection.execute("SELECT content_id FROM names WHERE name = ?", (name,)).fetchone()
+        return row[0] if row else None
+
+    def delete_name(self, name: str) -> None:
+        codec.check_name(name)
+        with self._connect() as connection:
+            if not connection.execute("DELETE FROM names WHERE name = ?", (name,)).rowcount:
+                raise VectorNotFound(f"no vector named {name!r}")
+
+    def cached_computation(self, key: str) -> str | None:
+        codec.check_computation_key(key)
+        with self._connect() as connection:
+            row = connection.execute("SELECT content_id FROM computations WHERE key = ?", (key,)).fetchone()
+        return row[0] if row else None
+
+    def remember_computation(self, key: str, content_id: str) -> None:
+        codec.check_computation_key(key)
+        codec.check_content_id(content_id)
+        with self._connect() as connection, _write_transaction(connection):
+            self._require(connection, content_id)
+            connection.execute(
+                "INSERT INTO computations (key, content_id) VALUES (?, ?)"
+                " ON CONFLICT (key) DO UPDATE SET content_id = excluded.content_id",
+                (key, content_id),
+            )
+
+    @staticmethod
+    def _require(connection: sqlite3.Connection, content_id: str) -> None:
+        if connection.execute("SELECT 1 FROM vectors WHERE content_id = ?", (content_id,)).fetchone() is None:
+            raise VectorNotFound(f"no vector with id {content_id}")
+
+
+@contextlib.contextmanager
+def _write_transaction(connection: sqlite3.Connection) -> Iterator[None]:
+    """Take the write lock up front (waiting up to the busy timeout), so the checks a
+    write makes still hold when it commits; roll back on any error."""
+    connection.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        connection.execute("ROLLBACK")
+        raise
+    connection.execute("COMMIT")
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename, fsync the directory: the path holds the old bytes or
+    all of the new ones, even across a crash."""
+    fd, tmp_path = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            os.fsync(tmp.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        Path(tmp_path).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _read_or_none(path: Path) -> bytes | None:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
