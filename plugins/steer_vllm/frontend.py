@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import math
 import uuid
 
 import torch
@@ -33,6 +32,7 @@ class SteeringValidator:
         self.num_layers = model_config.hf_text_config.num_hidden_layers
         self.hidden_size = model_config.get_hidden_size()
         self.model_dir = model_config.model
+        self.dtype_max = torch.finfo(model_config.dtype).max
         self.vectors = vectors or VectorCache()
         self._fingerprint: str | None = None
         self._finite: dict[str, bool] = {}
@@ -78,8 +78,8 @@ class SteeringValidator:
                 raise SteeringSpecError(
                     f"{where}.mode: constant mode needs a single vector, {addition.vector} is a sequence of {direction.shape[0]}"
                 )
-            if not math.isfinite(addition.coeff * float(direction.abs().max())):
-                raise SteeringSpecError(f"{where}.coeff: {addition.coeff} overflows the vector's values")
+            if abs(addition.coeff) * float(direction.abs().max()) > self.dtype_max:
+                raise SteeringSpecError(f"{where}.coeff: {addition.coeff} times this vector overflows the model's dtype")
 
     def _is_finite(self, content_id: str, vector) -> bool:
         if content_id not in self._finite:
