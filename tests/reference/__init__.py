@@ -1,0 +1,1 @@
+"""Independent reference implementations that the steering engine is checked against."""
