@@ -122,3 +122,32 @@ def test_coefficient_change_shares_rows_and_rows_come_back():
 def test_malformed_payloads_name_the_field(payload, message):
     with pytest.raises(SteeringSpecError, match=message.replace("[", r"\[").replace(".", r"\.")):
         steering_of({"steering": payload})
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: replays the steering op inside a CUDA graph")
+def test_op_replays_in_cuda_graph_with_refilled_buffers():
+    device = torch.device("cuda")
+    table = RowTable(64, HIDDEN, torch.float32, device)
+    batch = SteeringBatch(POINTS, max_tokens=64, max_reqs=8, dtype=torch.float32, device=device)
+    stream = torch.zeros(32, HIDDEN, device=device)
+    warmup = torch.cuda.Stream()
+    warmup.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(warmup):
+        add_steering(stream, table.vector_table, batch.row_of_token[1], batch.scale_of_token[1])
+    torch.cuda.current_stream().wait_stream(warmup)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = add_steering(stream, table.vector_table, batch.row_of_token[1], batch.scale_of_token[1])
+    for order in ([0, 1, 2, 3], [3, 0, 1, 2], [1, 1, 3, 0]):  # each replay: a new batch, same addresses
+        in_batch, req_index, positions, expected = [], [], [], []
+        for slot, which in enumerate(order):
+            additions, prompt_len = REQUESTS[which]
+            in_batch.append(place(table, additions, prompt_len)[0] if additions else None)
+            for pos in range(prompt_len - 3, prompt_len + 5):
+                req_index.append(slot)
+                positions.append(pos)
+                expected.append(expected_delta(additions or [], 1, pos, prompt_len))
+        batch.fill(in_batch, torch.tensor(req_index, device=device), torch.tensor(positions, device=device))
+        graph.replay()
+        torch.testing.assert_close(out.cpu(), torch.stack(expected), rtol=1e-5, atol=1e-5)
