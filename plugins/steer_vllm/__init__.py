@@ -17,6 +17,7 @@ __all__ = [
     "SteeringNotInstalled",
     "SteeringSpecError",
     "check_engine",
+    "check_engine_async",
     "register",
 ]
 
@@ -45,20 +46,30 @@ def _check(statuses: list[dict]) -> list[dict]:
     return statuses
 
 
+def _refusal(exc: Exception) -> SteeringNotInstalled | None:
+    """vLLM reports a worker without our RPC method as a plain Exception naming it."""
+    from steer_vllm.runner import STATUS_RPC
+
+    if isinstance(exc, NotImplementedError) or STATUS_RPC in str(exc):
+        return SteeringNotInstalled(f"the steer plugin did not load in the workers: {exc}")
+    return None
+
+
 def check_engine(llm) -> list[dict]:
     """Ask every worker of an offline ``vllm.LLM`` whether steering is installed."""
     from steer_vllm.runner import STATUS_RPC
 
     try:
         return _check(llm.collective_rpc(STATUS_RPC))
-    except NotImplementedError as exc:
-        raise SteeringNotInstalled(f"the steer plugin did not load in the workers: {exc}") from None
+    except Exception as exc:
+        raise (_refusal(exc) or exc) from None
 
 
 async def check_engine_async(engine_client) -> list[dict]:
+    """The same through a running server's engine client (``AsyncLLM``)."""
     from steer_vllm.runner import STATUS_RPC
 
     try:
         return _check(await engine_client.collective_rpc(STATUS_RPC))
-    except NotImplementedError as exc:
-        raise SteeringNotInstalled(f"the steer plugin did not load in the workers: {exc}") from None
+    except Exception as exc:
+        raise (_refusal(exc) or exc) from None

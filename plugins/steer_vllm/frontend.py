@@ -11,14 +11,15 @@ import hashlib
 import uuid
 
 import torch
+from vllm.exceptions import VLLMNotFoundError
 
 from steer_vllm.spec import EngineSteering, SteeringSpecError, capture_of, steering_of
 from steer_vllm.vector_cache import VectorCache
 from vector_store import VectorNotFound
 
 
-class UnknownVector(SteeringSpecError):
-    pass
+class UnknownVector(VLLMNotFoundError, ValueError):
+    """Answered 404 by the OpenAI server."""
 
 
 def steering_salt(steering: EngineSteering, client_salt: str | None) -> str:

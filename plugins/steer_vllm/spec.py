@@ -17,14 +17,19 @@ import math
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from vllm.exceptions import VLLMValidationError
 
 STEERING_KEY = "steering"
 CAPTURE_KEY = "steering_capture"
 MAX_ADDITIONS = 64
 
 
-class SteeringSpecError(ValueError):
-    """A steering payload the engine cannot apply; the message names the field."""
+class SteeringSpecError(VLLMValidationError, ValueError):
+    """A steering payload the engine cannot apply; the message names the field.
+
+    A vLLM client error, so the OpenAI server answers 400 with this message."""
+
+    __str__ = Exception.__str__  # the message already names the field
 
 
 class EngineAddition(BaseModel):
