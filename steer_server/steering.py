@@ -1,0 +1,399 @@
+"""The ``steering`` request field: typed, validated, and resolved into the engine's spec.
+
+The field, on /v1/completions and /v1/chat/completions (openai SDK: ``extra_body``)::
+
+    "steering": {
+        "additions": [{"prompt": "Love", "coeff": 5, "layer": 6},
+                      {"prompt": "Hate", "coeff": -5, "layer": 6}],
+        "mode": "actadd",          # or "constant"
+        "positions": "all",        # constant mode only: "all" | "prompt" | "generated"
+        "pad": " "                 # actadd only: pad text (one token) or null; default: the server's
+    }
+
+Additions, by mode:
+
+- ``actadd`` (default; ActAdd, Turner et al. 2023): ``{"prompt", "coeff", "layer"}`` — the
+  prompt's residual stream entering ``layer``, one row per token, added front-aligned at the
+  request's positions 0..k-1. The prompts of one layer are right-padded with the pad token
+  to the same length k. ``{"vector", "coeff"[, "layer"]}`` adds a stored vector's rows the
+  same way.
+- ``constant`` (one direction per layer added at every position the ``positions`` field
+  selects): ``{"vector", "coeff"[, "layer"]}`` (the stored vector must hold one row per
+  layer) or ``{"positive", "negative", "coeff", "layer"}``: the difference of the two
+  prompts' last-token streams at ``layer`` (``VectorComputer.constant``). A ``prompt``
+  addition has no single-vector meaning and is refused in constant mode.
+
+Layer L is the residual stream *entering* decoder block L (0 = the embeddings,
+num_layers = after the last block). A ``vector`` addition without ``layer`` applies each of
+the vector's stored layers at that layer; with ``layer`` it applies the vector's only layer
+(or its direction for that layer) at ``layer``.
+
+Positions on /v1/chat/completions: the actadd rows fall on absolute positions 0..k-1 of the
+token sequence the model sees, i.e. *after* the chat template was applied (the template's
+own leading tokens, e.g. ``<|im_start|>system``, come first). A chat request therefore
+steers exactly as a /v1/completions request whose prompt is the templated text.
+
+Tokenization: steering prompts use the same rule as the request's prompt would with the
+tokenizer defaults (``add_special_tokens=True``; a completions request's own
+``add_special_tokens`` is followed), so with a BOS-adding tokenizer position 0 is BOS in
+both and cancels when the coefficients sum to 0. SmolLM2 adds no BOS: write
+``<|endoftext|>`` at the start of the prompt and of each steering prompt to get one.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+
+from steer_vllm.spec import MAX_ADDITIONS, EngineAddition, EngineSteering
+from vector_store import StoredVector, VectorNotFound, VectorStoreError
+
+
+class SteeringError(Exception):
+    """A refused request: HTTP status, OpenAI-style error type, the field, the reason."""
+
+    def __init__(self, status: int, message: str, param: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+
+    @property
+    def error_type(self) -> str:
+        return {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
+                413: "RequestEntityTooLargeError", 503: "ServiceUnavailableError"}.get(self.status, "InternalServerError")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.status}}
+
+
+def bad_request(param: str, reason: str) -> SteeringError:
+    return SteeringError(400, f"{param}: {reason}", param)
+
+
+# ---------------------------------------------------------------- the typed field
+
+
+class _Addition(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    coeff: float
+
+    @field_validator("coeff")
+    @classmethod
+    def _finite(cls, coeff: float) -> float:
+        if not math.isfinite(coeff):
+            raise ValueError(f"must be a finite number, got {coeff}")
+        return coeff
+
+
+class PromptAddition(_Addition):
+    """ActAdd: the prompt's per-token residual stream at ``layer``, scaled by ``coeff``."""
+
+    prompt: str
+    layer: int
+
+
+class VectorAddition(_Addition):
+    """A stored vector (name or content id), at its own layer(s) unless ``layer`` is given."""
+
+    vector: str = Field(min_length=1)
+    layer: int | None = None
+
+
+class PairAddition(_Addition):
+    """Constant mode: last-token(positive) - last-token(negative) at ``layer``."""
+
+    positive: str
+    negative: str
+    layer: int
+
+
+def _addition_kind(value: Any) -> str | None:
+    if isinstance(value, dict):
+        if "vector" in value:
+            return "vector"
+        if "positive" in value or "negative" in value:
+            return "pair"
+        if "prompt" in value:
+            return "prompt"
+    elif isinstance(value, _Addition):
+        return {PromptAddition: "prompt", VectorAddition: "vector", PairAddition: "pair"}[type(value)]
+    return None
+
+
+ADDITION_SHAPES = '{"prompt", "coeff", "layer"}, {"vector", "coeff"[, "layer"]} or {"positive", "negative", "coeff", "layer"}'
+
+Addition = Annotated[
+    Union[
+        Annotated[PromptAddition, Tag("prompt")],
+        Annotated[VectorAddition, Tag("vector")],
+        Annotated[PairAddition, Tag("pair")],
+    ],
+    Discriminator(_addition_kind, custom_error_type="addition_shape",
+                  custom_error_message=f"an addition is an object: {ADDITION_SHAPES}"),
+]
+
+
+class SteeringField(BaseModel):
+    """The request's ``steering`` object (see the module docstring)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    additions: list[Addition]
+    mode: Literal["actadd", "constant"] = "actadd"
+    positions: Literal["all", "prompt", "generated"] | None = None
+    pad: str | None = None  # absent: the server's --steering-pad (see `pad_given`)
+
+    @field_validator("additions")
+    @classmethod
+    def _not_empty(cls, additions: list) -> list:
+        if not additions:
+            raise ValueError("at least one addition is needed")
+        return additions
+
+    @property
+    def pad_given(self) -> bool:
+        return "pad" in self.model_fields_set
+
+
+def parse_steering(raw: Any) -> SteeringField:
+    """The client's ``steering`` value -> SteeringField; SteeringError (400) names the field."""
+    if not isinstance(raw, dict):
+        raise bad_request("steering", f"expected an object with \"additions\", got {type(raw).__name__}")
+    try:
+        return SteeringField.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = field_path(error["loc"])
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "literal_error":
+            message += f", got {error['input']!r}"
+        elif error["type"] == "extra_forbidden":
+            message = f"unknown field (an addition is {ADDITION_SHAPES})" if "additions" in param else "unknown field"
+        raise bad_request(param, message) from None
+
+
+def field_path(loc: tuple, root: str = "steering") -> str:
+    parts = list(loc)
+    # Inside a tagged union member pydantic puts the tag after the index: drop it.
+    if len(parts) >= 3 and parts[0] == "additions" and isinstance(parts[1], int):
+        del parts[2]
+    path = root
+    for part in parts:
+        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+    return path
+
+
+# ---------------------------------------------------------------- resolution
+
+
+@dataclass
+class Resolved:
+    """A request's steering in engine form, plus what the prompt-length check needs."""
+
+    engine: EngineSteering
+    mode: str
+    actadd_lengths: list[tuple[str, int]] = field(default_factory=list)  # (field, k rows)
+
+    def engine_json(self) -> str:
+        return json.dumps({"additions": [a.model_dump() for a in self.engine.additions]})
+
+    def summary(self) -> str:
+        """For logs: ids, coefficients, layers; never tensors or prompt text."""
+        parts = []
+        for a in self.engine.additions:
+            source = "" if a.source_layer in (None, a.layer) else f" from layer {a.source_layer}"
+            parts.append(f"{a.vector}*{a.coeff:+g}@{a.layer}{source}")
+        extra = f" positions={self.engine.additions[0].positions}" if self.mode == "constant" else ""
+        return f"mode={self.mode}{extra} [{', '.join(parts)}]"
+
+    def check_prompt_length(self, prompt_len: int) -> None:
+        """ActAdd rows land on positions 0..k-1: the prompt must have at least k tokens."""
+        for param, rows in self.actadd_lengths:
+            if rows > prompt_len:
+                raise bad_request(
+                    param,
+                    f"the steering sequence has {rows} tokens but the request's prompt has only {prompt_len} "
+                    "(ActAdd adds one row per prompt position, front-aligned)",
+                )
+
+
+class SteeringResolver:
+    """SteeringField -> engine additions, computing prompt vectors through the store.
+
+    ``tokenize(text, add_special_tokens) -> list[int]``; ``computer`` is a
+    ``vector_store.compute.VectorComputer``; ``vectors`` a ``steer_vllm.vector_cache.VectorCache``.
+    """
+
+    def __init__(self, *, computer, vectors, tokenize, default_pad_id: int | None, max_additions: int, max_prompt_tokens: int):
+        self.computer = computer
+        self.store = computer.store
+        self.model = computer.model
+        self.vectors = vectors
+        self.tokenize = tokenize
+        self.default_pad_id = default_pad_id
+        self.max_additions = max_additions
+        self.max_prompt_tokens = max_prompt_tokens
+
+    # -- helpers
+    def pad_token_id(self, pad: str, param: str = "steering.pad") -> int:
+        ids = self.tokenize(pad, False)
+        if len(ids) != 1:
+            raise bad_request(param, f"the pad must be a single token; {pad!r} is {len(ids)} tokens")
+        return ids[0]
+
+    def check_layer(self, layer: int, param: str) -> None:
+        if not 0 <= layer <= self.model.num_layers:
+            raise bad_request(
+                param,
+                f"{layer} is outside 0..{self.model.num_layers} (layer L is the stream entering block L; "
+                f"this model has {self.model.num_layers} blocks)",
+            )
+
+    def prompt_ids(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
+        ids = self.tokenize(text, add_special_tokens)
+        if not ids:
+            raise bad_request(param, "the prompt is empty")
+        if len(ids) > self.max_prompt_tokens:
+            raise bad_request(
+                param,
+                f"the prompt has {len(ids)} tokens, over this server's limit of {self.max_prompt_tokens} "
+                "(--max-steering-prompt-tokens)",
+            )
+        return ids
+
+    def stored_vector(self, name_or_id: str, param: str) -> tuple[str, StoredVector]:
+        try:
+            content_id = self.store.resolve(name_or_id)
+            vector = self.vectors.get(content_id)
+        except VectorNotFound:
+            raise SteeringError(404, f"{param}: no vector named or with id {name_or_id!r}", param) from None
+        if vector.meta.model_fingerprint != self.model.fingerprint or vector.meta.hidden_size != self.model.hidden_size:
+            raise bad_request(
+                param,
+                f"{name_or_id!r} was made for model {vector.meta.model_fingerprint} (hidden {vector.meta.hidden_size}), "
+                f"not the served {self.model.fingerprint} (hidden {self.model.hidden_size})",
+            )
+        return content_id, vector
+
+    # -- the work
+    async def resolve(self, steering: SteeringField, add_special_tokens: bool = True) -> Resolved:
+        mode = steering.mode
+        if len(steering.additions) > self.max_additions:
+            raise bad_request(
+                "steering.additions",
+                f"{len(steering.additions)} additions, over this server's limit of {self.max_additions} (--max-additions)",
+            )
+        if steering.positions is not None and mode != "constant":
+            raise bad_request("steering.positions", "only applies to mode 'constant' (actadd adds at positions 0..k-1)")
+        positions = steering.positions or "all"
+        pad_id = self.default_pad_id
+        if steering.pad_given:
+            if mode != "actadd":
+                raise bad_request("steering.pad", "only applies to mode 'actadd'")
+            pad_id = None if steering.pad is None else self.pad_token_id(steering.pad)
+
+        # addition index -> list of (content id or None (prompt, filled below), layer, source_layer, rows)
+        planned: list[list[dict]] = []
+        prompt_groups: dict[int, list[tuple[int, list[int]]]] = {}  # layer -> [(addition index, ids)]
+        for i, addition in enumerate(steering.additions):
+            where = f"steering.additions[{i}]"
+            if isinstance(addition, PromptAddition):
+                if mode != "actadd":
+                    raise bad_request(
+                        f"{where}.prompt",
+                        "a prompt addition is an ActAdd sequence; constant mode takes "
+                        '{"vector", "coeff"[, "layer"]} or {"positive", "negative", "coeff", "layer"}',
+                    )
+                self.check_layer(addition.layer, f"{where}.layer")
+                ids = self.prompt_ids(addition.prompt, f"{where}.prompt", add_special_tokens)
+                prompt_groups.setdefault(addition.layer, []).append((i, ids))
+                planned.append([{"layer": addition.layer}])
+            elif isinstance(addition, PairAddition):
+                if mode != "constant":
+                    raise bad_request(
+                        where,
+                        "a positive/negative pair makes a constant vector; use \"mode\": \"constant\" "
+                        '(actadd takes {"prompt", "coeff", "layer"} or {"vector", "coeff"[, "layer"]})',
+                    )
+                self.check_layer(addition.layer, f"{where}.layer")
+                positive = self.prompt_ids(addition.positive, f"{where}.positive", add_special_tokens)
+                negative = self.prompt_ids(addition.negative, f"{where}.negative", add_special_tokens)
+                planned.append([{"layer": addition.layer, "pair": (positive, negative)}])
+            else:
+                planned.append(self._plan_vector(addition, mode, where))
+
+        total = sum(len(p) for p in planned)
+        if total > MAX_ADDITIONS:
+            raise bad_request(
+                "steering.additions",
+                f"the additions expand to {total} (layer, vector) pairs (a vector addition counts once per layer), "
+                f"over the engine's limit of {MAX_ADDITIONS}",
+            )
+
+        # Compute what is not stored yet (cached by the store after the first time).
+        try:
+            for layer, members in prompt_groups.items():
+                content_ids = await self.computer.actadd([ids for _, ids in members], layer, pad_id)
+                length = max(len(ids) for _, ids in members)
+                for (i, ids), content_id in zip(members, content_ids):
+                    rows = length if pad_id is not None else len(ids)
+                    planned[i][0].update(vector=content_id, rows=rows)
+            for i, steps in enumerate(planned):
+                if "pair" in steps[0]:
+                    steps[0]["vector"] = await self.computer.constant([steps[0].pop("pair")], steps[0]["layer"])
+                    steps[0]["rows"] = 1
+        except VectorStoreError as exc:  # checked above; a store refusal still names itself
+            raise bad_request("steering.additions", str(exc)) from None
+
+        additions, lengths = [], []
+        for i, (addition, steps) in enumerate(zip(steering.additions, planned)):
+            for step in steps:
+                additions.append(
+                    EngineAddition(
+                        vector=step["vector"],
+                        layer=step["layer"],
+                        source_layer=step.get("source_layer"),
+                        coeff=addition.coeff,
+                        mode=mode,
+                        positions=positions if mode == "constant" else "all",
+                    )
+                )
+                if mode == "actadd":
+                    kind = "prompt" if isinstance(addition, PromptAddition) else "vector"
+                    lengths.append((f"steering.additions[{i}].{kind}", step["rows"]))
+        return Resolved(EngineSteering(additions=additions), mode, lengths)
+
+    def _plan_vector(self, addition: VectorAddition, mode: str, where: str) -> list[dict]:
+        content_id, vector = self.stored_vector(addition.vector, f"{where}.vector")
+        if addition.layer is None:
+            steps = [{"vector": content_id, "layer": layer, "rows": vector.directions[layer].shape[0]} for layer in vector.layers]
+            for step in steps:
+                self.check_layer(step["layer"], f"{where}.vector")
+        else:
+            self.check_layer(addition.layer, f"{where}.layer")
+            if len(vector.layers) == 1:
+                source = vector.layers[0]
+            elif addition.layer in vector.directions:
+                source = addition.layer
+            else:
+                raise bad_request(
+                    f"{where}.layer",
+                    f"vector {addition.vector!r} has directions for layers {vector.layers}; "
+                    f"{addition.layer} is not one of them (a single-layer vector may be moved to any layer)",
+                )
+            steps = [{"vector": content_id, "layer": addition.layer, "source_layer": source,
+                      "rows": vector.directions[source].shape[0]}]
+        if mode == "constant":
+            for step in steps:
+                if step["rows"] != 1:
+                    raise bad_request(
+                        f"{where}.vector",
+                        f"constant mode needs one row per layer; {addition.vector!r} is an ActAdd sequence of "
+                        f"{step['rows']} rows at layer {step.get('source_layer', step['layer'])}",
+                    )
+        return steps

@@ -1,0 +1,136 @@
+"""ONE real `steer-server serve` process for the whole tests/api session.
+
+It serves the default model (SmolLM2-135M-Instruct) eagerly on a free loopback port with
+an `--api-key` (so every test also exercises vLLM's auth in front of our routes), a fresh
+vector store in a temp dir, prefix caching on (vLLM's default) and prompt-token details
+in `usage` (a vLLM flag passed through). Tests reach it with the real openai SDK and httpx.
+"""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+API_KEY = "test-key-4d1f"
+MAX_ADDITIONS = 8
+MAX_BODY_BYTES = 2_000_000
+STARTUP_TIMEOUT_S = 300
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    api_key: str
+    model: str  # served model name
+    store: Path
+    log: Path
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _steer_server_command() -> list[str]:
+    script = Path(sys.executable).parent / "steer-server"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "steer_server.cli"]
+
+
+def serve_command(port: int, store: Path) -> list[str]:
+    return [
+        *_steer_server_command(), "serve",
+        "--host", "127.0.0.1", "--port", str(port),
+        "--store", str(store),
+        "--max-additions", str(MAX_ADDITIONS),
+        "--max-body-bytes", str(MAX_BODY_BYTES),
+        # vLLM's own flags, passed through:
+        "--enforce-eager", "--api-key", API_KEY, "--enable-prompt-tokens-details",
+        "--max-model-len", "2048", "--seed", "0",
+    ]
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    reuse = os.environ.get("STEER_API_TEST_URL")  # a server already started with serve_command()
+    if reuse:
+        models = httpx.get(reuse + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        yield Server(url=reuse, api_key=API_KEY, model=models["data"][0]["id"], store=Path(os.environ["STEER_API_TEST_STORE"]), log=Path("/dev/null"))
+        return
+    workdir = tmp_path_factory.mktemp("steer-server")
+    store, log = workdir / "store", workdir / "server.log"
+    port = _free_loopback_port()
+    command = serve_command(port, store)
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    env.pop("VLLM_PLUGINS", None)
+    with log.open("wb") as log_file:
+        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(process, url, log)
+        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        yield Server(url=url, api_key=API_KEY, model=models["data"][0]["id"], store=store, log=log)
+    finally:
+        _stop(process)
+
+
+def _wait_healthy(process: subprocess.Popen, url: str, log: Path) -> None:
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"steer-server exited with {process.returncode} during start-up:\n{_tail(log)}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    raise RuntimeError(f"steer-server not healthy after {STARTUP_TIMEOUT_S} s:\n{_tail(log)}")
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGINT (vLLM shuts its engine processes down), then SIGKILL the group we created."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # our own session: engine core, workers
+    except ProcessLookupError:
+        pass
+    process.wait(timeout=10)
+
+
+def _tail(log: Path, lines: int = 60) -> str:
+    try:
+        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture(scope="session")
+def client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=300)
+
+
+@pytest.fixture(scope="session")
+def http(server: Server) -> Iterator[httpx.Client]:
+    """Authenticated raw HTTP (for bodies the SDK will not send, and the vector routes)."""
+    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.api_key}"}, timeout=300) as c:
+        yield c
