@@ -163,3 +163,49 @@ def test_rows_are_released_when_requests_finish(setup):
     generate(s["llm"], [s["prompt"]], params(2))  # a later step tells the workers who finished
     [status] = steer_vllm.check_engine(s["llm"])
     assert status["rows_in_use"] == 0 and status["steered_requests"] == 0
+
+
+def test_store_computes_paper_vectors_through_the_engine_once(setup, tmp_path):
+    """Contrast prompts -> vectors via engine capture equal the reference computation,
+    and a second request for the same computation never reaches the engine."""
+    import asyncio
+
+    from steer_vllm.capture import capture_residuals
+    from vector_store import VectorStoreError, open_store
+    from vector_store.compute import ModelInfo, VectorComputer
+    from vector_store.keys import model_fingerprint
+    from reference.hf_actadd import actadd_vector
+
+    s = setup
+    store = open_store(str(tmp_path / "store"))
+
+    async def capture(prompts, layers):
+        return capture_residuals(s["llm"], prompts, layers)
+
+    computer = VectorComputer(store, capture, ModelInfo(model_fingerprint(s["model_dir"]), 128, 3), max_prompt_tokens=8)
+    love, hate, pad = s["prompt"][:4], s["prompt"][10:12], 28
+
+    love_id, hate_id = asyncio.run(computer.actadd([love, hate], 2, pad))
+    combined = store.get(computer.combine([(love_id, 5.0), (hate_id, -5.0)], {"prompts": "love-hate"})).directions[2]
+    torch.testing.assert_close(combined, actadd_vector(s["hf"], [love, hate], [5.0, -5.0], 2, pad), rtol=1e-4, atol=1e-4)
+    unpadded = asyncio.run(computer.actadd([love, hate], 2, None))
+    assert store.get(unpadded[1]).directions[2].shape[0] == len(hate)
+
+    pairs = [(s["prompt"][:5], s["prompt"][20:23]), (s["prompt"][30:33], s["prompt"][40:46])]
+    mean_id = asyncio.run(computer.constant(pairs, 1))
+    want = torch.stack([residual_stream(s["hf"], p, 1)[-1] - residual_stream(s["hf"], n, 1)[-1] for p, n in pairs]).mean(0)
+    torch.testing.assert_close(store.get(mean_id).directions[1][0], want, rtol=1e-4, atol=1e-4)
+
+    captured = computer.captures
+    assert asyncio.run(computer.actadd([love, hate], 2, pad)) == [love_id, hate_id]
+    assert asyncio.run(computer.constant(pairs, 1)) == mean_id
+    assert computer.captures == captured  # served from the store's computation cache
+
+    for call, message in [
+        (lambda: computer.actadd([love, []], 2, pad), r"prompts\[1\]: the prompt is empty"),
+        (lambda: computer.actadd([s["prompt"][:9]], 2, pad), "9 tokens, over the limit of 8"),
+        (lambda: computer.constant(pairs, 4), "layer 4 is outside 0..3"),
+    ]:
+        with pytest.raises(VectorStoreError, match=message):
+            asyncio.run(call())
+    assert computer.captures == captured and len(store.list()) == 6  # nothing stored by the refusals
