@@ -28,7 +28,6 @@ import dataclasses
 import inspect
 import json
 import logging
-import math
 import time
 import uuid
 from argparse import Namespace
@@ -36,11 +35,19 @@ from argparse import Namespace
 import torch
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from steer_server import metrics
 from steer_server.settings import Settings
-from steer_server.steering import SteeringError, SteeringField, SteeringResolver, bad_request, field_path, parse_steering
+from steer_server.steering import (
+    FiniteCoeff,
+    SteeringError,
+    SteeringField,
+    SteeringResolver,
+    bad_request,
+    field_path,
+    parse_steering,
+)
 from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY, SteeringSpecError
 from vector_store import StoredVector, VectorMeta, VectorNotFound, VectorStoreError
 
@@ -448,18 +455,7 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-class _Finite(_Strict):
-    coeff: float
-
-    @field_validator("coeff")
-    @classmethod
-    def _finite(cls, coeff: float) -> float:
-        if not math.isfinite(coeff):
-            raise ValueError(f"must be a finite number, got {coeff}")
-        return coeff
-
-
-class PromptCoeff(_Finite):
+class PromptCoeff(FiniteCoeff):
     prompt: str
 
 

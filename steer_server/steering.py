@@ -77,7 +77,9 @@ def bad_request(param: str, reason: str) -> SteeringError:
 # ---------------------------------------------------------------- the typed field
 
 
-class _Addition(BaseModel):
+class FiniteCoeff(BaseModel):
+    """A strict wire object with a finite ``coeff`` (shared by the request field and the vector routes)."""
+
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     coeff: float
@@ -90,21 +92,21 @@ class _Addition(BaseModel):
         return coeff
 
 
-class PromptAddition(_Addition):
+class PromptAddition(FiniteCoeff):
     """ActAdd: the prompt's per-token residual stream at ``layer``, scaled by ``coeff``."""
 
     prompt: str
     layer: int
 
 
-class VectorAddition(_Addition):
+class VectorAddition(FiniteCoeff):
     """A stored vector (name or content id), at its own layer(s) unless ``layer`` is given."""
 
     vector: str = Field(min_length=1)
     layer: int | None = None
 
 
-class PairAddition(_Addition):
+class PairAddition(FiniteCoeff):
     """Constant mode: last-token(positive) - last-token(negative) at ``layer``."""
 
     positive: str
@@ -120,7 +122,7 @@ def _addition_kind(value: Any) -> str | None:
             return "pair"
         if "prompt" in value:
             return "prompt"
-    elif isinstance(value, _Addition):
+    elif isinstance(value, FiniteCoeff):
         return {PromptAddition: "prompt", VectorAddition: "vector", PairAddition: "pair"}[type(value)]
     return None
 

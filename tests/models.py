@@ -82,10 +82,9 @@ def _special_ids() -> dict:
     return {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
 
 
-def _llama_config():
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+def _rmsnorm_decoder_shape(rms_norm_eps: float) -> dict:
+    """The config fields Llama and Qwen2 share."""
+    return dict(
         vocab_size=VOCAB,
         hidden_size=HIDDEN,
         intermediate_size=INTERMEDIATE,
@@ -93,33 +92,24 @@ def _llama_config():
         num_attention_heads=HEADS,
         num_key_value_heads=KV_HEADS,
         max_position_embeddings=MAX_POS,
-        rms_norm_eps=1e-5,
+        rms_norm_eps=rms_norm_eps,
         rope_theta=10000.0,
         tie_word_embeddings=False,
         initializer_range=INIT_STD,
         **_special_ids(),
     )
+
+
+def _llama_config():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**_rmsnorm_decoder_shape(1e-5))
 
 
 def _qwen2_config():
     from transformers import Qwen2Config
 
-    return Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=INTERMEDIATE,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        max_position_embeddings=MAX_POS,
-        max_window_layers=LAYERS,
-        use_sliding_window=False,
-        rms_norm_eps=1e-6,
-        rope_theta=10000.0,
-        tie_word_embeddings=False,
-        initializer_range=INIT_STD,
-        **_special_ids(),
-    )
+    return Qwen2Config(max_window_layers=LAYERS, use_sliding_window=False, **_rmsnorm_decoder_shape(1e-6))
 
 
 def _gpt2_config():
