@@ -1,0 +1,145 @@
+"""steer_api's request-body middleware: pure ASGI, in front of vLLM's handlers.
+
+This module's job: cap every request body at ``--max-body-bytes`` (413 beyond it), and on
+POST /v1/completions and /v1/chat/completions rewrite the ``steering`` field into
+``vllm_xargs.steering`` (through ``SteerServer.rewrite_request``) before vLLM parses the
+request; a ``steering`` field on any other path is refused rather than silently dropped.
+Added to vLLM's app by ``steer_server.api.SteerApiPlugin.attach_router``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from typing import TYPE_CHECKING
+
+from fastapi.responses import JSONResponse
+
+from steer_server import metrics
+from steer_server.steering import SteeringError, bad_request
+from steer_server.vector_routes import VECTORS_PREFIX
+from steer_vllm.spec import SteeringSpecError
+
+if TYPE_CHECKING:
+    from steer_server.api import SteerApiPlugin
+
+logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
+
+STEERED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class BodyMiddleware:
+    """Pure ASGI: caps every request body, and rewrites the ``steering`` field of
+    completions and chat requests into ``vllm_xargs`` before vLLM's handlers parse it.
+
+    Added from ``attach_router``, i.e. before vLLM adds its own middlewares, so it runs
+    inside them: an ``--api-key`` check comes first."""
+
+    def __init__(self, app, plugin: SteerApiPlugin):
+        self.app = app
+        self.plugin = plugin
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        limit = self.plugin.settings.max_body_bytes
+        headers = _Headers(scope)
+        declared = headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            return await _send_error(scope, receive, send, _too_large(int(declared), limit))
+        if scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        try:
+            body = await _read_body(receive, limit)
+        except _TooLarge as exc:
+            return await _send_error(scope, receive, send, _too_large(exc.args[0], limit, at_least=True))
+        if body is None:  # client went away
+            return
+
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        server = self.plugin.server
+        if scope["method"] == "POST" and path in STEERED_PATHS and server is not None:
+            try:
+                payload = json.loads(body)
+            except (ValueError, UnicodeDecodeError):
+                payload = None  # vLLM answers malformed JSON itself
+            if isinstance(payload, dict):
+                try:
+                    rewritten = await server.rewrite_request(path, payload, headers)
+                except SteeringError as exc:
+                    metrics.REJECTED_REQUESTS.labels(status=str(exc.status)).inc()
+                    logger.info("refused steering on %s: %s", path, exc.message)
+                    return await _send_error(scope, receive, send, exc)
+                except SteeringSpecError as exc:
+                    metrics.REJECTED_REQUESTS.labels(status="400").inc()
+                    return await _send_error(scope, receive, send, SteeringError(400, str(exc)))
+                except Exception as exc:  # noqa: BLE001 - a server fault, reported as one
+                    logger.exception("steer_api: resolving steering failed")
+                    metrics.REJECTED_REQUESTS.labels(status="500").inc()
+                    return await _send_error(scope, receive, send, SteeringError(500, f"steering failed: {exc}"))
+                if rewritten is not None:
+                    body = json.dumps(rewritten).encode()
+                    scope = dict(scope)
+                    scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+                    scope["headers"].append((b"content-length", str(len(body)).encode()))
+        elif b'"steering"' in body and not path.startswith(VECTORS_PREFIX) and _has_steering_field(body):
+            # vLLM drops unknown fields silently: refuse rather than answer unsteered.
+            return await _send_error(scope, receive, send, bad_request(
+                "steering", f"not supported on {path}; use /v1/completions or /v1/chat/completions"))
+        return await self.app(scope, _replay(body, receive), send)
+
+
+def _has_steering_field(body: bytes) -> bool:
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        return False
+    return isinstance(payload, dict) and payload.get("steering") is not None
+
+
+class _Headers:
+    def __init__(self, scope):
+        self._headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+
+    def get(self, name: str, default=None):
+        return self._headers.get(name.lower(), default)
+
+
+async def _read_body(receive, limit: int) -> bytes | None:
+    chunks, size = [], 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _TooLarge(size)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
+def _replay(body: bytes, receive):
+    delivered = False
+
+    async def replay():
+        nonlocal delivered
+        if not delivered:
+            delivered = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # then wait for the disconnect, as the server would
+
+    return replay
+
+
+def _too_large(size: int, limit: int, at_least: bool = False) -> SteeringError:
+    amount = f"over {limit}" if at_least else f"{size}"
+    return SteeringError(413, f"the request body is {amount} bytes, over this server's limit of {limit} (--max-body-bytes)")
+
+
+async def _send_error(scope, receive, send, error: SteeringError) -> None:
+    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)

@@ -1,0 +1,312 @@
+"""steer_api's vector routes: ``/v1/steering/vectors`` on vLLM's app.
+
+This module's job: the HTTP API over the vector store (create from contrast prompts,
+given directions or a safetensors file; list; describe; delete; GGUF import and export),
+built by ``vector_router`` and included by ``steer_server.api.SteerApiPlugin.attach_router``.
+The routes live on the same app as vLLM's handlers, so vLLM's ``--api-key`` middleware
+guards them (it guards every path under ``/v1``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import json
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from steer_server.steering import FiniteCoeff, SteeringError, bad_request, field_path
+from vector_store import StoredVector, VectorMeta, VectorNotFound, VectorStoreError
+
+if TYPE_CHECKING:
+    from steer_server.api import SteerApiPlugin, SteerServer
+
+VECTORS_PREFIX = "/v1/steering/vectors"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class PromptCoeff(FiniteCoeff):
+    prompt: str
+
+
+class Pair(_Strict):
+    positive: str
+    negative: str
+
+
+class ActAddVectorCreate(_Strict):
+    """An ActAdd vector: sum of coeff * (padded prompt streams) at ``layer``, ``[k, hidden]``."""
+
+    name: str | None = None
+    layer: int
+    additions: list[PromptCoeff] = Field(min_length=1)
+    pad: str | None = None  # absent: the server's --steering-pad; null: no padding
+
+
+class ConstantVectorCreate(_Strict):
+    """A constant vector: mean over pairs of last-token(positive) - last-token(negative), ``[1, hidden]``."""
+
+    name: str | None = None
+    layer: int
+    pairs: list[Pair] = Field(min_length=1)
+
+
+class UploadVectorCreate(_Strict):
+    """Given directions: ``{"6": [[hidden floats], ...]}`` (k rows) or ``{"6": [hidden floats]}``."""
+
+    name: str | None = None
+    layers: dict[str, list[list[float]] | list[float]] = Field(min_length=1)
+    kind: str | None = None  # "actadd" | "constant"; default: constant if every layer has one row
+
+
+def _validate(model: type[BaseModel], payload: dict):
+    try:
+        return model.model_validate(payload)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = field_path(error["loc"], root="").lstrip(".") or "body"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        raise bad_request(param, message) from None
+
+
+def vector_router(plugin: SteerApiPlugin) -> APIRouter:
+    router = APIRouter()
+
+    def server() -> SteerServer:
+        if plugin.server is None:
+            raise SteeringError(503, "steering is not initialised on this server")
+        return plugin.server
+
+    def errors_as_json(route):
+        async def wrapped(*args, **kwargs):
+            try:
+                return await route(*args, **kwargs)
+            except SteeringError as exc:
+                return JSONResponse(exc.body(), status_code=exc.status)
+            except VectorNotFound as exc:
+                return JSONResponse(SteeringError(404, str(exc)).body(), status_code=404)
+            except VectorStoreError as exc:
+                return JSONResponse(SteeringError(400, str(exc)).body(), status_code=400)
+
+        wrapped.__signature__ = inspect.signature(route)
+        wrapped.__name__ = route.__name__
+        wrapped.__doc__ = route.__doc__
+        return wrapped
+
+    @router.post(VECTORS_PREFIX, status_code=201)
+    @errors_as_json
+    async def create_vector(request: Request, name: str | None = None):
+        """Create a vector: JSON from contrast prompts (``additions`` or ``pairs``) or given
+        directions (``layers``), or a safetensors file (tensors ``layer.N``, ``[k, hidden]``) as
+        the raw body with ``?name=``."""
+        srv = server()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        body = await request.body()
+        if content_type in ("application/octet-stream", "application/x-safetensors", "application/safetensors"):
+            vector = _vector_from_safetensors(srv, body)
+            content_id = srv.save(vector, name)
+        else:
+            try:
+                payload = json.loads(body)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise bad_request("body", f"not valid JSON ({exc})") from None
+            if not isinstance(payload, dict):
+                raise bad_request("body", "expected a JSON object")
+            if name is not None and "name" not in payload:
+                payload["name"] = name
+            content_id, name = await _create_from_json(srv, payload)
+        content_id, vector = srv.lookup(content_id)
+        return JSONResponse(await srv.describe(content_id, vector, srv.names_of(content_id)), status_code=201)
+
+    @router.get(VECTORS_PREFIX)
+    @errors_as_json
+    async def list_vectors(all: bool = False):  # noqa: A002 - the query parameter's name
+        """Named vectors (``?all=true``: also the unnamed ones computed for requests)."""
+        srv = server()
+        data = []
+        for content_id, meta, names in srv.store.list():
+            if not names and not all:
+                continue
+            try:
+                vector = srv.vectors.get(content_id)
+            except (VectorNotFound, VectorStoreError):
+                continue
+            data.append({
+                "id": content_id,
+                "names": names,
+                "kind": meta.kind,
+                "method": meta.method,
+                "model": meta.model_fingerprint,
+                "served_model": meta.model_fingerprint == srv.model.fingerprint,
+                "layers": vector.layers,
+                "shape": {str(layer): list(t.shape) for layer, t in sorted(vector.directions.items())},
+                "created": meta.created,
+            })
+        return {"object": "list", "data": data}
+
+    @router.post(VECTORS_PREFIX + "/import/gguf", status_code=201)
+    @errors_as_json
+    async def import_gguf_route(request: Request, name: str | None = None):
+        """A llama.cpp control vector (the raw file as the body): ``direction.N`` becomes layer N+1."""
+        from vector_store.gguf_io import import_gguf
+
+        srv = server()
+        body = await request.body()
+        if not body:
+            raise bad_request("body", "empty; send the GGUF file's bytes")
+        vector = import_gguf(body, model_fingerprint=srv.model.fingerprint, hidden_size=srv.model.hidden_size,
+                             num_layers=srv.model.num_layers)
+        vector = StoredVector(dataclasses.replace(vector.meta, created=time.time()), vector.directions)
+        content_id = srv.save(vector, name)
+        content_id, vector = srv.lookup(content_id)
+        return JSONResponse(await srv.describe(content_id, vector, srv.names_of(content_id)), status_code=201)
+
+    @router.get(VECTORS_PREFIX + "/{name_or_id}")
+    @errors_as_json
+    async def get_vector(name_or_id: str, norms: bool = False):
+        """Metadata; ``?norms=true`` adds each row's L2 norm and a typical token's norm at that layer."""
+        srv = server()
+        content_id, vector = srv.lookup(name_or_id)
+        return await srv.describe(content_id, vector, srv.names_of(content_id), norms=norms)
+
+    @router.delete(VECTORS_PREFIX + "/{name_or_id}")
+    @errors_as_json
+    async def delete_vector(name_or_id: str):
+        """By name: the name goes, and the vector too once no name points at it. By content
+        id: the vector and every name pointing at it."""
+        srv = server()
+        target = srv.store.name_target(name_or_id)
+        if target is not None:
+            srv.store.delete_name(name_or_id)
+            remaining = srv.names_of(target)
+            deleted = None
+            if not remaining:
+                srv.store.delete(target)
+                deleted = target
+            return {"object": "steering.vector.deleted", "names_removed": [name_or_id], "deleted": deleted}
+        content_id = srv.store.resolve(name_or_id)
+        names = srv.names_of(content_id)
+        srv.store.delete(content_id)
+        return {"object": "steering.vector.deleted", "names_removed": names, "deleted": content_id}
+
+    @router.get(VECTORS_PREFIX + "/{name_or_id}/gguf")
+    @errors_as_json
+    async def export_gguf_route(name_or_id: str):
+        """The vector as a llama.cpp control vector file (constant vectors, layers 2..num_layers)."""
+        import io
+
+        from vector_store.gguf_io import export_gguf
+
+        srv = server()
+        content_id, vector = srv.lookup(name_or_id)
+        out = io.BytesIO()
+        export_gguf(vector, out, srv.model_type, num_layers=srv.model.num_layers)
+        filename = name_or_id if not name_or_id.startswith("v-") else content_id
+        return Response(
+            out.getvalue(),
+            media_type="application/octet-stream",
+            headers={"Content-Disposition": f'attachment; filename="{filename}.gguf"'},
+        )
+
+    return router
+
+
+async def _create_from_json(srv: SteerServer, payload: dict) -> tuple[str, str | None]:
+    resolver = srv.resolver
+    if "additions" in payload:
+        spec = _validate(ActAddVectorCreate, payload)
+        resolver.check_layer(spec.layer, "layer")
+        pad_id = resolver.default_pad_id
+        if "pad" in spec.model_fields_set:
+            pad_id = None if spec.pad is None else resolver.pad_token_id(spec.pad, "pad")
+        prompts = [resolver.prompt_ids(a.prompt, f"additions[{i}].prompt", True) for i, a in enumerate(spec.additions)]
+        content_ids = await srv.computer.actadd(prompts, spec.layer, pad_id)
+        source = {
+            "layer": spec.layer,
+            "prompts": [a.prompt for a in spec.additions],
+            "coeffs": [a.coeff for a in spec.additions],
+            "pad_token_id": pad_id,
+            "parts": content_ids,
+        }
+        content_id = srv.computer.combine(list(zip(content_ids, [a.coeff for a in spec.additions])), source)
+    elif "pairs" in payload:
+        spec = _validate(ConstantVectorCreate, payload)
+        resolver.check_layer(spec.layer, "layer")
+        pairs = [
+            (resolver.prompt_ids(p.positive, f"pairs[{i}].positive", True),
+             resolver.prompt_ids(p.negative, f"pairs[{i}].negative", True))
+            for i, p in enumerate(spec.pairs)
+        ]
+        content_id = await srv.computer.constant(pairs, spec.layer)
+    elif "layers" in payload:
+        spec = _validate(UploadVectorCreate, payload)
+        directions = {}
+        for key, rows in spec.layers.items():
+            if not key.isdigit():
+                raise bad_request(f"layers.{key}", "layer keys are decimal integers")
+            layer = int(key)
+            resolver.check_layer(layer, f"layers.{key}")
+            tensor = torch.tensor(rows, dtype=torch.float32)
+            directions[layer] = _checked_rows(srv, tensor, f"layers.{key}")
+        vector = StoredVector(_upload_meta(srv, directions, spec.kind, "upload"), directions)
+        return srv.save(vector, spec.name), spec.name
+    else:
+        raise bad_request("body", 'expected "additions" (actadd), "pairs" (constant) or "layers" (upload)')
+    if spec.name is not None:
+        from vector_store.codec import check_name
+
+        check_name(spec.name)
+        srv.store.set_name(spec.name, content_id)
+    return content_id, spec.name
+
+
+def _checked_rows(srv: SteerServer, tensor: torch.Tensor, param: str) -> torch.Tensor:
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 2 or tensor.shape[0] == 0:
+        raise bad_request(param, f"expected [k, hidden] or [hidden], got shape {list(tensor.shape)}")
+    if tensor.shape[1] != srv.model.hidden_size:
+        raise bad_request(param, f"rows have {tensor.shape[1]} values, the served model's hidden size is {srv.model.hidden_size}")
+    if not bool(torch.isfinite(tensor).all()):
+        raise bad_request(param, "holds NaN or infinite values")
+    return tensor.contiguous()
+
+
+def _upload_meta(srv: SteerServer, directions: dict[int, torch.Tensor], kind: str | None, method: str) -> VectorMeta:
+    single = all(t.shape[0] == 1 for t in directions.values())
+    if kind is None:
+        kind = "constant" if single else "actadd"
+    if kind not in ("actadd", "constant"):
+        raise bad_request("kind", f"expected 'actadd' or 'constant', got {kind!r}")
+    if kind == "constant" and not single:
+        raise bad_request("kind", "a constant vector has one row per layer")
+    return VectorMeta(srv.model.fingerprint, srv.model.hidden_size, kind, method, {}, time.time())
+
+
+def _vector_from_safetensors(srv: SteerServer, body: bytes) -> StoredVector:
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    try:
+        tensors = load(body)
+    except (SafetensorError, ValueError, RuntimeError) as exc:
+        raise bad_request("body", f"not a readable safetensors file ({exc})") from None
+    if not tensors:
+        raise bad_request("body", "the safetensors file holds no tensors")
+    directions = {}
+    for key, tensor in tensors.items():
+        if not (key.startswith("layer.") and key[6:].isdigit()):
+            raise bad_request(f"body[{key!r}]", "tensors are named layer.N (N = the layer whose entering stream they steer)")
+        layer = int(key[6:])
+        srv.resolver.check_layer(layer, f"body[{key!r}]")
+        directions[layer] = _checked_rows(srv, tensor.to(torch.float32), f"body[{key!r}]")
+    return StoredVector(_upload_meta(srv, directions, None, "upload"), directions)
