@@ -43,6 +43,7 @@ class SteeringBatch:
         self._host_scales = np.zeros((max_reqs, num_points), dtype=np.float32)
         self._host_prompt_len = np.zeros(max_reqs, dtype=np.int64)
         self._clean = True  # buffers hold only zeros
+        self.points_in_use = np.zeros(num_points, dtype=bool)  # points the last fill steers
 
     def fill(
         self,
@@ -56,6 +57,7 @@ class SteeringBatch:
             if not self._clean:
                 self.row_of_token.zero_()
                 self.scale_of_token.zero_()
+                self.points_in_use[:] = False
                 self._clean = True
             return
         self._clean = False
@@ -67,6 +69,7 @@ class SteeringBatch:
                 self._host_rows[slot] = request.rows
                 self._host_scales[slot] = request.scales
                 self._host_prompt_len[slot] = request.prompt_len
+        np.any(self._host_scales[:num_reqs] != 0, axis=0, out=self.points_in_use)
         self._rows_of_req[:num_reqs].copy_(torch.from_numpy(self._host_rows[:num_reqs]), non_blocking=True)
         self._scales_of_req[:num_reqs].copy_(torch.from_numpy(self._host_scales[:num_reqs]), non_blocking=True)
         self._prompt_len_of_req[:num_reqs].copy_(torch.from_numpy(self._host_prompt_len[:num_reqs]), non_blocking=True)

@@ -43,8 +43,8 @@ class SteeringManager:
         blocks, self.first_block, self.end_block, _ = block_list(model)
         self.num_layers = len(blocks)
         self.batch = SteeringBatch(self.num_layers + 1, max_tokens, max_reqs, dtype, device)
-        points = SteeringPoints(self.table.vector_table, self.batch.row_of_token, self.batch.scale_of_token, self.recorder)
-        install_steering(model, points)
+        self.points = SteeringPoints(self.table.vector_table, self.batch.row_of_token, self.batch.scale_of_token, self.recorder)
+        install_steering(model, self.points)
         self._requests: dict[str, tuple[RequestRows, list[str]]] = {}
 
     def status(self) -> dict:

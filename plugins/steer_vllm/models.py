@@ -32,6 +32,10 @@ class SteeringPoints:
         self.row_of_token = row_of_token
         self.scale_of_token = scale_of_token
         self.recorder = recorder
+        # Set by the runner around each real forward: which points this batch steers.
+        # Only read when running eagerly (never traced), so eager steps skip the add at
+        # points nobody steers; compiled graphs and CUDA graphs always contain it.
+        self.points_in_use = None
 
     def apply(
         self,
@@ -41,7 +45,10 @@ class SteeringPoints:
     ) -> torch.Tensor:
         """Add point ``point``'s rows to ``stream``. ``full_stream`` rebuilds the whole
         residual stream from the steered tensor, where the block splits it in two."""
-        steered = add_steering(stream, self.vector_table, self.row_of_token[point], self.scale_of_token[point])
+        if not torch.compiler.is_compiling() and self.points_in_use is not None and not self.points_in_use[point]:
+            steered = stream
+        else:
+            steered = add_steering(stream, self.vector_table, self.row_of_token[point], self.scale_of_token[point])
         # The recorder is only active in steps the runner forces to run eagerly, so the
         # compiled graph never contains this branch. It records the stream as steered.
         if self.recorder.active:

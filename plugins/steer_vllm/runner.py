@@ -74,9 +74,12 @@ def _model_forward(original):
             context = get_forward_context()
             context.skip_compiled = True
             context.cudagraph_runtime_mode = CUDAGraphMode.NONE
+        manager.points.points_in_use = manager.batch.points_in_use
         try:
             return original(self, input_ids, positions, *args, **kwargs)
         finally:
+            # Outside real steps (warm-up, CUDA graph capture) every point adds.
+            manager.points.points_in_use = None
             if recording:
                 manager.recorder.end_step()
 

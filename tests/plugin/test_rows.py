@@ -69,6 +69,7 @@ def test_filled_buffers_add_exactly_what_the_spec_says():
             positions.append(pos)
             expected.append([expected_delta(additions or [], layer, pos, prompt_len) for layer in range(POINTS)])
     batch.fill(in_batch, torch.tensor(req_index, dtype=torch.int32), torch.tensor(positions))
+    assert batch.points_in_use.tolist() == [True] * POINTS
     stream = torch.zeros(len(positions), HIDDEN)
     for layer in range(POINTS):
         got = add_steering(stream, table.vector_table, batch.row_of_token[layer], batch.scale_of_token[layer])
@@ -82,7 +83,9 @@ def test_unsteered_batch_adds_exact_zero_and_clears_old_rows():
     rows, _ = place(table, REQUESTS[0][0], 9)
     batch.fill([rows], torch.zeros(6, dtype=torch.int64), torch.arange(6))
     assert batch.scale_of_token.abs().sum() > 0
+    assert batch.points_in_use.tolist() == [False, True, False, False]  # eager steps skip the rest
     batch.fill([None, None], torch.tensor([0, 0, 1, 1, 1, 1]), torch.arange(6))
+    assert not batch.points_in_use.any()
     stream = torch.randn(6, HIDDEN)
     for layer in range(POINTS):
         out = add_steering(stream, table.vector_table, batch.row_of_token[layer], batch.scale_of_token[layer])
