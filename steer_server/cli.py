@@ -4,7 +4,7 @@
   CLI entry, argv rewritten) with the engine plugin (``steer``) and the HTTP plugin
   (``steer_api``, ``steer_server.api``) enabled; flags it does not know go to vLLM.
 - ``vectors`` and ``compare`` are HTTP clients of a running server.
-- ``bench`` runs ``steer_server.bench.main(argv)`` when that module exists.
+- ``bench`` runs ``steer_server.bench.main(argv)``.
 """
 from __future__ import annotations
 
@@ -404,13 +404,8 @@ def main(argv: list[str] | None = None) -> int | None:
         serve(argv[1:])
         return 0
     if argv and argv[0] == "bench":
-        try:
-            from steer_server import bench
-        except ModuleNotFoundError as exc:
-            if exc.name != "steer_server.bench":
-                raise
-            print("steer-server bench: not available in this build (steer_server/bench.py is missing)", file=sys.stderr)
-            return 2
+        from steer_server import bench
+
         return bench.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
