@@ -872,7 +872,7 @@ def start_server(kind: str, model_dir: str, *, served_name: str, store: Path, lo
     started = time.perf_counter()
     with log.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=server_env(kind, env),
-                                   start_new_session=True)
+                                   start_new_session=True, preexec_fn=_die_with_parent)
     url = f"http://127.0.0.1:{port}"
     handle = ServerHandle(kind, url, api_key, process, log, 0.0)
     try:
@@ -893,6 +893,19 @@ def start_server(kind: str, model_dir: str, *, served_name: str, store: Path, lo
         raise
     handle.started_s = time.perf_counter() - started
     return handle
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before exec: SIGTERM it when the bench dies, even by SIGKILL,
+    so no server outlives the bench (Linux; elsewhere a no-op). vLLM shuts its engine down
+    on SIGTERM."""
+    try:
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 def stop_server(handle: ServerHandle) -> None:
