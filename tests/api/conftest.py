@@ -40,7 +40,7 @@ class Server:
         return self.url + "/v1"
 
 
-def _free_loopback_port() -> int:
+def free_loopback_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -51,41 +51,72 @@ def _steer_server_command() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "steer_server.cli"]
 
 
-def serve_command(port: int, store: Path) -> list[str]:
+def session_args(store: Path) -> list[str]:
+    """The session server's flags (besides host, port, --enforce-eager and --api-key)."""
     return [
-        *_steer_server_command(), "serve",
-        "--host", "127.0.0.1", "--port", str(port),
         "--store", str(store),
         "--max-additions", str(MAX_ADDITIONS),
         "--max-body-bytes", str(MAX_BODY_BYTES),
         # vLLM's own flags, passed through:
-        "--enforce-eager", "--api-key", API_KEY, "--enable-prompt-tokens-details",
-        "--max-model-len", "2048", "--seed", "0",
+        "--enable-prompt-tokens-details", "--max-model-len", "2048", "--seed", "0",
     ]
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    reuse = os.environ.get("STEER_API_TEST_URL")  # a server already started with serve_command()
+    reuse = os.environ.get("STEER_API_TEST_URL")  # a server already started with session_args()
     if reuse:
         models = httpx.get(reuse + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
         yield Server(url=reuse, api_key=API_KEY, model=models["data"][0]["id"], store=Path(os.environ["STEER_API_TEST_STORE"]), log=Path("/dev/null"))
         return
     workdir = tmp_path_factory.mktemp("steer-server")
     store, log = workdir / "store", workdir / "server.log"
-    port = _free_loopback_port()
-    command = serve_command(port, store)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    running = start_steer_server(log, session_args(store))
+    try:
+        models = httpx.get(running.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        yield Server(url=running.url, api_key=API_KEY, model=models["data"][0]["id"], store=store, log=log)
+    finally:
+        stop_steer_server(running)
+
+
+@dataclass
+class RunningServer:
+    """A `steer-server serve` process started by a test module (not the session's server)."""
+
+    process: subprocess.Popen
+    url: str
+    log: Path
+
+    def engine_pid(self) -> int:
+        """The EngineCore process under this server (vLLM names it ``VLLM::EngineCore``)."""
+        import psutil
+
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            if "EngineCore" in child.name() or any("EngineCore" in part for part in child.cmdline()):
+                return child.pid
+        raise RuntimeError("no EngineCore process under the server")
+
+
+def start_steer_server(log: Path, args: list[str], env: dict | None = None) -> RunningServer:
+    """`steer-server serve ARGS` on a free port with the test API key, eager; waits for /health."""
+    port = free_loopback_port()
+    command = [*_steer_server_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
+               "--enforce-eager", "--api-key", API_KEY, *args]
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
     env.pop("VLLM_PLUGINS", None)
     with log.open("wb") as log_file:
         process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
         _wait_healthy(process, url, log)
-        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-        yield Server(url=url, api_key=API_KEY, model=models["data"][0]["id"], store=store, log=log)
-    finally:
+    except BaseException:
         _stop(process)
+        raise
+    return RunningServer(process, url, log)
+
+
+def stop_steer_server(server: RunningServer) -> None:
+    _stop(server.process)
 
 
 def _wait_healthy(process: subprocess.Popen, url: str, log: Path) -> None:

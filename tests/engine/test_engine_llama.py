@@ -172,6 +172,8 @@ def test_store_computes_paper_vectors_through_the_engine_once(setup, tmp_path):
 
     from steer_vllm.capture import capture_residuals
     from vector_store import VectorStoreError, open_store
+    from vector_store.async_access import AsyncStore
+    from vector_store.cache import VectorCache
     from vector_store.compute import ModelInfo, VectorComputer
     from vector_store.keys import model_fingerprint
     from reference.hf_actadd import actadd_vector
@@ -182,11 +184,11 @@ def test_store_computes_paper_vectors_through_the_engine_once(setup, tmp_path):
     async def capture(prompts, layers):
         return capture_residuals(s["llm"], prompts, layers)
 
-    computer = VectorComputer(store, capture, ModelInfo(model_fingerprint(s["model_dir"]), 128, 3), max_prompt_tokens=8)
+    computer = VectorComputer(AsyncStore(store, vectors=VectorCache()), capture, ModelInfo(model_fingerprint(s["model_dir"]), 128, 3), max_prompt_tokens=8)
     love, hate, pad = s["prompt"][:4], s["prompt"][10:12], 28
 
     love_id, hate_id = asyncio.run(computer.actadd([love, hate], 2, pad))
-    combined = store.get(computer.combine([(love_id, 5.0), (hate_id, -5.0)], {"prompts": "love-hate"})).directions[2]
+    combined = store.get(asyncio.run(computer.combine([(love_id, 5.0), (hate_id, -5.0)], {"prompts": "love-hate"}))).directions[2]
     torch.testing.assert_close(combined, actadd_vector(s["hf"], [love, hate], [5.0, -5.0], 2, pad), rtol=1e-4, atol=1e-4)
     unpadded = asyncio.run(computer.actadd([love, hate], 2, None))
     assert store.get(unpadded[1]).directions[2].shape[0] == len(hate)
