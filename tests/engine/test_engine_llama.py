@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import hf_model, start_llm, stop_llm
-from helpers import engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
+from helpers import STREAM_TOLERANCE, engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
 from reference.hf_actadd import greedy_with_logprobs, prompt_logprobs, residual_stream
 
 LOGPROB_ATOL = 2e-3  # fp32 engine vs fp32 transformers: observed differences are ~1e-5
@@ -79,7 +79,7 @@ def test_capture_matches_reference_stream_at_every_layer(setup):
     s = setup
     [got] = capture_residuals(s["llm"], [s["prompt"]], [0, 1, 2, 3])
     for layer in range(4):
-        torch.testing.assert_close(got[layer], residual_stream(s["hf"], s["prompt"], layer), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[layer], residual_stream(s["hf"], s["prompt"], layer), **STREAM_TOLERANCE)
 
 
 @pytest.mark.parametrize(
@@ -189,14 +189,14 @@ def test_store_computes_paper_vectors_through_the_engine_once(setup, tmp_path):
 
     love_id, hate_id = asyncio.run(computer.actadd([love, hate], 2, pad))
     combined = store.get(asyncio.run(computer.combine([(love_id, 5.0), (hate_id, -5.0)], {"prompts": "love-hate"}))).directions[2]
-    torch.testing.assert_close(combined, actadd_vector(s["hf"], [love, hate], [5.0, -5.0], 2, pad), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(combined, actadd_vector(s["hf"], [love, hate], [5.0, -5.0], 2, pad), **STREAM_TOLERANCE)
     unpadded = asyncio.run(computer.actadd([love, hate], 2, None))
     assert store.get(unpadded[1]).directions[2].shape[0] == len(hate)
 
     pairs = [(s["prompt"][:5], s["prompt"][20:23]), (s["prompt"][30:33], s["prompt"][40:46])]
     mean_id = asyncio.run(computer.constant(pairs, 1))
     want = torch.stack([residual_stream(s["hf"], p, 1)[-1] - residual_stream(s["hf"], n, 1)[-1] for p, n in pairs]).mean(0)
-    torch.testing.assert_close(store.get(mean_id).directions[1][0], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(store.get(mean_id).directions[1][0], want, **STREAM_TOLERANCE)
 
     captured = computer.captures
     assert asyncio.run(computer.actadd([love, hate], 2, pad)) == [love_id, hate_id]
