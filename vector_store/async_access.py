@@ -71,7 +71,7 @@ class AsyncStore:
         try:
             return await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
-            raise StoreUnavailable(f"the vector store {self.store!r} did not answer within {self.timeout_s:g} s") from None
+            raise StoreUnavailable(f"the vector store {self.store!r} is unavailable: no answer within {self.timeout_s:g} s") from None
         except StoredDataDamaged as exc:
             raise StoredDataDamaged(f"the vector store {self.store!r} holds damaged data: {exc}") from None
         except (VectorNotFound, VectorStoreError):

@@ -5,21 +5,18 @@ whose vectors were used before keep working, those that need the store fail fast
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import subprocess
 import threading
 import time
 from collections import Counter
-from pathlib import Path
 
 import httpx
 import pytest
-import redis
 from api_helpers import error_of
-from conftest import API_KEY, free_loopback_port, start_steer_server, stop_steer_server
+from conftest import API_KEY, start_steer_server, stop_steer_server
 
 from models import make_tiny_llama
+from redis_fixture import RedisProcess, needs_redis_server
 from vector_store import StoredVector, VectorMeta
 from vector_store.keys import model_fingerprint
 from vector_store.redis import RedisVectorStore
@@ -30,48 +27,12 @@ STORE_TIMEOUT_S = 1.0
 HIDDEN = 128
 
 
-class RedisProcess:
-    """A redis-server that persists every write (append-only file), so it can be killed
-    and restarted on the same port with its data."""
-
-    def __init__(self, workdir: Path):
-        self.port = free_loopback_port()
-        self.workdir = workdir
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             "--appendonly", "yes", "--appendfsync", "always", "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                return
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("redis-server did not start") from None
-                time.sleep(0.05)
-
-    def signal(self, signum: int) -> None:
-        self.process.send_signal(signum)
-
-    def kill(self) -> None:
-        self.process.kill()
-        self.process.wait(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def faulty(tmp_path_factory):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+    needs_redis_server()
     workdir = tmp_path_factory.mktemp("faults")
     model_dir = make_tiny_llama(workdir / "llama")
-    store = RedisProcess(workdir)
+    store = RedisProcess(workdir, persist=True)
     store.start()
     server = start_steer_server(
         workdir / "server.log",
@@ -82,9 +43,7 @@ def faulty(tmp_path_factory):
         yield server, store, model_dir
     finally:
         stop_steer_server(server)
-        if store.process.poll() is None:
-            store.signal(signal.SIGCONT)
-            store.kill()
+        store.stop()
 
 
 def put_unseen(store_url: str, model_dir: str, name: str, seed: int) -> str:
