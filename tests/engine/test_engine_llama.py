@@ -161,8 +161,11 @@ def test_rows_are_released_when_requests_finish(setup):
     s = setup
     generate(s["llm"], [s["prompt"]] * 3, [params(4, engine_additions(LOVE_HATE, s["ids"])), params(4, engine_additions([dict(a, coeff=a["coeff"] * 2) for a in LOVE_HATE], s["ids"])), params(4)])
     generate(s["llm"], [s["prompt"]], params(2))  # a later step tells the workers who finished
-    [status] = steer_vllm.check_engine(s["llm"])
-    assert status["rows_in_use"] == 0 and status["steered_requests"] == 0
+    statuses = steer_vllm.check_engine(s["llm"])
+    [worker] = statuses["workers"]
+    assert worker["rows_in_use"] == 0 and worker["steered_requests"] == 0
+    [engine] = statuses["engines"]
+    assert engine["rows_in_use"] == 0 and engine["requests"] == 0  # the scheduler's reservations too
 
 
 def test_store_computes_paper_vectors_through_the_engine_once(setup, tmp_path):
