@@ -2,7 +2,6 @@
 500, and the server keeps serving."""
 from __future__ import annotations
 
-import json
 
 import httpx
 import openai

@@ -7,7 +7,6 @@ in its environment, exactly as a new user runs it. Also: a runner the user chose
 never overridden; V2 is refused with the reason instead."""
 from __future__ import annotations
 
-import mmap
 import os
 import signal
 import subprocess
