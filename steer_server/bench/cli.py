@@ -77,8 +77,8 @@ def _add_outputs(p: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="steer-server bench", description=(__doc__ or "").split("\n\n")[0],
-                                     allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="steer-server bench", allow_abbrev=False,
+                                     description="What steering costs a vLLM server, measured side by side.")
     sub = parser.add_subparsers(dest="bench_command", metavar="{run,suite,premium}")
 
     run = sub.add_parser("run", help="steered vs unsteered on one server (the default)", allow_abbrev=False,

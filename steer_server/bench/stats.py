@@ -23,6 +23,10 @@ import io
 import re
 import statistics
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from steer_server.bench.workload import Block, RunSpec
 
 CLASSES = ("steered", "unsteered", "unsteered_beside_steered")
 _LATENCY_KEY = re.compile(r"^(median|p[0-9.]+)_(ttft|tpot|itl|e2el)_ms$")
@@ -87,12 +91,12 @@ def latency_ratios(a: dict, b: dict) -> dict:
     return ratios
 
 
-def _block_rate(block) -> float | None:
+def _block_rate(block: Block) -> float | None:
     tokens = sum(o.output_tokens for o in block.outputs if o.success)
     return tokens / block.duration if block.duration > 0 else None
 
 
-def summarize_run(spec, blocks: list, options: argparse.Namespace) -> dict:
+def summarize_run(spec: RunSpec, blocks: list[Block], options: argparse.Namespace) -> dict:
     """Per-class metrics, per-pair throughput ratios and latency ratios of one run's blocks."""
     members: dict[str, list] = {name: [] for name in CLASSES}
     durations = {name: 0.0 for name in CLASSES}

@@ -194,6 +194,7 @@ async def send(endpoint: Endpoint, requests: list, concurrency: int) -> tuple[li
                                                           "frequency_penalty", "presence_penalty",
                                                           "repetition_penalty")
                 if getattr(options, name) is not None}
+    # fixed output lengths on random prompts, as `vllm bench serve` itself sets for them
     ignore_eos = options.ignore_eos or options.dataset_name in ("random", "random-mm")
     with contextlib.redirect_stdout(io.StringIO()):  # vLLM prints a report per call
         result = await benchmark(
