@@ -226,7 +226,8 @@ def _finish(args, data: dict, title: str) -> None:
         console.print(f"plugin loaded, unused / plain vLLM (median-block output tok/s, C={baseline['concurrency']}): "
                       f"median {baseline['median']:.3f}, spread {baseline['min']:.3f}..{baseline['max']:.3f} "
                       f"over {baseline['n']} pairs")
-    print_runs(data["runs"], console)
+    if data["runs"]:
+        print_runs(data["runs"], console)
     print_targets(data["targets"], console)
     if args.json:
         write_json(args.json, data)

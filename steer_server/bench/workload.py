@@ -64,8 +64,8 @@ class RunSpec:
 
     @property
     def label(self) -> str:
-        return (f"{self.mode}-K{self.num_configs}-C{self.concurrency}-p{self.steered_fraction:g}"
-                f"-in{self.input_len}-out{self.output_len}")
+        steering = f"{self.mode}-K{self.num_configs}" if self.steered_fraction else "unsteered"
+        return f"{steering}-C{self.concurrency}-p{self.steered_fraction:g}-in{self.input_len}-out{self.output_len}"
 
     def validate(self) -> None:
         if self.concurrency < 1 or self.num_configs < 1 or self.pairs < 1:
