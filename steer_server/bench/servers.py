@@ -36,7 +36,7 @@ class ServerOptions:
     server_args: tuple[str, ...] = ()  # more flags for every server
     store: str = "sqlite"  # sqlite | redis
     store_latency_ms: float = 0.0  # redis only: delay the proxy adds to every command
-    kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE unless the environment sets it
+    kv_cache_gib: int = 2  # VLLM_CPU_KVCACHE_SPACE for every kind, unless the environment sets it
     startup_timeout_s: float = 600
 
     @property
@@ -168,6 +168,8 @@ def running_server(kind: str, options: ServerOptions, *, store: Store | None, lo
     flags = ["--api-key", api_key, "--served-model-name", served_name, *options.server_args]
     if options.enforce_eager:
         flags.append("--enforce-eager")
+    if not any(flag.split("=")[0] in ("--async-scheduling", "--no-async-scheduling") for flag in flags):
+        flags.append("--no-async-scheduling")  # what `steer-server serve` chooses: both kinds run the same engine
     env = server_env(kind)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
     port = free_port()
