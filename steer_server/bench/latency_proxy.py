@@ -94,7 +94,8 @@ async def serve(port: int, upstream_host: str, upstream_port: int, delay_s: floa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m steer_server.bench.latency_proxy", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m steer_server.bench.latency_proxy",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--port", type=int, required=True, help="loopback port to listen on")
     parser.add_argument("--upstream", required=True, metavar="HOST:PORT", help="where to forward (e.g. a redis-server)")
     parser.add_argument("--delay-ms", type=float, required=True, help="delay added to everything a client sends")

@@ -48,7 +48,8 @@ def plot_runs(runs: list[dict], path: str | Path, title: str, plain_vs_plugin: d
             points.sort()
             xs, ys = [p[0] for p in points], [p[1] for p in points]
             err = [[max(p[1] - p[2], 0) for p in points], [max(p[3] - p[1], 0) for p in points]]
-            legend = " ".join(str(value) if name == "mode" else f"{SHORT_NAMES[name]}={value:g}" for name, value in rest)
+            legend = " ".join(str(value) if name == "mode" else f"{SHORT_NAMES[name]}={value:g}"
+                              for name, value in rest)
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=legend)
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.axhline(STEERED_RATIO, color="red", linestyle="--", linewidth=0.8, label=f"target {STEERED_RATIO}")

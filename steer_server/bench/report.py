@@ -113,8 +113,8 @@ def write_vllm_results(directory: str | Path, runs: list[dict]) -> list[Path]:
     for run in runs:
         for name, metrics in run["classes"].items():
             header = {"date": run["date"], "endpoint_type": run["vllm"]["backend"], "backend": run["vllm"]["backend"],
-                      "label": f"{run['label']}-{name}", "model_id": run["model_id"], "tokenizer_id": run["tokenizer_id"],
-                      "num_prompts": metrics["completed"] + metrics["failed"],
+                      "label": f"{run['label']}-{name}", "model_id": run["model_id"],
+                      "tokenizer_id": run["tokenizer_id"], "num_prompts": metrics["completed"] + metrics["failed"],
                       "request_rate": run["vllm"]["request_rate"], "burstiness": run["vllm"]["burstiness"],
                       "max_concurrency": run["spec"]["concurrency"]}
             path = directory / f"{run['label']}-{name}.json"
