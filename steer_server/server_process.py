@@ -57,6 +57,20 @@ def http_health(url: str) -> Callable[[], bool]:
     return ready
 
 
+def redis_ping(url: str) -> Callable[[], bool]:
+    """Probe: the Redis server at ``url`` answers PING (not while it is still loading its data)."""
+    import redis
+
+    def ready() -> bool:
+        try:
+            with redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1) as client:
+                return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    return ready
+
+
 def start(name: str, command: Sequence[str], *, url: str, ready: Callable[[], bool], log: Path,
           env: Mapping[str, str] | None = None, timeout_s: float = 600, poll_s: float = 0.5) -> ServerProcess:
     """Spawn ``command`` in a new session (its own process group), output to ``log``, and wait
@@ -138,8 +152,6 @@ def start_redis(workdir: Path, *, port: int | None = None, persist: bool = False
     and restarted with its data)."""
     import shutil
 
-    import redis
-
     binary = shutil.which("redis-server")
     if binary is None:
         raise ServerStartError("redis-server is not installed (apt-get install redis-server)")
@@ -147,14 +159,7 @@ def start_redis(workdir: Path, *, port: int | None = None, persist: bool = False
     url = f"redis://127.0.0.1:{port}/0"
     workdir.mkdir(parents=True, exist_ok=True)
 
-    def ready() -> bool:
-        try:
-            with redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
-
     persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", *persistence, "--dir", str(workdir)]
-    return start("redis-server", command, url=url, ready=ready, log=workdir / "redis.log", timeout_s=timeout_s,
-                 poll_s=0.05)
+    return start("redis-server", command, url=url, ready=redis_ping(url), log=workdir / "redis.log",
+                 timeout_s=timeout_s, poll_s=0.05)

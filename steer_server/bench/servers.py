@@ -19,6 +19,7 @@ from steer_server.server_process import (
     ServerStartError,
     free_port,
     http_health,
+    redis_ping,
     start,
     start_redis,
     start_steer_server,
@@ -95,22 +96,12 @@ def vector_store(options: ServerOptions, workdir: Path) -> Iterator[Store]:
 def latency_proxy(redis_url: str, delay_ms: float, log: Path) -> Iterator[tuple[str, dict]]:
     """``latency_proxy`` in front of ``redis_url``; yields the proxied URL and a dict that holds
     the proxy's totals once it has stopped."""
-    import redis
-
     upstream = redis_url.removeprefix("redis://").split("/")[0]
     port = free_port()
     url = f"redis://127.0.0.1:{port}/0"
-
-    def ready() -> bool:
-        try:
-            with redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=5) as client:
-                return bool(client.ping())
-        except redis.RedisError:
-            return False
-
     command = [sys.executable, "-m", "steer_server.bench.latency_proxy", "--port", str(port),
                "--upstream", upstream, "--delay-ms", str(delay_ms)]
-    proxy = start("latency proxy", command, url=url, ready=ready, log=log, timeout_s=60, poll_s=0.1)
+    proxy = start("latency proxy", command, url=url, ready=redis_ping(url), log=log, timeout_s=60, poll_s=0.1)
     totals: dict = {}
     try:
         yield url, totals
