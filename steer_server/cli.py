@@ -4,7 +4,7 @@
   CLI entry, argv rewritten) with the engine plugin (``steer``) and the HTTP plugin
   (``steer_api``, ``steer_server.api``) enabled; flags it does not know go to vLLM.
 - ``vectors`` and ``compare`` are HTTP clients of a running server.
-- ``bench`` runs ``steer_server.bench.main(argv)``.
+- ``bench`` runs ``steer_server.bench.cli.main(argv)``.
 """
 from __future__ import annotations
 
@@ -15,11 +15,19 @@ import os
 import sys
 from pathlib import Path
 
+from steer_server.client import (
+    DEFAULT_URL,
+    URL_ENV,
+    VECTORS_PATH,
+    auth_headers,
+    default_api_key,
+    default_url,
+    error_message,
+)
 from steer_server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_PAD, Settings
 from steer_vllm.limits import DEFAULT_MAX_ADDITIONS, DEFAULT_MAX_PROMPT_TOKENS
 from vector_store.async_access import DEFAULT_FRESH_S, DEFAULT_TIMEOUT_S
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -197,9 +205,8 @@ def make_vllm_version_readable() -> None:
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("STEER_SERVER_URL", DEFAULT_URL),
-                        help="server address (default: $STEER_SERVER_URL or %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+    parser.add_argument("--url", default=default_url(), help=f"server address (default: ${URL_ENV} or {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=default_api_key(),
                         help="the server's --api-key (default: $STEER_API_KEY or $OPENAI_API_KEY)")
 
 
@@ -210,22 +217,13 @@ class ClientError(Exception):
 def _http(args):
     import httpx
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    return httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=600)
+    return httpx.Client(base_url=args.url.rstrip("/"), headers=auth_headers(args.api_key), timeout=600)
 
 
 def _check(response):
     if response.status_code >= 400:
-        try:
-            error = response.json().get("error")
-            message = error.get("message") if isinstance(error, dict) else error
-        except ValueError:
-            message = response.text
-        raise ClientError(f"HTTP {response.status_code}: {message}")
+        raise ClientError(f"HTTP {response.status_code}: {error_message(response)}")
     return response
-
-
-VECTORS = "/v1/steering/vectors"
 
 
 def vectors_compute(args) -> None:
@@ -239,7 +237,7 @@ def vectors_compute(args) -> None:
     else:
         body["pairs"] = [{"positive": pos, "negative": neg} for pos, neg in args.pair]
     with _http(args) as http:
-        _print_vector(_check(http.post(VECTORS, json=body)).json())
+        _print_vector(_check(http.post(VECTORS_PATH, json=body)).json())
 
 
 def _float(text: str) -> float:
@@ -254,7 +252,7 @@ def vectors_list(args) -> None:
     from rich.table import Table
 
     with _http(args) as http:
-        data = _check(http.get(VECTORS, params={"all": "true"} if args.all else None)).json()["data"]
+        data = _check(http.get(VECTORS_PATH, params={"all": "true"} if args.all else None)).json()["data"]
     table = Table(title=f"steering vectors at {args.url}")
     for column in ("names", "id", "kind", "method", "layers", "rows", "served model"):
         table.add_column(column)
@@ -271,7 +269,7 @@ def _layers(layers: list[int]) -> str:
 
 def vectors_show(args) -> None:
     with _http(args) as http:
-        _print_vector(_check(http.get(f"{VECTORS}/{args.name}", params={"norms": "true"})).json())
+        _print_vector(_check(http.get(f"{VECTORS_PATH}/{args.name}", params={"norms": "true"})).json())
 
 
 def _print_vector(v: dict) -> None:
@@ -310,7 +308,7 @@ def _when(created: float) -> str:
 def vectors_export(args) -> None:
     out = Path(args.output or f"{args.name}.gguf")
     with _http(args) as http:
-        data = _check(http.get(f"{VECTORS}/{args.name}/gguf")).content
+        data = _check(http.get(f"{VECTORS_PATH}/{args.name}/gguf")).content
     out.write_bytes(data)
     print(f"wrote {out} ({len(data)} bytes)")
 
@@ -321,12 +319,12 @@ def vectors_import(args) -> None:
     params = {"name": args.name} if args.name else None
     with _http(args) as http:
         if path.suffix == ".gguf":
-            response = http.post(f"{VECTORS}/import/gguf", params=params, content=data,
+            response = http.post(f"{VECTORS_PATH}/import/gguf", params=params, content=data,
                                  headers={"Content-Type": "application/octet-stream"})
         elif path.suffix == ".safetensors":
-            response = http.post(VECTORS, params=params, content=data, headers={"Content-Type": "application/octet-stream"})
+            response = http.post(VECTORS_PATH, params=params, content=data, headers={"Content-Type": "application/octet-stream"})
         elif path.suffix == ".json":
-            response = http.post(VECTORS, params=params, content=data, headers={"Content-Type": "application/json"})
+            response = http.post(VECTORS_PATH, params=params, content=data, headers={"Content-Type": "application/json"})
         else:
             raise ClientError(f"{path}: expected a .gguf, .safetensors or .json file")
         _print_vector(_check(response).json())
@@ -334,7 +332,7 @@ def vectors_import(args) -> None:
 
 def vectors_delete(args) -> None:
     with _http(args) as http:
-        result = _check(http.delete(f"{VECTORS}/{args.name}")).json()
+        result = _check(http.delete(f"{VECTORS_PATH}/{args.name}")).json()
     print(f"removed names {result['names_removed']}; deleted vector {result['deleted'] or '(still named elsewhere)'}")
 
 
@@ -386,7 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer-server", description="Activation steering on vLLM's OpenAI server.")
     sub = parser.add_subparsers(dest="command", metavar="{serve,vectors,compare,bench}")
     sub.add_parser("serve", help="serve a model (see `steer-server serve --help`)", add_help=False)
-    sub.add_parser("bench", help="benchmarks (steer_server.bench)", add_help=False)
+    sub.add_parser("bench", help="load benchmarks (steer_server.bench)", add_help=False)
 
     vectors = sub.add_parser("vectors", help="manage the server's steering vectors")
     vsub = vectors.add_subparsers(dest="vectors_command", required=True)
@@ -443,9 +441,9 @@ def main(argv: list[str] | None = None) -> int | None:
         serve(argv[1:])
         return 0
     if argv and argv[0] == "bench":
-        from steer_server import bench
+        from steer_server.bench.cli import main as bench_main
 
-        return bench.main(argv[1:])
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

@@ -15,6 +15,7 @@ import logging
 from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 
 from steer_server import metrics
 from steer_server.steering import SteeringError, bad_request
@@ -51,7 +52,7 @@ class BodyMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.plugin.settings.max_body_bytes
-        headers = _Headers(scope)
+        headers = Headers(scope=scope)
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _send_error(scope, receive, send, _too_large(int(declared), limit))
@@ -123,14 +124,6 @@ async def _refuse(scope, receive, send, path: str, error: SteeringError) -> None
     metrics.REJECTED_REQUESTS.labels(status=str(error.status), reason=error.reason).inc()
     logger.info("refused steering on %s: %s", path, error.message)
     await _send_error(scope, receive, send, error)
-
-
-class _Headers:
-    def __init__(self, scope):
-        self._headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
-
-    def get(self, name: str, default=None):
-        return self._headers.get(name.lower(), default)
 
 
 async def _read_body(receive, limit: int) -> bytes | None:

@@ -9,20 +9,13 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import redis
 
-
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+from steer_server.server_process import free_port, start_redis
 
 
 class RedisProcess:
@@ -30,30 +23,15 @@ class RedisProcess:
     an append-only file in ``workdir``, so it can be killed and restarted with its data."""
 
     def __init__(self, workdir: Path, persist: bool = False):
-        self.port = _free_loopback_port()
+        self.port = free_port()
         self.workdir = workdir
         self.persist = persist
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
-        persistence = ["--appendonly", "yes", "--appendfsync", "always"] if self.persist else ["--appendonly", "no"]
-        self.process = subprocess.Popen(
-            [shutil.which("redis-server"), "--bind", "127.0.0.1", "--port", str(self.port), "--save", "",
-             *persistence, "--dir", str(self.workdir)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )
-        client = redis.Redis.from_url(self.url, socket_timeout=1)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
-                time.sleep(0.05)
-        client.close()
+        """Start (or restart, on the same port and directory) and wait until it answers PING."""
+        self.process = start_redis(self.workdir, port=self.port, persist=self.persist).process
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)

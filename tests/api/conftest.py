@@ -8,11 +8,6 @@ in `usage` (a vLLM flag passed through). Tests reach it with the real openai SDK
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +15,10 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+
+from steer_server import server_process
+from steer_server.server_process import ServerProcess
+from steer_server.server_process import free_port as free_loopback_port  # noqa: F401  (tests import it from here)
 
 API_KEY = "test-key-4d1f"
 MAX_ADDITIONS = 8
@@ -38,17 +37,6 @@ class Server:
     @property
     def base_url(self) -> str:
         return self.url + "/v1"
-
-
-def free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _steer_server_command() -> list[str]:
-    script = Path(sys.executable).parent / "steer-server"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "steer_server.cli"]
 
 
 def session_args(store: Path) -> list[str]:
@@ -80,12 +68,8 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 @dataclass
-class RunningServer:
+class RunningServer(ServerProcess):
     """A `steer-server serve` process started by a test module (not the session's server)."""
-
-    process: subprocess.Popen
-    url: str
-    log: Path
 
     def engine_pid(self) -> int:
         """The EngineCore process under this server (vLLM names it ``VLLM::EngineCore``)."""
@@ -99,60 +83,16 @@ class RunningServer:
 
 def start_steer_server(log: Path, args: list[str], env: dict | None = None) -> RunningServer:
     """`steer-server serve ARGS` on a free port with the test API key, eager; waits for /health."""
-    port = free_loopback_port()
-    command = [*_steer_server_command(), "serve", "--host", "127.0.0.1", "--port", str(port),
-               "--enforce-eager", "--api-key", API_KEY, *args]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
     env.pop("VLLM_PLUGINS", None)
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(process, url, log)
-    except BaseException:
-        _stop(process)
-        raise
-    return RunningServer(process, url, log)
+    started = server_process.start_steer_server(["--enforce-eager", "--api-key", API_KEY, *args],
+                                                port=free_loopback_port(), log=log, env=env,
+                                                timeout_s=STARTUP_TIMEOUT_S)
+    return RunningServer(started.name, started.url, started.process, started.log, started.start_s)
 
 
 def stop_steer_server(server: RunningServer) -> None:
-    _stop(server.process)
-
-
-def _wait_healthy(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"steer-server exited with {process.returncode} during start-up:\n{_tail(log)}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"steer-server not healthy after {STARTUP_TIMEOUT_S} s:\n{_tail(log)}")
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGINT (vLLM shuts its engine processes down), then SIGKILL the group we created."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # our own session: engine core, workers
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
-
-
-def _tail(log: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+    server_process.stop(server)
 
 
 @pytest.fixture(scope="session")
