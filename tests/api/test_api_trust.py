@@ -75,7 +75,8 @@ def post_routes(http) -> list[str]:
 
 def any_body(server, **fields) -> dict:
     """A body that fits every generating entrypoint's required fields."""
-    return {"model": server.model, "prompt": "Hi", "messages": [{"role": "user", "content": "Hi"}], "input": "Hi",
+    text = "Hello there, how are you today?"
+    return {"model": server.model, "prompt": text, "messages": [{"role": "user", "content": text}], "input": text,
             "max_tokens": 2, "max_output_tokens": 16, **fields}
 
 
