@@ -95,10 +95,10 @@ def test_every_entrypoint_refuses_the_engines_own_keys(server, http):
 def test_steering_is_applied_or_refused_on_every_entrypoint(server, http):
     steering = {"additions": [{"prompt": "Love", "coeff": 8, "layer": 4}, {"prompt": "Hate", "coeff": -8, "layer": 4}]}
     for path in post_routes(http):
-        response = http.post(path, json=any_body(server, steering=steering, temperature=0))
+        response = http.post(path, json=any_body(server, steering=steering, temperature=0, max_tokens=12))
         if path in ("/v1/completions", "/v1/chat/completions"):
             assert response.status_code == 200, (path, response.text)
-            plain = http.post(path, json=any_body(server, temperature=0))
+            plain = http.post(path, json=any_body(server, temperature=0, max_tokens=12))
             assert response.json()["choices"] != plain.json()["choices"], path
         else:
             assert response.status_code == 400, (path, response.status_code, response.text)
