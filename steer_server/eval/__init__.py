@@ -5,6 +5,7 @@
 ``steer-server eval sweep | paper`` are their command lines.
 
     import asyncio
+    from pathlib import Path
     from steer_server.eval import PromptAdditions, SteerClient, SweepPlan, run_sweep, wedding_lexicon
 
     async def main():
@@ -13,7 +14,9 @@
                          lexicon=wedding_lexicon())
         async with SteerClient("http://127.0.0.1:8000") as client:
             result = await run_sweep(client, plan, Path("out"))
-        print(result.cell("steered", 6, 4.0).summary["topic"])
+        print(result.cell("steered", 6, 4.0).summary["topic"])  # share, Wilson interval, n
+
+    asyncio.run(main())
 """
 from steer_server.eval.client import EvalError, Sampling, SteerClient
 from steer_server.eval.data import hostile_prompts, neutral_prompts, offtopic_texts, wedding_lexicon

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shlex
 import sys
 from contextlib import contextmanager
@@ -15,14 +14,11 @@ from steer_server.eval.journal import JournalMismatch
 from steer_server.eval.metrics import Lexicon
 from steer_server.eval.steerings import SERVER_PAD, ContrastPairs, NamedVector, PromptAdditions, Steering
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("STEER_SERVER_URL", DEFAULT_URL),
-                        help="server address (default: $STEER_SERVER_URL or %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY") or os.environ.get("OPENAI_API_KEY"),
-                        help="the server's --api-key (default: $STEER_API_KEY or $OPENAI_API_KEY)")
+    from steer_server.cli import _client_args  # --url, --api-key: the same as every client command
+
+    _client_args(parser)
     parser.add_argument("--model", help="served model name (default: the server's first)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
     parser.add_argument("-o", "--out", type=Path, required=True,

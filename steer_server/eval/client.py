@@ -100,6 +100,11 @@ class SteerClient:
             out.append([positions[i][str(token)]["logprob"] for i, token in enumerate(ids) if i > 0])
         return out
 
+    async def token_count(self, text: str, add_special_tokens: bool) -> int:
+        """How many tokens the served tokenizer makes of ``text`` (vLLM's ``/tokenize``)."""
+        body = {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
+        return (await self._json("POST", "/tokenize", json=body))["count"]
+
     # -- vector routes
     async def create_vector(self, body: dict) -> dict:
         return await self._json("POST", VECTORS, json=body)

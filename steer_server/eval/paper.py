@@ -9,7 +9,8 @@
    wedding words; per bin the steered/unsteered perplexity ratio at the chosen wedding
    setting (perplexity under ActAdd, whose rows sit on the text's first tokens).
 4. Treatment: the chosen wedding setting with and without a BOS token in front of prompt and
-   steering prompts, and with the pad token or none.
+   steering prompts, and with the space stream subtracted (the paper's padded empty negative)
+   or not (the " weddings" stream alone).
 
 Everything goes under one output directory (one subdirectory per sweep, each resumable),
 with ``report.md`` and its plots at the top.
@@ -28,7 +29,7 @@ from pathlib import Path
 from steer_server.eval import data, metrics
 from steer_server.eval.client import Sampling, SteerClient
 from steer_server.eval.journal import Journal
-from steer_server.eval.steerings import SERVER_PAD, PromptAdditions
+from steer_server.eval.steerings import PromptAdditions
 from steer_server.eval.sweep import CellResult, SweepPlan, SweepResult, run_sweep
 
 # What the paper reports for GPT-2-XL (48 blocks), for the report's side-by-side.
@@ -57,7 +58,7 @@ class PaperSettings:
     @classmethod
     def quick(cls) -> PaperSettings:
         return cls(layer_stride=5, topic_coeff=4.0, topic_coeffs=(1.0, 2.0, 4.0, 8.0), sentiment_coeff=5.0,
-                   prompts=8, samples=4, max_tokens=32, treatment=False)
+                   prompts=8, samples=4, max_tokens=24)
 
     @classmethod
     def full(cls) -> PaperSettings:
@@ -73,18 +74,17 @@ async def detect_bos(client: SteerClient) -> str:
     """What to write in front of prompts so that position 0 is a BOS token: nothing when the
     tokenizer adds one itself, else ``<|endoftext|>`` when that is one token (GPT-2, SmolLM2,
     Qwen2), else nothing."""
-
-    async def count(text: str, special: bool) -> int:
-        return (await client._json("POST", "/tokenize", json={"model": client.model, "prompt": text,
-                                                              "add_special_tokens": special}))["count"]
-
-    if await count("Hello", True) > await count("Hello", False):
+    if await client.token_count("Hello", True) > await client.token_count("Hello", False):
         return ""
-    return "<|endoftext|>" if await count("<|endoftext|>", False) == 1 else ""
+    return "<|endoftext|>" if await client.token_count("<|endoftext|>", False) == 1 else ""
 
 
-def wedding_steering(bos: str, pad: str | None = SERVER_PAD) -> PromptAdditions:
-    return PromptAdditions(((bos + " weddings", 1.0), (bos + " ", -1.0)), pad)
+def wedding_steering(bos: str, minus_space: bool = True) -> PromptAdditions:
+    """``" weddings"`` − ``" "`` (the paper's: its negative prompt is empty, space-padded), or
+    with ``minus_space=False`` the ``" weddings"`` stream alone (less BOS, when there is one)."""
+    if minus_space:
+        return PromptAdditions(((bos + " weddings", 1.0), (bos + " ", -1.0)))
+    return PromptAdditions(((bos + " weddings", 1.0), (bos, -1.0)) if bos else ((" weddings", 1.0),), pad=None)
 
 
 def love_hate_steering(bos: str) -> PromptAdditions:
@@ -211,11 +211,12 @@ async def run_paper(client: SteerClient, settings: PaperSettings, out_dir: Path,
                                          hook("perplexity"))
     treatment: dict[str, CellResult] = {}
     if settings.treatment:
-        variants = {"BOS, pad ' '": (bos, " "), "BOS, no pad": (bos, None),
-                    "no BOS, pad ' '": ("", " "), "no BOS, no pad": ("", None)}
-        for name, (prefix, pad) in variants.items():
-            plan = SweepPlan(wedding_steering(prefix, pad), tuple(prefix + p for p in data.neutral_prompts()[:settings.prompts]),
-                             (layer,), (coeff,), lexicon, sampling, floor=False)
+        variants = {"BOS, − ' '": (bos, True), "BOS, no negative": (bos, False),
+                    "no BOS, − ' '": ("", True), "no BOS, no negative": ("", False)}
+        for name, (prefix, minus_space) in variants.items():
+            plan = SweepPlan(wedding_steering(prefix, minus_space),
+                             tuple(prefix + p for p in data.neutral_prompts()[:settings.prompts]),
+                             (layer,), (coeff,), lexicon, sampling, floor=False, baseline=False)
             slug = "treatment_" + "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
             treatment[name] = (await sweep(slug, plan)).cell("steered", layer, coeff)
     result = PaperResult(client.model, settings, bos, topic_layers, topic_coeffs, sentiment, perplexity, treatment,

@@ -192,7 +192,7 @@ def write_report(result: PaperResult, out_dir: Path, command: str) -> Path:
         "",
     ]
     if result.treatment:
-        lines += ["## 5. BOS and pad treatment at the chosen setting", "",
+        lines += ["## 5. BOS and negative prompt at the chosen setting", "",
                   "| variant | topic share | NLL | distinct-2 |", "|---|---|---|---|"]
         lines += [f"| {name} | {fmt(c.summary['topic'])} | {fmt(c.summary['nll'])} | {fmt(c.summary['distinct2'])} |"
                   for name, c in result.treatment.items()]

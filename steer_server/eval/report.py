@@ -8,12 +8,13 @@ from steer_server.eval.metrics import Estimate
 from steer_server.eval.sweep import METRICS, SweepResult
 
 
-def fmt(est: Estimate, digits: int = 2) -> str:
+def fmt(est: Estimate, digits: int = 2, sep: str = " ") -> str:
+    """``value [low, high]`` (``sep`` between value and interval)."""
     if est.value is None:
         return "-"
     if est.low is None:
         return f"{est.value:.{digits}f}"
-    return f"{est.value:.{digits}f} [{est.low:.{digits}f}, {est.high:.{digits}f}]"
+    return f"{est.value:.{digits}f}{sep}[{est.low:.{digits}f}, {est.high:.{digits}f}]"
 
 
 def write_json(result: SweepResult, path: Path) -> None:
@@ -34,7 +35,7 @@ def table(result: SweepResult, title: str | None = None):
     for cell in result.cells:
         c = cell.cell
         out.add_row("-" if c.layer is None else str(c.layer), "-" if c.coeff is None else f"{c.coeff:g}", c.arm,
-                    *(fmt(cell.summary[name]) for name in METRICS),
+                    *(fmt(cell.summary[name], sep="\n") for name in METRICS),
                     style="dim" if c.arm == "random" else ("bold" if c.arm == "unsteered" else None))
     return out
 

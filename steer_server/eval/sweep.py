@@ -57,18 +57,20 @@ class SweepPlan:
     lexicon: metrics.Lexicon
     sampling: Sampling = Sampling()
     floor: bool = True
+    baseline: bool = True  # the unsteered cell
     seed: int = 0
 
     def cells(self) -> list[Cell]:
         arms: tuple[Arm, ...] = ("steered", "random") if self.floor else ("steered",)
-        return [Cell("unsteered")] + [Cell(arm, layer, coeff) for layer in self.layers for coeff in self.coeffs
-                                      for arm in arms]
+        return [Cell("unsteered")] * self.baseline + [Cell(arm, layer, coeff) for layer in self.layers
+                                                      for coeff in self.coeffs for arm in arms]
 
     def header(self, model: str) -> dict:
         """What makes two runs the same run (for resuming)."""
         return {"model": model, "steering": self.steering.describe(), "prompts": list(self.prompts),
                 "layers": list(self.layers), "coeffs": list(self.coeffs), "lexicon": sorted(self.lexicon.entries),
-                "sampling": dataclasses.asdict(self.sampling), "floor": self.floor, "seed": self.seed}
+                "sampling": dataclasses.asdict(self.sampling), "floor": self.floor, "baseline": self.baseline,
+                "seed": self.seed}
 
 
 @dataclass

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -19,9 +21,9 @@ pytestmark = pytest.mark.slow
 
 BOS = "<|endoftext|>"
 # A setting `steer-server eval paper` found to steer this model (see EVALUATION.md).
-LAYER, COEFF = 6, 4.0
+LAYER, COEFF = 18, 4.0
 PROMPTS = 8
-SAMPLES = 8
+SAMPLES = 4
 
 
 @pytest.fixture(scope="module")
@@ -29,6 +31,10 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from steer_server.bench import start_server, stop_server
     from steer_server.default_model import default_model_dir
 
+    reuse = os.environ.get("STEER_EVAL_TEST_URL")  # a default-model server already running (no --api-key)
+    if reuse:
+        yield SimpleNamespace(url=reuse, api_key=None)
+        return
     workdir = tmp_path_factory.mktemp("eval-server")
     handle = start_server(
         "steer", default_model_dir(), served_name="SmolLM2-135M-Instruct", store=workdir / "store",
@@ -51,7 +57,7 @@ def wedding_plan(**overrides):
     plan = dict(
         steering=PromptAdditions(((BOS + " weddings", 1.0), (BOS + " ", -1.0))),
         prompts=tuple(BOS + p for p in neutral_prompts()[:PROMPTS]), layers=(LAYER,), coeffs=(COEFF,),
-        lexicon=wedding_lexicon(), sampling=Sampling(max_tokens=32, samples=SAMPLES),
+        lexicon=wedding_lexicon(), sampling=Sampling(max_tokens=24, samples=SAMPLES),
     )
     return SweepPlan(**(plan | overrides))
 
@@ -148,7 +154,7 @@ def test_random_floor_has_the_steerings_row_norms(server):
 def test_cli_sweep_resumes_after_an_interruption(server, tmp_path):
     out = tmp_path / "cli"
     command = [sys.executable, "-m", "steer_server.cli", "eval", "sweep", "--url", server.url,
-               "--api-key", server.api_key, "--bos", BOS, "--add", " weddings", "1", "--add", " ", "-1",
+               *(["--api-key", server.api_key] if server.api_key else []), "--bos", BOS, "--add", " weddings", "1", "--add", " ", "-1",
                "--layers", str(LAYER), "--coeffs", f"{COEFF:g}", "--samples", "2", "--max-tokens", "8", "-o", str(out)]
     first = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert first.returncode == 0, first.stderr
@@ -168,3 +174,33 @@ def test_cli_sweep_resumes_after_an_interruption(server, tmp_path):
     # A different sweep refuses the directory instead of mixing records.
     other = subprocess.run([*command[:-2], "--seed", "1", "-o", str(out)], capture_output=True, text=True, timeout=600)
     assert other.returncode == 1 and "different run" in other.stderr
+
+
+def test_paper_pipeline_writes_a_readable_report(server, tmp_path):
+    """The paper command's whole path at toy size (3 layers, 2 prompts × 2 samples of 8 tokens)."""
+    import matplotlib.image
+
+    from steer_server.eval import PaperSettings, SteerClient, run_paper
+    from steer_server.eval.paper_report import write_report
+
+    settings = PaperSettings(layer_stride=15, topic_coeff=COEFF, topic_coeffs=(1.0, COEFF), sentiment_coeff=5.0,
+                             prompts=2, samples=2, max_tokens=8)
+
+    async def paper():
+        async with SteerClient(server.url, server.api_key) as client:
+            return await run_paper(client, settings, tmp_path)
+
+    result = run(paper())
+    assert result.bos == BOS  # SmolLM2's tokenizer adds none; <|endoftext|> is one token
+    assert result.topic_layers.plan.layers == (0, 15, 30)  # learned from the server: 30 blocks
+    report = write_report(result, tmp_path, "steer-server eval paper (test)")
+    text = report.read_text()
+    assert "SmolLM2-135M-Instruct" in text and "| off-topic perplexity ratio |" in text
+    images = [part.split(")")[0] for line in text.splitlines() if line.startswith("![")
+              for part in line.split("](")[1:]]
+    assert len(images) == 5
+    for image in images:
+        assert matplotlib.image.imread(tmp_path / image).shape[0] > 50
+    saved = json.loads((tmp_path / "paper.json").read_text())
+    assert saved["best_layer"] in (0, 15, 30) and len(saved["perplexity"]["texts"]) == 34
+    assert set(saved["treatment"]) == {"BOS, − ' '", "BOS, no negative", "no BOS, − ' '", "no BOS, no negative"}
