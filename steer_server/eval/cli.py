@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=0.3)
     p.add_argument("--repetition-penalty", type=float, default=1.2, help="0 to leave it out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the random floor (and the requests with --seeded)")
+    p.add_argument("--seeded", action="store_true",
+                   help="send per-prompt request seeds so every cell draws the same random numbers (vLLM 0.32's "
+                   "CPU engine dies on a seeded request whose prefill is chunked: use on GPU or at low concurrency)")
     p.add_argument("--no-floor", action="store_true", help="skip the random-vector floor")
     _server_args(p)
     p.set_defaults(func=sweep_command)
@@ -125,7 +128,8 @@ async def _sweep(args) -> int:
     prompts = data.read_prompts(args.prompts) if args.prompts else data.neutral_prompts()
     lexicon = Lexicon.from_file(args.lexicon) if args.lexicon else data.wedding_lexicon()
     sampling = Sampling(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
-                        repetition_penalty=args.repetition_penalty or None, samples=args.samples)
+                        repetition_penalty=args.repetition_penalty or None, samples=args.samples,
+                        seeded=args.seeded)
     plan = SweepPlan(steering_from_args(args), tuple(args.bos + p for p in prompts),
                      tuple(args.layers) if args.layers else (None,), tuple(args.coeffs), lexicon, sampling,
                      floor=not args.no_floor, seed=args.seed)

@@ -29,6 +29,11 @@ class Sampling:
     top_p: float = 0.3
     repetition_penalty: float | None = 1.2
     samples: int = 8  # completions per prompt (the request's ``n``)
+    # Per-prompt request seeds, so every cell draws the same random numbers. Off by default:
+    # vLLM 0.32's CPU runner kills the engine when a seeded request's prefill is split over
+    # steps (``_bookkeeping_sync`` rewinds the request's generator with ``set_offset``, which
+    # CPU generators do not have: "CPU Generator does not use offset").
+    seeded: bool = False
 
     def body(self) -> dict[str, Any]:
         body: dict[str, Any] = {"max_tokens": self.max_tokens, "temperature": self.temperature,
@@ -74,9 +79,12 @@ class SteerClient:
             raise EvalError(f"{method} {path}: HTTP {response.status_code}: {_message(response)}")
         return response.json()
 
-    async def complete(self, prompt: str, sampling: Sampling, seed: int, steering: dict | None) -> list[Completion]:
-        """``sampling.samples`` completions of ``prompt`` (a raw completion, no chat template)."""
-        body = {"model": self.model, "prompt": prompt, "seed": seed, "return_token_ids": True, **sampling.body()}
+    async def complete(self, prompt: str, sampling: Sampling, seed: int | None, steering: dict | None) -> list[Completion]:
+        """``sampling.samples`` completions of ``prompt`` (a raw completion, no chat template);
+        ``seed`` is used when ``sampling.seeded``."""
+        body = {"model": self.model, "prompt": prompt, "return_token_ids": True, **sampling.body()}
+        if sampling.seeded and seed is not None:
+            body["seed"] = seed
         if steering is not None:
             body["steering"] = steering
         data = await self._json("POST", "/v1/completions", json=body)

@@ -46,7 +46,7 @@ NLL_BUDGET = 1.0  # the chosen coefficient may cost at most this many nats/token
 
 @dataclass(frozen=True)
 class PaperSettings:
-    layer_stride: int  # topic and sentiment layers: 0, stride, 2·stride, ... num_layers
+    layer_stride: int  # topic layers: 0, stride, 2·stride, ... num_layers
     topic_coeff: float  # the fixed coefficient of the layer sweep
     topic_coeffs: tuple[float, ...]  # the coefficient sweep at the best layer
     sentiment_coeff: float
@@ -54,11 +54,13 @@ class PaperSettings:
     samples: int  # completions per prompt and cell
     max_tokens: int = 40
     treatment: bool = True
+    sentiment_stride: int | None = None  # sentiment layers (default: the topic layers)
+    floors: bool = True  # random floors in the coefficient and sentiment sweeps too (the layer sweep always has one)
 
     @classmethod
     def quick(cls) -> PaperSettings:
         return cls(layer_stride=5, topic_coeff=4.0, topic_coeffs=(1.0, 2.0, 4.0, 8.0), sentiment_coeff=5.0,
-                   prompts=8, samples=4, max_tokens=24)
+                   prompts=8, samples=4, max_tokens=24, sentiment_stride=10, floors=False)
 
     @classmethod
     def full(cls) -> PaperSettings:
@@ -203,10 +205,12 @@ async def run_paper(client: SteerClient, settings: PaperSettings, out_dir: Path,
                                                          lexicon, sampling))
     layer = best_layer(topic_layers)
     topic_coeffs = await sweep("topic_coeffs", SweepPlan(wedding, neutral, (layer,), settings.topic_coeffs,
-                                                         lexicon, sampling))
+                                                         lexicon, sampling, floor=settings.floors))
     coeff = chosen_coeff(topic_coeffs)
-    sentiment = await sweep("sentiment", SweepPlan(love_hate_steering(bos), hostile, layers,
-                                                   (settings.sentiment_coeff,), lexicon, sampling))
+    sentiment_layers = tuple(range(0, num_layers + 1, settings.sentiment_stride or settings.layer_stride))
+    sentiment = await sweep("sentiment", SweepPlan(love_hate_steering(bos), hostile, sentiment_layers,
+                                                   (settings.sentiment_coeff,), lexicon, sampling,
+                                                   floor=settings.floors))
     perplexity = await perplexity_ratios(client, wedding.request(layer, coeff), bos, out_dir / "perplexity",
                                          hook("perplexity"))
     treatment: dict[str, CellResult] = {}

@@ -4,8 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from steer_server.eval.paper import NLL_BUDGET, PAPER, PaperResult, ratio_by_bin
+from steer_server.eval.metrics import Estimate
 from steer_server.eval.report import fmt, heatmaps
-from steer_server.eval.sweep import SweepResult
+from steer_server.eval.sweep import METRICS, SweepResult
 
 
 def _pct(value: float | None) -> str:
@@ -31,7 +32,8 @@ def _line_plot(result: SweepResult, axis: str, metric: str, ylabel: str, path: P
     plan = result.plan
     xs = list(plan.layers) if axis == "layer" else list(plan.coeffs)
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
-    for arm, style in (("steered", "o-"), ("random", "s--")):
+    arms = (("steered", "o-"), ("random", "s--")) if plan.floor else (("steered", "o-"),)
+    for arm, style in arms:
         cells = [result.cell(arm, x, plan.coeffs[0]) if axis == "layer" else result.cell(arm, plan.layers[0], x)
                  for x in xs]
         values = [c.summary[metric].value for c in cells]
@@ -75,6 +77,13 @@ def _ratio_plot(bins: dict[str, dict], path: Path, title: str) -> Path:
     return path
 
 
+def _floor(result: SweepResult, layer: int, coeff: float) -> dict[str, Estimate]:
+    """The random floor's summary, or empty estimates where the sweep ran without one."""
+    if result.plan.floor:
+        return result.cell("random", layer, coeff).summary
+    return {name: Estimate(None, None, None, 0) for name in METRICS}
+
+
 def _sweep_table(result: SweepResult, axis: str) -> list[str]:
     lines = [f"| {axis} | topic share (steered) | random floor | NLL steered | NLL random | distinct-2 steered |",
              "|---:|---|---|---|---|---|"]
@@ -82,7 +91,7 @@ def _sweep_table(result: SweepResult, axis: str) -> list[str]:
     lines.append(f"| unsteered | {fmt(base['topic'])} | | {fmt(base['nll'])} | | {fmt(base['distinct2'])} |")
     keys = [(layer, c) for layer in result.plan.layers for c in result.plan.coeffs]
     for layer, coeff in keys:
-        s, r = result.cell("steered", layer, coeff).summary, result.cell("random", layer, coeff).summary
+        s, r = result.cell("steered", layer, coeff).summary, _floor(result, layer, coeff)
         x = layer if axis == "layer" else f"{coeff:g}"
         lines.append(f"| {x} | {fmt(s['topic'])} | {fmt(r['topic'])} | {fmt(s['nll'])} | {fmt(r['nll'])} | "
                      f"{fmt(s['distinct2'])} |")
@@ -95,7 +104,7 @@ def _sentiment_table(result: SweepResult) -> list[str]:
     lines.append(f"| unsteered | {fmt(base['sentiment'])} | | {fmt(base['nll'])} | {fmt(base['distinct2'])} |")
     for layer in result.plan.layers:
         s = result.cell("steered", layer, result.plan.coeffs[0]).summary
-        r = result.cell("random", layer, result.plan.coeffs[0]).summary
+        r = _floor(result, layer, result.plan.coeffs[0])
         lines.append(f"| {layer} | {fmt(s['sentiment'])} | {fmt(r['sentiment'])} | {fmt(s['nll'])} | "
                      f"{fmt(s['distinct2'])} |")
     return lines

@@ -2,8 +2,8 @@
 
 Cells: the unsteered baseline, then per (layer, coefficient) the steering and (``floor``)
 a random vector of equal row norms. A unit of work is one (cell, prompt): one completions
-request for ``sampling.samples`` completions with a seed that depends only on the prompt
-(so every cell sees the same random numbers), then one unsteered prompt-log-probability
+request for ``sampling.samples`` completions (with ``sampling.seeded``, a seed that depends
+only on the prompt, so every cell draws the same random numbers), then one unsteered prompt-log-probability
 request that scores those completions' tokens. Units run concurrently and are journaled as
 they finish (``records.jsonl`` in the output directory), so a rerun skips finished units.
 

@@ -156,16 +156,18 @@ def test_cli_sweep_resumes_after_an_interruption(server, tmp_path):
     command = [sys.executable, "-m", "steer_server.cli", "eval", "sweep", "--url", server.url,
                *(["--api-key", server.api_key] if server.api_key else []), "--bos", BOS, "--add", " weddings", "1", "--add", " ", "-1",
                "--layers", str(LAYER), "--coeffs", f"{COEFF:g}", "--samples", "2", "--max-tokens", "8", "-o", str(out)]
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    wide = dict(os.environ, COLUMNS="200")  # rich wraps its table to the terminal's width
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=wide)
     assert first.returncode == 0, first.stderr
-    assert "topic share" in first.stdout
+    assert "topic share" in first.stdout and "unsteered" in first.stdout
+    assert json.loads((out / "summary.json").read_text())["layers"] == [LAYER]
     records = out / "records.jsonl"
     lines = records.read_text().splitlines()
     units = 3 * 16  # unsteered, steered, random × the 16 shipped prompts
     assert len(lines) == 1 + units
     # Interrupt: keep the header and 10 units, and half of an 11th line.
     records.write_text("\n".join(lines[:11]) + "\n" + lines[11][: len(lines[11]) // 2])
-    second = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=wide)
     assert second.returncode == 0, second.stderr
     resumed = [line for line in records.read_text().splitlines() if line.strip()]
     assert resumed[:11] == lines[:11]  # finished units kept, not redone
