@@ -31,14 +31,14 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     from steer_server.bench import start_server, stop_server
     from steer_server.default_model import default_model_dir
 
-    reuse = os.environ.get("STEER_EVAL_TEST_URL")  # a default-model server already running (no --api-key)
+    reuse = os.environ.get("STEER_EVAL_TEST_URL")  # a default-model fp32 server already running (no --api-key)
     if reuse:
         yield SimpleNamespace(url=reuse, api_key=None)
         return
     workdir = tmp_path_factory.mktemp("eval-server")
     handle = start_server(
         "steer", default_model_dir(), served_name="SmolLM2-135M-Instruct", store=workdir / "store",
-        log=workdir / "server.log", server_args=["--enforce-eager", "--max-model-len", "1024", "--seed", "0"],
+        log=workdir / "server.log", server_args=["--enforce-eager", "--max-model-len", "1024", "--seed", "0", "--dtype", "float32"],
         env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout_s=600,
     )
     try:
@@ -110,7 +110,8 @@ def test_fluency_is_the_unsteered_models_nll_of_the_sampled_tokens(wedding_sweep
             logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
         targets = ids[0, 1:]
         per_token = logprobs[torch.arange(len(targets)), targets][len(prompt_ids) - 1:]
-        assert nll == pytest.approx(-per_token.mean().item(), abs=0.05)
+        # fp32 on both sides; reading the log-probabilities one position off moves this by ~0.05
+        assert nll == pytest.approx(-per_token.mean().item(), abs=0.01)
         checked += 1
     assert checked >= 3
 
