@@ -1,10 +1,10 @@
-"""``steer-server``: serve | vectors | compare | bench.
+"""``steer-server``: serve | vectors | compare | bench | eval.
 
 - ``serve`` starts vLLM's own OpenAI-compatible server in this process (vLLM's ``serve``
   CLI entry, argv rewritten) with the engine plugin (``steer``) and the HTTP plugin
   (``steer_api``, ``steer_server.api``) enabled; flags it does not know go to vLLM.
 - ``vectors`` and ``compare`` are HTTP clients of a running server.
-- ``bench`` runs ``steer_server.bench.cli.main(argv)``.
+- ``bench`` runs ``steer_server.bench.cli.main(argv)``; ``eval`` runs ``steer_server.eval.cli.main(argv)``.
 """
 from __future__ import annotations
 
@@ -382,9 +382,11 @@ def compare(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer-server", description="Activation steering on vLLM's OpenAI server.")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,vectors,compare,bench}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,vectors,compare,bench,eval}")
     sub.add_parser("serve", help="serve a model (see `steer-server serve --help`)", add_help=False)
     sub.add_parser("bench", help="load benchmarks (steer_server.bench)", add_help=False)
+    sub.add_parser("eval", help="measure steering: layer x coefficient sweeps, the ActAdd paper's experiments",
+                   add_help=False)
 
     vectors = sub.add_parser("vectors", help="manage the server's steering vectors")
     vsub = vectors.add_subparsers(dest="vectors_command", required=True)
@@ -444,6 +446,10 @@ def main(argv: list[str] | None = None) -> int | None:
         from steer_server.bench.cli import main as bench_main
 
         return bench_main(argv[1:])
+    if argv and argv[0] == "eval":
+        from steer_server.eval.cli import main as eval_main
+
+        return eval_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

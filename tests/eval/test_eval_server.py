@@ -1,0 +1,209 @@
+"""`steer-server eval` against ONE real server (the default SmolLM2-135M-Instruct, eager).
+
+The model must be a real one: the question is whether a steering that works shows up as
+working (topic share above unsteered) and a random vector of equal norm does not. Fluency
+numbers are checked against plain transformers on the same weights.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+BOS = "<|endoftext|>"
+# A setting `steer-server eval paper` found to steer this model (see EVALUATION.md).
+LAYER, COEFF = 18, 4.0
+PROMPTS = 8
+SAMPLES = 4
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
+    from steer_server.bench import start_server, stop_server
+    from steer_server.default_model import default_model_dir
+
+    reuse = os.environ.get("STEER_EVAL_TEST_URL")  # a default-model fp32 server already running (no --api-key)
+    if reuse:
+        yield SimpleNamespace(url=reuse, api_key=None)
+        return
+    workdir = tmp_path_factory.mktemp("eval-server")
+    handle = start_server(
+        "steer", default_model_dir(), served_name="SmolLM2-135M-Instruct", store=workdir / "store",
+        log=workdir / "server.log", server_args=["--enforce-eager", "--max-model-len", "1024", "--seed", "0", "--dtype", "float32"],
+        env={"VLLM_CPU_KVCACHE_SPACE": "1"}, timeout_s=600,
+    )
+    try:
+        yield handle
+    finally:
+        stop_server(handle)
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def wedding_plan(**overrides):
+    from steer_server.eval import PromptAdditions, Sampling, SweepPlan, neutral_prompts, wedding_lexicon
+
+    plan = dict(
+        steering=PromptAdditions(((BOS + " weddings", 1.0), (BOS + " ", -1.0))),
+        prompts=tuple(BOS + p for p in neutral_prompts()[:PROMPTS]), layers=(LAYER,), coeffs=(COEFF,),
+        lexicon=wedding_lexicon(), sampling=Sampling(max_tokens=24, samples=SAMPLES),
+    )
+    return SweepPlan(**(plan | overrides))
+
+
+async def _sweep(server, plan, out: Path):
+    from steer_server.eval import SteerClient, run_sweep
+
+    async with SteerClient(server.url, server.api_key) as client:
+        return await run_sweep(client, plan, out)
+
+
+@pytest.fixture(scope="module")
+def wedding_sweep(server, tmp_path_factory):
+    out = tmp_path_factory.mktemp("wedding-sweep")
+    return run(_sweep(server, wedding_plan(), out)), out
+
+
+def test_steering_raises_topic_share_and_random_floor_does_not(wedding_sweep):
+    result, _ = wedding_sweep
+    unsteered = result.cell("unsteered").summary["topic"]
+    steered = result.cell("steered", LAYER, COEFF).summary["topic"]
+    floor = result.cell("random", LAYER, COEFF).summary["topic"]
+    assert unsteered.n == steered.n == floor.n == PROMPTS * SAMPLES
+    assert steered.low > unsteered.high, (unsteered, steered)  # intervals apart
+    assert abs(floor.value - unsteered.value) <= 0.1, (unsteered, floor)
+    assert floor.high < steered.low, (floor, steered)
+
+
+def test_fluency_is_the_unsteered_models_nll_of_the_sampled_tokens(wedding_sweep):
+    """Recompute a few completions' NLL with plain transformers on the served weights."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from steer_server.default_model import default_model_dir
+
+    result, out = wedding_sweep
+    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()[1:]]
+    record = next(r for r in records if r["key"].startswith("steered@") and r["key"].endswith("#prompt=0"))
+    model_dir = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    prompt_ids = tokenizer(result.plan.prompts[0], add_special_tokens=True)["input_ids"]
+    checked = 0
+    for text, nll, count in zip(record["texts"], record["nll"], record["tokens"]):
+        completion_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(completion_ids) != count or count < 4:
+            continue  # text that does not re-tokenize to the sampled tokens cannot be compared
+        ids = torch.tensor([prompt_ids + completion_ids])
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+        targets = ids[0, 1:]
+        per_token = logprobs[torch.arange(len(targets)), targets][len(prompt_ids) - 1:]
+        # fp32 on both sides; reading the log-probabilities one position off moves this by ~0.05
+        assert nll == pytest.approx(-per_token.mean().item(), abs=0.01)
+        checked += 1
+    assert checked >= 3
+
+
+def test_sweep_outputs_are_written_and_readable(wedding_sweep, tmp_path):
+    import matplotlib.image
+
+    from steer_server.eval.report import write_outputs
+    from steer_server.eval.sweep import METRICS
+
+    result, _ = wedding_sweep
+    written = write_outputs(result, tmp_path)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {(c["arm"], c["layer"], c["coeff"]) for c in summary["cells"]} == {
+        ("unsteered", None, None), ("steered", LAYER, COEFF), ("random", LAYER, COEFF)}
+    assert set(summary["cells"][0]["metrics"]) == set(METRICS)
+    for name in METRICS:
+        image = matplotlib.image.imread(tmp_path / f"heatmap_{name}.png")
+        assert image.shape[0] > 50 and image.shape[1] > 50
+    assert len(written) == 1 + len(METRICS)
+
+
+def test_random_floor_has_the_steerings_row_norms(server):
+    from steer_server.eval import SteerClient
+    from steer_server.eval.steerings import random_floor
+
+    steering = wedding_plan().steering
+
+    async def norms():
+        async with SteerClient(server.url, server.api_key) as client:
+            floor = await random_floor(client, steering, [LAYER], seed=3)
+            reference = await steering.reference_vector(client, LAYER)
+            uploaded = await client.vector(floor.vector_of_layer[LAYER], norms=True)
+            return reference, uploaded
+
+    reference, uploaded = run(norms())
+    assert uploaded["layers"] == [LAYER]
+    assert uploaded["row_norms"][str(LAYER)] == pytest.approx(reference["row_norms"][str(LAYER)], rel=1e-5)
+
+
+def test_cli_sweep_resumes_after_an_interruption(server, tmp_path):
+    out = tmp_path / "cli"
+    command = [sys.executable, "-m", "steer_server.cli", "eval", "sweep", "--url", server.url,
+               *(["--api-key", server.api_key] if server.api_key else []), "--bos", BOS, "--add", " weddings", "1", "--add", " ", "-1",
+               "--layers", str(LAYER), "--coeffs", f"{COEFF:g}", "--samples", "2", "--max-tokens", "8", "-o", str(out)]
+    wide = dict(os.environ, COLUMNS="200")  # rich wraps its table to the terminal's width
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=wide)
+    assert first.returncode == 0, first.stderr
+    assert "topic share" in first.stdout and "unsteered" in first.stdout
+    assert json.loads((out / "summary.json").read_text())["layers"] == [LAYER]
+    records = out / "records.jsonl"
+    lines = records.read_text().splitlines()
+    units = 3 * 16  # unsteered, steered, random × the 16 shipped prompts
+    assert len(lines) == 1 + units
+    # Interrupt: keep the header and 10 units, and half of an 11th line.
+    records.write_text("\n".join(lines[:11]) + "\n" + lines[11][: len(lines[11]) // 2])
+    second = subprocess.run(command, capture_output=True, text=True, timeout=600, env=wide)
+    assert second.returncode == 0, second.stderr
+    resumed = [line for line in records.read_text().splitlines() if line.strip()]
+    assert resumed[:11] == lines[:11]  # finished units kept, not redone
+    keys = [json.loads(line)["key"] for line in resumed[1:] if line.endswith("}") and line.startswith('{"key"')]
+    assert len(keys) == units and len(set(keys)) == units
+    # A different sweep refuses the directory instead of mixing records.
+    other = subprocess.run([*command[:-2], "--seed", "1", "-o", str(out)], capture_output=True, text=True, timeout=600)
+    assert other.returncode == 1 and "different run" in other.stderr
+
+
+def test_paper_pipeline_writes_a_readable_report(server, tmp_path):
+    """The paper command's whole path at toy size (3 layers, 2 prompts × 2 samples of 8 tokens)."""
+    import matplotlib.image
+
+    from steer_server.eval import PaperSettings, SteerClient, run_paper
+    from steer_server.eval.paper_report import write_report
+
+    settings = PaperSettings(layer_stride=15, topic_coeff=COEFF, topic_coeffs=(1.0, COEFF), sentiment_coeff=5.0,
+                             prompts=2, samples=2, max_tokens=8)
+
+    async def paper():
+        async with SteerClient(server.url, server.api_key) as client:
+            return await run_paper(client, settings, tmp_path)
+
+    result = run(paper())
+    assert result.bos == BOS  # SmolLM2's tokenizer adds none; <|endoftext|> is one token
+    assert result.topic_layers.plan.layers == (0, 15, 30)  # learned from the server: 30 blocks
+    report = write_report(result, tmp_path, "steer-server eval paper (test)")
+    text = report.read_text()
+    assert "SmolLM2-135M-Instruct" in text and "| off-topic perplexity ratio |" in text
+    images = [part.split(")")[0] for line in text.splitlines() if line.startswith("![")
+              for part in line.split("](")[1:]]
+    assert len(images) == 5
+    for image in images:
+        assert matplotlib.image.imread(tmp_path / image).shape[0] > 50
+    saved = json.loads((tmp_path / "paper.json").read_text())
+    assert saved["best_layer"] in (0, 15, 30) and len(saved["perplexity"]["texts"]) == 34
+    assert set(saved["treatment"]) == {"BOS, − ' '", "BOS, no negative", "no BOS, − ' '", "no BOS, no negative"}
