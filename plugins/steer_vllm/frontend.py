@@ -28,6 +28,7 @@ from steer_vllm.hooks import patch
 from steer_vllm.limits import table_rows_for_config
 from steer_vllm.plans import plan_layers
 from steer_vllm.spec import CAPTURE_KEY, EngineSteering, SteeringSpecError, capture_of, steering_of
+from steer_vllm.support import check_request
 from vector_store import StoredVector, VectorNotFound, VectorStore
 from vector_store.cache import VectorCache, process_cache
 
@@ -167,6 +168,8 @@ def _process_inputs(original):
     def process_inputs(self, *args, **kwargs):
         request = original(self, *args, **kwargs)
         params = request.sampling_params
+        if params is not None:
+            check_request(params, self.vllm_config.device_config.device_type == "cpu")
         if params is not None and params.extra_args:
             validator = getattr(self, "_steer_validator", None)
             if validator is None:

@@ -12,11 +12,19 @@
 The check runs where vLLM validates its configuration (``VllmConfig``'s V2 check, so
 our message comes first) and again when the input processor is built (every frontend,
 before any engine process starts).
+
+One per-request refusal protects everyone else: on vLLM's CPU build a request with its own
+``seed`` kills the engine as soon as its prompt is prefilled over several steps (vLLM 0.32
+rewinds the request's generator with ``Generator.set_offset``, which CPU generators do not
+have: ``gpu_model_runner._bookkeeping_sync``), taking every other request with it. On CPU
+such a request is refused with a 400 that says so.
 """
 from __future__ import annotations
 
 import functools
 import os
+
+from vllm.exceptions import VLLMValidationError
 
 from steer_vllm.hooks import patch
 
@@ -60,6 +68,20 @@ def check_supported(vllm_config) -> None:
     reason = refusal(vllm_config)
     if reason is not None:
         raise UnsupportedConfiguration(f"steer-server cannot steer this configuration: {reason}")
+
+
+class UnsupportedRequest(VLLMValidationError, ValueError):
+    """Answered 400 by the OpenAI server, naming the parameter."""
+
+
+def check_request(params, on_cpu: bool) -> None:
+    if on_cpu and getattr(params, "seed", None) is not None:
+        raise UnsupportedRequest(
+            "seed: a per-request seed is refused on vLLM's CPU build, whose engine fails when it rewinds a seeded "
+            "request's random generator after a partial prefill (vLLM 0.32); leave seed out, or use the "
+            "server's --seed",
+            parameter="seed",
+        )
 
 
 def _validate_v2_model_runner(original):

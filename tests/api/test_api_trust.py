@@ -110,3 +110,15 @@ def test_startup_log_states_what_was_proven_and_chosen(server):
     log = server.log.read_text(errors="replace")
     assert "steering proven end to end" in log and "self-test passed" in log
     assert "steering table" in log and "(--steering-table-rows)" in log
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for vLLM's CPU build")
+def test_per_request_seed_is_refused_on_cpu_and_the_engine_lives(http, server):
+    """vLLM's CPU engine dies when a seeded request's prompt is prefilled in chunks; the
+    server refuses such requests instead of letting one take everyone down."""
+    seeded = http.post("/v1/completions", json={"model": server.model, "prompt": "Once upon a time " * 200,
+                                                "max_tokens": 4, "seed": 3, "temperature": 1.0})
+    assert seeded.status_code == 400, seeded.text
+    error = error_of(seeded)
+    assert error["message"].startswith("seed: a per-request seed is refused on vLLM's CPU build")
+    assert complete(http, server).status_code == 200
