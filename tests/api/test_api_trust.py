@@ -112,7 +112,7 @@ def test_startup_log_states_what_was_proven_and_chosen(server):
     assert "steering table" in log and "(--steering-table-rows)" in log
 
 
-@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for vLLM's CPU build")
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for vLLM's CPU build")
 def test_per_request_seed_is_refused_on_cpu_and_the_engine_lives(http, server):
     """vLLM's CPU engine dies when a seeded request's prompt is prefilled in chunks; the
     server refuses such requests instead of letting one take everyone down."""
