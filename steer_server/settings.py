@@ -18,6 +18,7 @@ from steer_vllm.limits import (
     MAX_ADDITIONS_ENV,
     MAX_PROMPT_TOKENS_ENV,
     TABLE_ROWS_ENV,
+    positive_env,
     positive_int_env,
 )
 from vector_store.async_access import DEFAULT_FRESH_S, DEFAULT_TIMEOUT_S
@@ -51,8 +52,8 @@ class Settings:
             max_additions=positive_int_env(MAX_ADDITIONS_ENV, DEFAULT_MAX_ADDITIONS),
             max_body_bytes=positive_int_env(ENV_MAX_BODY_BYTES, DEFAULT_MAX_BODY_BYTES),
             table_rows=positive_int_env(TABLE_ROWS_ENV, 0) if table_rows else None,
-            store_timeout_s=_positive_float(ENV_STORE_TIMEOUT, DEFAULT_TIMEOUT_S),
-            store_fresh_s=_positive_float(ENV_STORE_FRESH, DEFAULT_FRESH_S),
+            store_timeout_s=positive_env(ENV_STORE_TIMEOUT, DEFAULT_TIMEOUT_S, float),
+            store_fresh_s=positive_env(ENV_STORE_FRESH, DEFAULT_FRESH_S, float),
         )
 
     def to_env(self) -> dict[str, str]:
@@ -67,16 +68,3 @@ class Settings:
         if self.table_rows is not None:
             env[TABLE_ROWS_ENV] = str(self.table_rows)
         return env
-
-
-def _positive_float(name: str, default: float) -> float:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ValueError(f"${name} must be a positive number, got {raw!r}") from None
-    if not value > 0:
-        raise ValueError(f"${name} must be a positive number, got {raw!r}")
-    return value

@@ -16,17 +16,23 @@ DEFAULT_MAX_PROMPT_TOKENS = 64
 DEFAULT_TABLE_BUDGET_BYTES = 64 * 1024 * 1024
 
 
-def positive_int_env(name: str, default: int) -> int:
+def positive_env(name: str, default: float, parse: type = int):
+    """``$name`` parsed by ``parse`` (int or float), or ``default`` when unset; it must be > 0."""
     raw = os.environ.get(name)
     if raw is None or raw == "":
         return default
+    kind = "integer" if parse is int else "number"
     try:
-        value = int(raw)
+        value = parse(raw)
     except ValueError:
-        raise ValueError(f"${name} must be a positive integer, got {raw!r}") from None
-    if value <= 0:
-        raise ValueError(f"${name} must be a positive integer, got {raw!r}")
+        raise ValueError(f"${name} must be a positive {kind}, got {raw!r}") from None
+    if not value > 0:
+        raise ValueError(f"${name} must be a positive {kind}, got {raw!r}")
     return value
+
+
+def positive_int_env(name: str, default: int) -> int:
+    return positive_env(name, default, int)
 
 
 def largest_request_rows(num_points: int) -> int:
