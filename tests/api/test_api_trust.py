@@ -80,6 +80,13 @@ def any_body(server, **fields) -> dict:
             "max_tokens": 2, "max_output_tokens": 16, **fields}
 
 
+def texts(body: dict) -> list[str]:
+    """The generated text(s) of a completions, chat or responses body."""
+    if "output" in body:
+        return [part["text"] for item in body["output"] for part in item.get("content") or [] if "text" in part]
+    return [choice.get("text") or choice["message"]["content"] for choice in body["choices"]]
+
+
 def test_every_entrypoint_refuses_the_engines_own_keys(server, http):
     routes = post_routes(http)
     assert {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize"} <= set(routes)
@@ -96,14 +103,15 @@ def test_steering_is_applied_or_refused_on_every_entrypoint(server, http):
     steering = {"additions": [{"prompt": "Love", "coeff": 8, "layer": 4}, {"prompt": "Hate", "coeff": -8, "layer": 4}]}
     for path in post_routes(http):
         response = http.post(path, json=any_body(server, steering=steering, temperature=0, max_tokens=12))
-        if path in ("/v1/completions", "/v1/chat/completions"):
+        if path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
             assert response.status_code == 200, (path, response.text)
             plain = http.post(path, json=any_body(server, temperature=0, max_tokens=12))
-            assert response.json()["choices"] != plain.json()["choices"], path
+            assert texts(response.json()) != texts(plain.json()), path
         else:
             assert response.status_code == 400, (path, response.status_code, response.text)
             if not path.startswith("/v1/steering/"):
-                assert error_of(response)["message"] == f"steering: not supported on {path}; use /v1/completions or /v1/chat/completions"
+                assert error_of(response)["message"] == (
+                    f"steering: not supported on {path}; use /v1/completions, /v1/chat/completions, /v1/responses")
 
 
 def test_startup_log_states_what_was_proven_and_chosen(server):
