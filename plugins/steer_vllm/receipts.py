@@ -11,7 +11,6 @@ with ``n > 1`` report the prompt once and the generated tokens of every sequence
 from __future__ import annotations
 
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np

@@ -4,7 +4,6 @@ vectors, and the Responses API."""
 from __future__ import annotations
 
 import base64
-import json
 
 import pytest
 import torch

@@ -63,3 +63,44 @@ def test_operations_match_reference_in_a_mixed_batch(tiny_models, engine_store, 
         assert lp == pytest.approx(want_lp, abs=LOGPROB_ATOL), additions
         if additions:
             assert (tokens, lp) != plain  # each operation really changed something
+
+
+def test_receipt_reports_exactly_what_was_added(tiny_models, engine_store):
+    """Per layer: the tokens steered and the relative dose ‖Δh‖/‖h‖, against the reference
+    streams of the same tokens."""
+    from reference.hf_actadd import capture_residual, steering
+
+    from steer_vllm.receipts import TAKE_RECEIPT_RPC, merge_worker_receipts
+
+    model_dir = tiny_models["llama"]
+    hf = hf_model(model_dir)
+    gen = torch.Generator().manual_seed(37)
+    prompt = [int(t) for t in torch.randint(100, 40000, (12,), generator=gen)]
+    tensors = {"const": torch.randn(1, 128, generator=gen), "seq": residual_stream(hf, prompt[:3], 2)}
+    ids = {"const": put_vector(engine_store, model_dir, 1, tensors["const"], kind="constant"),
+           "seq": put_vector(engine_store, model_dir, 2, tensors["seq"])}
+    additions = [{"name": "const", "layer": 1, "coeff": 2.0, "mode": "constant", "positions": "all"},
+                 {"name": "seq", "layer": 2, "coeff": 3.0}]
+    payload = dict(engine_additions(additions, ids), receipt="receipt-1")
+    llm = start_llm(model_dir)
+    try:
+        (output,) = generate(llm, [prompt], params(6, payload))
+        receipt = merge_worker_receipts(llm.collective_rpc(TAKE_RECEIPT_RPC, args=("receipt-1",)))
+        again = merge_worker_receipts(llm.collective_rpc(TAKE_RECEIPT_RPC, args=("receipt-1",)))
+    finally:
+        stop_llm(llm)
+    assert again == {}  # taken once
+    tokens, _ = tokens_and_logprobs(output)
+    seen = torch.tensor([prompt + tokens[:-1]])  # every position the engine computed
+    layer1 = reference_additions(additions[:1], tensors)
+    with torch.no_grad(), capture_residual(hf, 1) as before1:
+        hf(input_ids=seen, use_cache=False)
+    with torch.no_grad(), steering(hf, layer1), capture_residual(hf, 2) as before2:
+        hf(input_ids=seen, use_cache=False)
+    dose1 = (2.0 * tensors["const"][0]).norm() / before1[0][0].norm(dim=-1)
+    dose2 = (3.0 * tensors["seq"]).norm(dim=-1) / before2[0][0][:3].norm(dim=-1)
+    assert receipt[1]["prompt_tokens"] == len(prompt) and receipt[1]["generated_tokens"] == len(tokens) - 1
+    assert receipt[2]["prompt_tokens"] == 3 and receipt[2]["generated_tokens"] == 0
+    for point, dose in ((1, dose1), (2, dose2)):
+        assert receipt[point]["dose_mean"] == pytest.approx(float(dose.mean()), rel=1e-3)
+        assert receipt[point]["dose_max"] == pytest.approx(float(dose.max()), rel=1e-3)
