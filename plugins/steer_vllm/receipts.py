@@ -11,6 +11,7 @@ with ``n > 1`` report the prompt once and the generated tokens of every sequence
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,7 @@ import torch
 from steer_vllm.batch import SteeringBatch
 
 TAKE_RECEIPT_RPC = "steer_take_receipt"
-_KEEP_S = 300.0  # receipts of requests whose client went away are dropped after this
+_KEEP_S = 300.0  # receipts nobody took (the client went away) are dropped after this
 
 
 @dataclass
@@ -34,14 +35,28 @@ class ReceiptRecorder:
     def __init__(self, batch: SteeringBatch):
         self.batch = batch
         self.active = False
-        self._jobs: dict[str, _Job] = {}  # req_id -> job
+        self._jobs: dict[str, _Job] = {}  # req_id -> job, while the request runs
+        self._finished: OrderedDict[str, list[_Job]] = OrderedDict()  # receipt id -> jobs, until taken
         self._slices: list[tuple[_Job, int, int, int]] = []  # job, first token, end token, first position
 
     def add(self, req_id: str, receipt_id: str, prompt_len: int) -> None:
         self._jobs[req_id] = _Job(receipt_id, prompt_len)
 
     def forget(self, req_id: str) -> None:
-        self._jobs.pop(req_id, None)
+        """The request finished (vLLM tells the workers a step later): keep its receipt
+        until the frontend takes it, or it expires."""
+        job = self._jobs.pop(req_id, None)
+        if job is not None:
+            self._finished.setdefault(job.receipt_id, []).append(job)
+        self._expire()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        while self._finished:
+            receipt_id, jobs = next(iter(self._finished.items()))
+            if now - jobs[0].started <= _KEEP_S:
+                break
+            del self._finished[receipt_id]
 
     def has_jobs(self) -> bool:
         return bool(self._jobs)
@@ -77,20 +92,17 @@ class ReceiptRecorder:
     def end_step(self) -> None:
         self._slices = []
         self.active = False
-        now = time.monotonic()
-        for req_id in [r for r, job in self._jobs.items() if now - job.started > _KEEP_S]:
-            del self._jobs[req_id]
 
     def take(self, receipt_id: str) -> dict[int, dict] | None:
         """Per point: prompt and generated tokens steered, dose mean and max (RPC-safe);
         the jobs are dropped. None when this worker has no such receipt."""
-        jobs = [(r, j) for r, j in self._jobs.items() if j.receipt_id == receipt_id]
+        running = [r for r, job in self._jobs.items() if job.receipt_id == receipt_id]
+        jobs = self._finished.pop(receipt_id, []) + [self._jobs.pop(r) for r in running]
         if not jobs:
             return None
         prompt: dict[int, dict[int, float]] = {}
         generated: dict[int, list[float]] = {}
-        for req_id, job in jobs:
-            del self._jobs[req_id]
+        for job in jobs:
             for point, by_position in job.doses.items():
                 for position, dose in by_position.items():
                     if position < job.prompt_len:

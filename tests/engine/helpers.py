@@ -24,7 +24,7 @@ def engine_additions(additions: list[dict], ids: dict[str, str]) -> dict:
         mode = a.get("mode", "actadd")
         if mode in ("ablate", "clamp"):
             payload["projections"].append({"vector": ids[a["name"]], "layer": a["layer"], "op": mode,
-                                           "value": a.get("value", 0.0)})
+                                           "value": a.get("value", 0.0), "source_layer": a.get("source_layer")})
         else:
             payload["additions"].append({"vector": ids[a["name"]], "layer": a["layer"], "coeff": a["coeff"],
                                          "mode": mode, "positions": a.get("positions", "all")})

@@ -27,7 +27,7 @@ def cases_for(hf, prompt, gen):
     cases = [
         [],
         # refusal-direction style: ablate one direction at every layer
-        [{"name": "dir", "layer": layer, "mode": "ablate"} for layer in range(4)],
+        [{"name": "dir", "layer": layer, "mode": "ablate", "source_layer": 2} for layer in range(4)],
         # clamp at layer 2 beside an ActAdd at layer 1, norm restored at layer 1
         [{"name": "seq", "layer": 1, "coeff": 4.0, "norm": "preserve"},
          {"name": "dir", "layer": 2, "mode": "clamp", "value": 3.0}],
