@@ -40,9 +40,11 @@ def test_chat_actadd_starts_at_the_user_message(client, server):
     """The first prompt log-probability that steering changes is the one right after the
     first token of the user's content: positions before it are untouched."""
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir())
-    ids = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True)
-    content = tokenizer.encode(QUESTION, add_special_tokens=False)
-    anchor = next(i for i in range(len(ids)) if ids[i:i + len(content)] == content)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+                                         tokenize=False)
+    start = text.rindex(QUESTION)
+    offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    anchor = next(i for i, (_, end) in enumerate(offsets) if end > start)  # the token holding its first character
 
     def prompt_logprobs(steering):
         response = chat(client, server, steering, max_tokens=1, extra_body={"prompt_logprobs": 0})
