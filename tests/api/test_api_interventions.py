@@ -75,7 +75,8 @@ def test_ablate_and_clamp_in_one_batch(client, server, direction):
         None,
         {"ablate": [{"vector": "formal-casual", "layers": "all"}]},
         {"clamp": [{"vector": "formal-casual", "layers": [12], "value": 40.0, "norm": "preserve"}]},
-        {**WEDDINGS, "ablate": [{"vector": "formal-casual", "layers": 10}]},
+        {"mode": "constant", "additions": [{"vector": "formal-casual", "coeff": 6, "layer": 12}],
+         "ablate": [{"vector": "formal-casual", "layers": [20]}]},
     ]
 
     async def run():
