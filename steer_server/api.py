@@ -41,7 +41,9 @@ from argparse import Namespace
 from fastapi import FastAPI
 
 from steer_server import metrics
+from steer_server.anchor import last_user_text, user_anchor
 from steer_server.middleware import STEERED_PATHS, BodyMiddleware
+from steer_server.receipts import receipt_body
 from steer_server.settings import Settings
 from steer_server.steering import (
     Resolved,
@@ -227,49 +229,72 @@ class SteerServer:
         if xargs is not None and not isinstance(xargs, dict):
             raise bad_request("vllm_xargs", f"expected an object, got {type(xargs).__name__}")
         field: SteeringField = parse_steering(payload.pop("steering"))
+        if field.anchor is not None and path == "/v1/completions":
+            raise bad_request("steering.anchor", "applies to chat and responses; completions steer from the prompt's first token")
         add_special_tokens = payload.get("add_special_tokens", True) if path == "/v1/completions" else True
         resolved = await self.resolver.resolve(field, add_special_tokens=bool(add_special_tokens))
         if resolved.actadd_lengths:
-            for prompt_len in await self.prompt_lengths(path, payload):
-                resolved.check_prompt_length(prompt_len)
+            prompts = await self.rendered_prompts(path, payload)
+            if prompts and path != "/v1/completions" and field.anchor != "template":
+                text = last_user_text(path, payload)
+                if text is None:
+                    raise bad_request("steering.anchor", 'the request has no user message to anchor to; use "anchor": "template"')
+                anchor = user_anchor(prompts[0], text, self._decode)
+                resolved.engine = resolved.engine.model_copy(update={"anchor": anchor})
+            for prompt in prompts:
+                resolved.check_prompt_length(len(prompt))
         payload["vllm_xargs"] = {**(xargs or {}), STEERING_KEY: resolved.engine_json()}
-        if "request_id" not in payload and headers.get("x-request-id") is None:
+        if "request_id" not in payload and headers.get("x-request-id") is None and path != "/v1/responses":
             payload["request_id"] = uuid.uuid4().hex
-        request_id = headers.get("x-request-id") or payload["request_id"]
+        request_id = headers.get("x-request-id") or payload.get("request_id", "-")
         metrics.STEERED_REQUESTS.labels(endpoint=STEERED_PATHS[path], mode=resolved.mode).inc()
         logger.info("steered request %s on %s: %s", request_id, path, resolved.summary())
         return resolved
 
-    async def prompt_lengths(self, path: str, payload: dict) -> list[int]:
-        """Token counts of the prompt(s) exactly as vLLM will render them (chat template
-        applied); [] when vLLM would refuse the request anyway (it then says why)."""
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
+
+    async def rendered_prompts(self, path: str, payload: dict) -> list[list[int]]:
+        """The prompt token ids exactly as vLLM will render them (chat template applied);
+        [] when vLLM would refuse the request anyway (it then says why)."""
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-        from vllm.renderers.inputs.preprocess import extract_prompt_len
 
         try:
             if path == "/v1/chat/completions":
                 from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
 
-                handler = getattr(self.state, "openai_serving_chat", None)
-                if handler is None:
-                    return []
+                handler = self.state.openai_serving_chat
                 result = await handler.render_chat_request(ChatCompletionRequest.model_validate(payload))
-                if isinstance(result, ErrorResponse):
-                    return []
-                _, engine_inputs = result
+                engine_inputs = None if isinstance(result, ErrorResponse) else result[1]
+            elif path == "/v1/responses":
+                from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
+
+                handler = self.state.openai_serving_responses
+                request = ResponsesRequest.model_validate(payload)
+                previous = None
+                if request.previous_response_id is not None:
+                    async with handler.response_store_lock:
+                        previous = handler.response_store.get(request.previous_response_id)
+                result = await handler._render_resolved_response_inputs(request, previous)  # noqa: SLF001
+                engine_inputs = None if isinstance(result, ErrorResponse) else [result.engine_input]
             else:
                 from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
-                handler = getattr(self.state, "openai_serving_completion", None)
-                if handler is None:
-                    return []
-                engine_inputs = await handler.render_completion_request(CompletionRequest.model_validate(payload))
-                if isinstance(engine_inputs, ErrorResponse):
-                    return []
+                handler = self.state.openai_serving_completion
+                result = await handler.render_completion_request(CompletionRequest.model_validate(payload))
+                engine_inputs = None if isinstance(result, ErrorResponse) else result
         except Exception as exc:  # noqa: BLE001 - vLLM's handler meets the same problem and answers it
             logger.debug("steer_api: vLLM will refuse this request itself: %s", exc)
             return []
-        return [extract_prompt_len(handler.model_config, engine_input) for engine_input in engine_inputs]
+        # Prompt embeddings carry no ids: the engine's frontend hook checks those.
+        return [list(e["prompt_token_ids"]) for e in engine_inputs or [] if e.get("prompt_token_ids") is not None]
+
+    async def take_receipt(self, resolved: Resolved) -> dict:
+        """What the workers applied for a finished request that asked for a receipt."""
+        from steer_vllm.receipts import TAKE_RECEIPT_RPC, merge_worker_receipts
+
+        per_worker = await self.engine_client.collective_rpc(TAKE_RECEIPT_RPC, args=(resolved.engine.receipt,))
+        return receipt_body(resolved.engine, merge_worker_receipts(per_worker))
 
     # ---------------------------------------------------------------- vectors
 

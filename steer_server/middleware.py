@@ -1,7 +1,7 @@
 """steer_api's request-body middleware: pure ASGI, in front of vLLM's handlers.
 
 This module's job: cap every request body at ``--max-body-bytes`` (413 beyond it), and on
-POST /v1/completions and /v1/chat/completions rewrite the ``steering`` field into
+POST /v1/completions, /v1/chat/completions and /v1/responses rewrite the ``steering`` field into
 ``vllm_xargs.steering`` (through ``SteerServer.rewrite_request``) before vLLM parses the
 request, keeping the request's vectors pinned in the process cache until vLLM is done
 with it. A ``steering`` field on any other path is refused rather than silently dropped,
@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
 from steer_server import metrics
+from steer_server.receipts import ReceiptAttacher
 from steer_server.steering import SteeringError, bad_request
 from steer_server.vector_routes import VECTORS_PREFIX
 from steer_vllm.content import VECTORS_KEY
@@ -28,7 +29,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
 
-STEERED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+STEERED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 # vllm_xargs keys the engine reads; only the server itself may set them.
 RESERVED_XARGS = (STEERING_KEY, CAPTURE_KEY, VECTORS_KEY)
 
@@ -75,7 +76,7 @@ class BodyMiddleware:
         if refusal is None and steering is not None:
             if scope["method"] != "POST" or path not in STEERED_PATHS:
                 # vLLM drops unknown fields silently: refuse rather than answer unsteered.
-                refusal = bad_request("steering", f"not supported on {path}; use /v1/completions or /v1/chat/completions")
+                refusal = bad_request("steering", f"not supported on {path}; use {', '.join(STEERED_PATHS)}")
             elif server is None:
                 refusal = SteeringError(503, "steering is not initialised on this server", "steering")
         if refusal is not None:
@@ -95,6 +96,8 @@ class BodyMiddleware:
         scope = dict(scope)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
         scope["headers"].append((b"content-length", str(len(body)).encode()))
+        if resolved.engine.receipt is not None:
+            send = ReceiptAttacher(send, lambda: server.take_receipt(resolved))
         vectors = server.store.vectors
         vectors.pin(resolved.vectors)
         try:

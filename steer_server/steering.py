@@ -1,37 +1,44 @@
 """The ``steering`` request field: typed, validated, and resolved into the engine's spec.
 
-The field, on /v1/completions and /v1/chat/completions (openai SDK: ``extra_body``)::
+The field, on /v1/completions, /v1/chat/completions and /v1/responses (openai SDK: ``extra_body``)::
 
     "steering": {
         "additions": [{"prompt": "Love", "coeff": 5, "layer": 6},
                       {"prompt": "Hate", "coeff": -5, "layer": 6}],
         "mode": "actadd",          # or "constant"
         "positions": "all",        # constant mode only: "all" | "prompt" | "generated"
-        "pad": " "                 # actadd only: pad text (one token) or null; default: the server's
+        "pad": " ",                # actadd only: pad text (one token) or null; default: the server's
+        "ablate": [{"vector": "refusal", "layers": "all"}],
+        "clamp": [{"vector": "formal", "layers": [12], "value": 4.0, "norm": "preserve"}],
+        "anchor": "user",          # chat and responses: "user" (default) or "template"
+        "receipt": true            # report what was applied in the response
     }
 
 Additions, by mode:
 
 - ``actadd`` (default; ActAdd, Turner et al. 2023): ``{"prompt", "coeff", "layer"}`` — the
-  prompt's residual stream entering ``layer``, one row per token, added front-aligned at the
-  request's positions 0..k-1. The prompts of one layer are right-padded with the pad token
-  to the same length k. ``{"vector", "coeff"[, "layer"]}`` adds a stored vector's rows the
-  same way.
+  prompt's residual stream entering ``layer``, one row per token, added front-aligned at
+  positions anchor..anchor+k-1. The prompts of one layer are right-padded with the pad token
+  to the same length k. ``{"vector", "coeff"[, "layer"]}`` adds a vector's rows the same way.
 - ``constant`` (one direction per layer added at every position the ``positions`` field
-  selects): ``{"vector", "coeff"[, "layer"]}`` (the stored vector must hold one row per
-  layer) or ``{"positive", "negative", "coeff", "layer"}``: the difference of the two
-  prompts' last-token streams at ``layer`` (``VectorComputer.constant``). A ``prompt``
-  addition has no single-vector meaning and is refused in constant mode.
+  selects): ``{"vector", "coeff"[, "layer"]}`` (the vector must hold one row per layer) or
+  ``{"positive", "negative", "coeff", "layer"}``: the difference of the two prompts'
+  last-token streams at ``layer`` (``VectorComputer.constant``). A ``prompt`` addition has no
+  single-vector meaning and is refused in constant mode.
+
+A ``vector`` is a stored vector's name or content id, or an inline vector
+``{"data": base64, "dtype", "shape", "layer"}``. ``ablate`` and ``clamp`` project the stream
+on a vector's unit direction (after that layer's additions). ``"norm": "preserve"`` on any
+entry restores each steered token's stream norm at that layer.
 
 Layer L is the residual stream *entering* decoder block L (0 = the embeddings,
 num_layers = after the last block). A ``vector`` addition without ``layer`` applies each of
 the vector's stored layers at that layer; with ``layer`` it applies the vector's only layer
 (or its direction for that layer) at ``layer``.
 
-Positions on /v1/chat/completions: the actadd rows fall on absolute positions 0..k-1 of the
-token sequence the model sees, i.e. *after* the chat template was applied (the template's
-own leading tokens, e.g. ``<|im_start|>system``, come first). A chat request therefore
-steers exactly as a /v1/completions request whose prompt is the templated text.
+Anchor (chat and responses): ActAdd row 0 falls on the first token of the last user
+message's content in the prompt as vLLM renders it (``steer_server.anchor``);
+``"template"`` puts it on the templated prompt's first token. Completions use position 0.
 
 Tokenization: steering prompts use the same rule as the request's prompt would with the
 tokenizer defaults (``add_special_tokens=True``; a completions request's own
@@ -41,15 +48,19 @@ both and cancels when the coefficients sum to 0. SmolLM2 adds no BOS: write
 """
 from __future__ import annotations
 
-import json
+import base64
+import binascii
 import math
+import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
-from steer_vllm.spec import MAX_ADDITIONS, EngineAddition, EngineSteering
-from vector_store import StoredDataDamaged, StoredVector, StoreUnavailable, VectorNotFound, VectorStoreError
+import torch
+
+from steer_vllm.spec import MAX_ADDITIONS, EngineAddition, EngineProjection, EngineSteering
+from vector_store import StoredDataDamaged, StoredVector, StoreUnavailable, VectorMeta, VectorNotFound, VectorStoreError
 
 
 class SteeringError(Exception):
@@ -102,18 +113,43 @@ class FiniteCoeff(BaseModel):
         return coeff
 
 
+Norm = Literal["preserve"]
+
+
+class InlineVector(BaseModel):
+    """A vector carried by the request itself: ``data`` is base64 of the little-endian
+    values (``dtype``), ``shape`` is ``[hidden]`` or ``[k, hidden]``, ``layer`` the stream
+    it was taken from (its layer when no other is given)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    data: str = Field(min_length=1)
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    shape: list[int] = Field(min_length=1, max_length=2)
+    layer: int
+
+
+VectorRef = Annotated[
+    Union[Annotated[str, Field(min_length=1), Tag("name")], Annotated[InlineVector, Tag("inline")]],
+    Discriminator(lambda value: "name" if isinstance(value, str) else "inline"),
+]
+
+
 class PromptAddition(FiniteCoeff):
     """ActAdd: the prompt's per-token residual stream at ``layer``, scaled by ``coeff``."""
 
     prompt: str
     layer: int
+    norm: Norm | None = None
 
 
 class VectorAddition(FiniteCoeff):
-    """A stored vector (name or content id), at its own layer(s) unless ``layer`` is given."""
+    """A stored vector (name or content id) or an inline one, at its own layer(s) unless
+    ``layer`` is given."""
 
-    vector: str = Field(min_length=1)
+    vector: VectorRef
     layer: int | None = None
+    norm: Norm | None = None
 
 
 class PairAddition(FiniteCoeff):
@@ -122,6 +158,31 @@ class PairAddition(FiniteCoeff):
     positive: str
     negative: str
     layer: int
+    norm: Norm | None = None
+
+
+class Ablation(BaseModel):
+    """Remove the stream's component along the vector's direction at ``layers``
+    ("all", one layer, or a list; default: the vector's own layers)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    vector: VectorRef
+    layers: Literal["all"] | int | list[int] | None = None
+    norm: Norm | None = None
+
+
+class Clamp(Ablation):
+    """Set the stream's component along the vector's direction to ``value``."""
+
+    value: float
+
+    @field_validator("value")
+    @classmethod
+    def _finite(cls, value: float) -> float:
+        if not math.isfinite(value):
+            raise ValueError(f"must be a finite number, got {value}")
+        return value
 
 
 def _addition_kind(value: Any) -> str | None:
@@ -155,17 +216,14 @@ class SteeringField(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    additions: list[Addition]
+    additions: list[Addition] = Field(default_factory=list)
+    ablate: list[Ablation] = Field(default_factory=list)
+    clamp: list[Clamp] = Field(default_factory=list)
     mode: Literal["actadd", "constant"] = "actadd"
     positions: Literal["all", "prompt", "generated"] | None = None
     pad: str | None = None  # absent: the server's --steering-pad (see `pad_given`)
-
-    @field_validator("additions")
-    @classmethod
-    def _not_empty(cls, additions: list) -> list:
-        if not additions:
-            raise ValueError("at least one addition is needed")
-        return additions
+    anchor: Literal["user", "template"] | None = None  # chat and responses only; default "user"
+    receipt: bool = False
 
     @property
     def pad_given(self) -> bool:
@@ -177,7 +235,7 @@ def parse_steering(raw: Any) -> SteeringField:
     if not isinstance(raw, dict):
         raise bad_request("steering", f"expected an object with \"additions\", got {type(raw).__name__}")
     try:
-        return SteeringField.model_validate(raw)
+        field = SteeringField.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
         param = field_path(error["loc"])
@@ -187,13 +245,19 @@ def parse_steering(raw: Any) -> SteeringField:
         elif error["type"] == "extra_forbidden":
             message = f"unknown field (an addition is {ADDITION_SHAPES})" if "additions" in param else "unknown field"
         raise bad_request(param, message) from None
+    if not (field.additions or field.ablate or field.clamp):
+        missing = "required" if "additions" not in raw else "at least one addition is needed"
+        raise bad_request("steering.additions", f"{missing} (or give ablate or clamp)")
+    return field
 
 
 def field_path(loc: tuple, root: str = "steering") -> str:
     parts = list(loc)
-    # Inside a tagged union member pydantic puts the tag after the index: drop it.
+    # Inside a tagged union member pydantic puts the tag after the index: drop it; inside
+    # the name-or-inline union it names the branch (str / InlineVector): drop that too.
     if len(parts) >= 3 and parts[0] == "additions" and isinstance(parts[1], int):
         del parts[2]
+    parts = [p for p in parts if p not in ("name", "inline")]
     path = root
     for part in parts:
         path += f"[{part}]" if isinstance(part, int) else f".{part}"
@@ -211,9 +275,10 @@ class Resolved:
     mode: str
     actadd_lengths: list[tuple[str, int]] = field(default_factory=list)  # (field, k rows)
     vectors: dict[str, StoredVector] = field(default_factory=dict)  # content id -> what was validated
+    anchor: str | None = None  # the request's "anchor" (chat and responses)
 
     def engine_json(self) -> str:
-        return json.dumps({"additions": [a.model_dump() for a in self.engine.additions]})
+        return self.engine.model_dump_json(exclude_defaults=True)
 
     def summary(self) -> str:
         """For logs: ids, coefficients, layers; never tensors or prompt text."""
@@ -221,22 +286,57 @@ class Resolved:
         for a in self.engine.additions:
             source = "" if a.source_layer in (None, a.layer) else f" from layer {a.source_layer}"
             parts.append(f"{a.vector}*{a.coeff:+g}@{a.layer}{source}")
-        extra = f" positions={self.engine.additions[0].positions}" if self.mode == "constant" else ""
+        for p in self.engine.projections:
+            parts.append(f"{p.op}({p.vector}{'=' + format(p.value, 'g') if p.op == 'clamp' else ''})@{p.layer}")
+        extra = f" positions={self.engine.additions[0].positions}" if self.mode == "constant" and self.engine.additions else ""
+        if self.engine.preserve_norm:
+            extra += f" preserve_norm={sorted(set(self.engine.preserve_norm))}"
+        if self.engine.anchor:
+            extra += f" anchor={self.engine.anchor}"
         return f"mode={self.mode}{extra} [{', '.join(parts)}]"
 
     def check_prompt_length(self, prompt_len: int) -> None:
-        """ActAdd rows land on positions 0..k-1: the prompt must have at least k tokens."""
+        """ActAdd rows land on positions anchor..anchor+k-1: the prompt must reach that far."""
+        available = prompt_len - self.engine.anchor
         for param, rows in self.actadd_lengths:
-            if rows > prompt_len:
+            if rows > available:
+                where = "" if not self.engine.anchor else f" from its anchor at position {self.engine.anchor}"
                 raise bad_request(
                     param,
-                    f"the steering sequence has {rows} tokens but the request's prompt has only {prompt_len} "
+                    f"the steering sequence has {rows} tokens but the request's prompt has only {available}{where} "
                     "(ActAdd adds one row per prompt position, front-aligned)",
                 )
 
 
+def _decode_inline(inline: InlineVector, hidden_size: int, param: str) -> torch.Tensor:
+    """float32 ``[k, hidden]`` from the request's base64 bytes."""
+    try:
+        raw = base64.b64decode(inline.data, validate=True)
+    except (binascii.Error, ValueError):
+        raise bad_request(f"{param}.data", "not valid base64") from None
+    dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[inline.dtype]
+    shape = list(inline.shape)
+    if any(n <= 0 for n in shape) or shape[-1] != hidden_size:
+        raise bad_request(f"{param}.shape", f"expected [hidden] or [k, hidden] with hidden = {hidden_size}, got {shape}")
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) != expected:
+        raise bad_request(f"{param}.data", f"{len(raw)} bytes, but shape {shape} of {inline.dtype} is {expected} bytes")
+    tensor = torch.frombuffer(bytearray(raw), dtype=dtype).reshape(-1, hidden_size).to(torch.float32)
+    if not bool(torch.isfinite(tensor).all()):
+        raise bad_request(f"{param}.data", "holds NaN or infinite values")
+    return tensor
+
+
+def _layers_of(layers, vector: StoredVector, num_layers: int) -> list[int]:
+    if layers is None:
+        return vector.layers
+    if layers == "all":
+        return list(range(num_layers + 1))
+    return [layers] if isinstance(layers, int) else list(layers)
+
+
 class SteeringResolver:
-    """SteeringField -> engine additions, computing prompt vectors through the store.
+    """SteeringField -> engine spec, computing prompt vectors through the store.
 
     ``tokenize(text, add_special_tokens) -> list[int]``; ``computer`` is a
     ``vector_store.compute.VectorComputer`` over a ``vector_store.async_access.AsyncStore``.
@@ -278,21 +378,46 @@ class SteeringResolver:
             )
         return ids
 
-    async def stored_vector(self, name_or_id: str, param: str) -> tuple[str, StoredVector]:
+    async def vector(self, ref: str | InlineVector, param: str) -> tuple[str, StoredVector]:
+        """A stored vector (by name or content id) or an inline one, checked against the model.
+        Inline vectors are cached by content like stored ones, never written to the store."""
+        if isinstance(ref, InlineVector):
+            self.check_layer(ref.layer, f"{param}.layer")
+            rows = _decode_inline(ref, self.model.hidden_size, param)
+            kind = "constant" if rows.shape[0] == 1 else "actadd"
+            meta = VectorMeta(self.model.fingerprint, self.model.hidden_size, kind, "inline")
+            vector = StoredVector(meta, {ref.layer: rows})
+            content_id = vector.content_id
+            self.store.vectors.put(content_id, vector)
+            return content_id, vector
         try:
-            content_id = await self.store.resolve(name_or_id)
+            content_id = await self.store.resolve(ref)
             vector = await self.store.get(content_id)
         except VectorNotFound:
-            raise SteeringError(404, f"{param}: no vector named or with id {name_or_id!r}", param) from None
+            raise SteeringError(404, f"{param}: no vector named or with id {ref!r}", param) from None
         except (StoreUnavailable, StoredDataDamaged) as exc:
             raise store_failure(param, exc) from None
         if vector.meta.model_fingerprint != self.model.fingerprint or vector.meta.hidden_size != self.model.hidden_size:
             raise bad_request(
                 param,
-                f"{name_or_id!r} was made for model {vector.meta.model_fingerprint} (hidden {vector.meta.hidden_size}), "
+                f"{ref!r} was made for model {vector.meta.model_fingerprint} (hidden {vector.meta.hidden_size}), "
                 f"not the served {self.model.fingerprint} (hidden {self.model.hidden_size})",
             )
         return content_id, vector
+
+    @staticmethod
+    def source_layer(vector: StoredVector, layer: int, ref, param: str) -> int:
+        """Which of the vector's directions to use at ``layer``: its only one, or its own for that layer."""
+        if len(vector.layers) == 1:
+            return vector.layers[0]
+        if layer in vector.directions:
+            return layer
+        name = ref if isinstance(ref, str) else "the inline vector"
+        raise bad_request(
+            param,
+            f"vector {name!r} has directions for layers {vector.layers}; {layer} is not one of them "
+            "(a single-layer vector may be moved to any layer)",
+        )
 
     # -- the work
     async def resolve(self, steering: SteeringField, add_special_tokens: bool = True) -> Resolved:
@@ -314,6 +439,8 @@ class SteeringResolver:
         # addition index -> list of (content id or None (prompt, filled below), layer, source_layer, rows)
         planned: list[list[dict]] = []
         prompt_groups: dict[int, list[tuple[int, list[int]]]] = {}  # layer -> [(addition index, ids)]
+        vectors: dict[str, StoredVector] = {}
+        preserve: set[int] = set()
         for i, addition in enumerate(steering.additions):
             where = f"steering.additions[{i}]"
             if isinstance(addition, PromptAddition):
@@ -339,7 +466,9 @@ class SteeringResolver:
                 negative = self.prompt_ids(addition.negative, f"{where}.negative", add_special_tokens)
                 planned.append([{"layer": addition.layer, "pair": (positive, negative)}])
             else:
-                planned.append(await self._plan_vector(addition, mode, where))
+                planned.append(await self._plan_vector(addition, mode, where, vectors))
+            if addition.norm == "preserve":
+                preserve.update(step["layer"] for step in planned[-1])
 
         total = sum(len(p) for p in planned)
         if total > MAX_ADDITIONS:
@@ -348,6 +477,7 @@ class SteeringResolver:
                 f"the additions expand to {total} (layer, vector) pairs (a vector addition counts once per layer), "
                 f"over the engine's limit of {MAX_ADDITIONS}",
             )
+        projections = await self._projections(steering, vectors, preserve)
 
         # Compute what is not stored yet (cached by the store after the first time).
         try:
@@ -361,7 +491,10 @@ class SteeringResolver:
                 if "pair" in steps[0]:
                     steps[0]["vector"] = await self.computer.constant([steps[0].pop("pair")], steps[0]["layer"])
                     steps[0]["rows"] = 1
-            vectors = {step["vector"]: await self.store.get(step["vector"]) for steps in planned for step in steps}
+            for steps in planned:
+                for step in steps:
+                    if step["vector"] not in vectors:
+                        vectors[step["vector"]] = await self.store.get(step["vector"])
         except (StoreUnavailable, StoredDataDamaged) as exc:
             raise store_failure("steering.additions", exc) from None
         except VectorStoreError as exc:  # checked above; a store refusal still names itself
@@ -383,26 +516,24 @@ class SteeringResolver:
                 if mode == "actadd":
                     kind = "prompt" if isinstance(addition, PromptAddition) else "vector"
                     lengths.append((f"steering.additions[{i}].{kind}", step["rows"]))
-        return Resolved(EngineSteering(additions=additions), mode, lengths, vectors)
+        engine = EngineSteering(
+            additions=additions,
+            projections=projections,
+            preserve_norm=sorted(preserve),
+            receipt=uuid.uuid4().hex if steering.receipt else None,
+        )
+        return Resolved(engine, mode, lengths, vectors, steering.anchor)
 
-    async def _plan_vector(self, addition: VectorAddition, mode: str, where: str) -> list[dict]:
-        content_id, vector = await self.stored_vector(addition.vector, f"{where}.vector")
+    async def _plan_vector(self, addition: VectorAddition, mode: str, where: str, vectors: dict) -> list[dict]:
+        content_id, vector = await self.vector(addition.vector, f"{where}.vector")
+        vectors[content_id] = vector
         if addition.layer is None:
             steps = [{"vector": content_id, "layer": layer, "rows": vector.directions[layer].shape[0]} for layer in vector.layers]
             for step in steps:
                 self.check_layer(step["layer"], f"{where}.vector")
         else:
             self.check_layer(addition.layer, f"{where}.layer")
-            if len(vector.layers) == 1:
-                source = vector.layers[0]
-            elif addition.layer in vector.directions:
-                source = addition.layer
-            else:
-                raise bad_request(
-                    f"{where}.layer",
-                    f"vector {addition.vector!r} has directions for layers {vector.layers}; "
-                    f"{addition.layer} is not one of them (a single-layer vector may be moved to any layer)",
-                )
+            source = self.source_layer(vector, addition.layer, addition.vector, f"{where}.layer")
             steps = [{"vector": content_id, "layer": addition.layer, "source_layer": source,
                       "rows": vector.directions[source].shape[0]}]
         if mode == "constant":
@@ -410,7 +541,31 @@ class SteeringResolver:
                 if step["rows"] != 1:
                     raise bad_request(
                         f"{where}.vector",
-                        f"constant mode needs one row per layer; {addition.vector!r} is an ActAdd sequence of "
+                        f"constant mode needs one row per layer; this vector is an ActAdd sequence of "
                         f"{step['rows']} rows at layer {step.get('source_layer', step['layer'])}",
                     )
         return steps
+
+    async def _projections(self, steering: SteeringField, vectors: dict, preserve: set[int]) -> list[EngineProjection]:
+        """Ablations and clamps -> one engine projection per (entry, layer); one per layer."""
+        projections: dict[int, EngineProjection] = {}
+        entries = [("ablate", i, e) for i, e in enumerate(steering.ablate)] + [("clamp", i, e) for i, e in enumerate(steering.clamp)]
+        for op, i, entry in entries:
+            where = f"steering.{op}[{i}]"
+            content_id, vector = await self.vector(entry.vector, f"{where}.vector")
+            vectors[content_id] = vector
+            for layer in _layers_of(entry.layers, vector, self.model.num_layers):
+                self.check_layer(layer, f"{where}.layers")
+                source = self.source_layer(vector, layer, entry.vector, f"{where}.layers")
+                direction = vector.directions[source]
+                if direction.shape[0] != 1 or not float(direction.norm()) > 0:
+                    raise bad_request(f"{where}.vector", f"{op} needs one non-zero direction per layer, not {direction.shape[0]} rows")
+                if layer in projections:
+                    raise bad_request(f"{where}.layers", f"layer {layer} already has an ablate or clamp; one per layer")
+                projections[layer] = EngineProjection(vector=content_id, layer=layer, source_layer=source, op=op,
+                                                      value=getattr(entry, "value", 0.0))
+                if entry.norm == "preserve":
+                    preserve.add(layer)
+        if len(projections) > MAX_ADDITIONS:
+            raise bad_request("steering.ablate", f"{len(projections)} projected layers, over the engine's limit of {MAX_ADDITIONS}")
+        return [projections[layer] for layer in sorted(projections)]

@@ -264,3 +264,33 @@ def test_love_hate_changes_continuation(smol):
         model, prompt, 12, [{"mode": "actadd", "layer": 2, "vector": vec, "coeff": 1.0}])
     assert steered != plain
     print("\nplain:  ", repr(tok.decode(plain)), "\nsteered:", repr(tok.decode(steered)))
+
+
+def test_projections_norm_and_anchor_do_what_they_say(model):
+    """Read back at the steered layer: ablation leaves no component along u, clamping leaves
+    exactly the value, norm preservation keeps each position's norm, and an anchored ActAdd
+    leaves the positions before the anchor alone."""
+    hidden = model.config.hidden_size
+    direction, extra = _randvec(hidden, 41), _randvec((3, hidden), 42)
+    unit = direction / direction.norm()
+    ids = torch.tensor([PROMPT])
+    plain = residual_stream(model, PROMPT, 2)
+
+    def stream_under(additions):
+        with torch.no_grad(), steering(model, additions), capture_residual(model, 2) as got:
+            model(input_ids=ids, use_cache=False)
+        return got[0][0]
+
+    ablated = stream_under([{"mode": "ablate", "layer": 2, "vector": direction}])
+    assert torch.allclose(ablated @ unit, torch.zeros(len(PROMPT)), atol=1e-4)
+    set_to_five = stream_under([{"mode": "clamp", "layer": 2, "vector": direction, "value": 5.0}])
+    assert torch.allclose(set_to_five @ unit, torch.full((len(PROMPT),), 5.0), atol=1e-4)
+    clamped = stream_under([{"mode": "actadd", "layer": 2, "vector": extra, "coeff": 3.0},
+                            {"mode": "clamp", "layer": 2, "vector": direction, "value": 5.0, "norm": "preserve"}])
+    kept = stream_under([{"mode": "actadd", "layer": 2, "vector": extra, "coeff": 3.0, "norm": "preserve"}])
+    torch.testing.assert_close(kept.norm(dim=-1), plain.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(clamped.norm(dim=-1), plain.norm(dim=-1), rtol=1e-5, atol=1e-5)
+    anchored = stream_under([{"mode": "actadd", "layer": 2, "vector": extra, "coeff": 3.0, "anchor": 4}])
+    torch.testing.assert_close(anchored[:4], plain[:4])
+    torch.testing.assert_close(anchored[4:7], plain[4:7] + 3.0 * extra, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(anchored[7:], plain[7:])

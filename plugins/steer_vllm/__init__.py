@@ -4,12 +4,24 @@ Loaded by vLLM in every process through the ``vllm.general_plugins`` entry point
 vLLM only logs a plugin that fails, so callers prove it with ``check_engine``: every
 hook in every process (the frontend's input processor, the scheduler, each worker's
 model runner) is reported, and a missing one refuses the engine with its name.
+
+Importing this package needs nothing but the standard library: the op, the per-token
+buffers and their fill (``ops``, ``batch``) run with torch alone, e.g. on a GPU machine
+without vLLM (``tests/plugin/test_gpu_op.py``); the wire format comes from ``spec``.
 """
 from __future__ import annotations
 
 import os
 
-from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY, EngineAddition, EngineSteering, SteeringSpecError
+_FROM_SPEC = ("CAPTURE_KEY", "STEERING_KEY", "EngineAddition", "EngineSteering", "SteeringSpecError")
+
+
+def __getattr__(name: str):
+    if name in _FROM_SPEC:
+        from steer_vllm import spec
+
+        return getattr(spec, name)
+    raise AttributeError(f"module 'steer_vllm' has no attribute {name!r}")
 
 __all__ = [
     "CAPTURE_KEY",

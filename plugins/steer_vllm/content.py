@@ -18,24 +18,24 @@ from collections.abc import Callable
 
 import torch
 
-from steer_vllm.spec import STEERING_KEY, EngineAddition, EngineSteering, SteeringSpecError
+from steer_vllm.spec import STEERING_KEY, EngineDirection, EngineSteering, SteeringSpecError
 
 VECTORS_KEY = "steering_vectors"
 
 
-def content_key(addition: EngineAddition) -> str:
+def content_key(addition: EngineDirection) -> str:
     return f"{addition.vector}@{addition.direction_layer}"
 
 
 def attach_vectors(
     extra_args: dict,
     steering: EngineSteering,
-    direction_of: Callable[[EngineAddition], torch.Tensor],
+    direction_of: Callable[[EngineDirection], torch.Tensor],
 ) -> None:
     """Put the float32 rows of every direction ``steering`` uses into ``extra_args``
     (replacing whatever a client may have put there)."""
     extra_args[VECTORS_KEY] = {
-        content_key(a): direction_of(a).to(torch.float32).contiguous().numpy().tobytes() for a in steering.additions
+        content_key(a): direction_of(a).to(torch.float32).contiguous().numpy().tobytes() for a in steering.directions
     }
 
 
@@ -48,7 +48,7 @@ class ShippedVectors:
             raise SteeringSpecError(f"{STEERING_KEY}: the request carries no vector content (it did not pass the frontend)")
         row_bytes = 4 * hidden_size
         self._data: dict[str, bytes] = {}
-        for addition in steering.additions:
+        for addition in steering.directions:
             key = content_key(addition)
             data = raw.get(key)
             if not isinstance(data, (bytes, bytearray)) or not data or len(data) % row_bytes:
@@ -57,10 +57,10 @@ class ShippedVectors:
         self._hidden_size = hidden_size
         self._row_bytes = row_bytes
 
-    def length(self, addition: EngineAddition) -> int:
+    def length(self, addition: EngineDirection) -> int:
         return len(self._data[content_key(addition)]) // self._row_bytes
 
-    def direction(self, addition: EngineAddition) -> torch.Tensor:
+    def direction(self, addition: EngineDirection) -> torch.Tensor:
         """float32 ``[k, hidden]``."""
         data = bytearray(self._data[content_key(addition)])  # writable: torch.frombuffer shares it
         return torch.frombuffer(data, dtype=torch.float32).reshape(-1, self._hidden_size)

@@ -92,38 +92,35 @@ class SteeringValidator:
     def check(self, steering: EngineSteering, prompt_len: int) -> dict[str, StoredVector]:
         """Validate against the model; returns the vectors by content id."""
         vectors: dict[str, StoredVector] = {}
-        for i, addition in enumerate(steering.additions):
-            where = f"steering.additions[{i}]"
-            if addition.layer > self.num_layers:
-                raise SteeringSpecError(f"{where}.layer: {addition.layer} is outside 0..{self.num_layers} for this model")
-            vector = vectors.get(addition.vector) or self._vector(addition.vector, where)
-            vectors[addition.vector] = vector
-            if vector.meta.hidden_size != self.hidden_size:
+        kinds = [("additions", a) for a in steering.additions] + [("projections", p) for p in steering.projections]
+        counters = {"additions": 0, "projections": 0}
+        for kind, use in kinds:
+            where = f"steering.{kind}[{counters[kind]}]"
+            counters[kind] += 1
+            if use.layer > self.num_layers:
+                raise SteeringSpecError(f"{where}.layer: {use.layer} is outside 0..{self.num_layers} for this model")
+            vector = vectors.get(use.vector) or self._vector(use.vector, where)
+            vectors[use.vector] = vector
+            direction = self._direction(use, vector, where)
+            if kind == "projections":
+                if direction.shape[0] != 1 or not float(direction.norm()) > 0:
+                    raise SteeringSpecError(f"{where}.vector: {use.op} needs one non-zero direction, not {direction.shape[0]} rows")
+                continue
+            if use.mode == "actadd" and direction.shape[0] > prompt_len - steering.anchor:
                 raise SteeringSpecError(
-                    f"{where}.vector: hidden size {vector.meta.hidden_size} does not match the served model's {self.hidden_size}"
+                    f"{where}: the actadd sequence has {direction.shape[0]} positions but the prompt has only "
+                    f"{prompt_len - steering.anchor} tokens from position {steering.anchor}"
                 )
-            if vector.meta.model_fingerprint != self.fingerprint:
+            if use.mode == "constant" and direction.shape[0] != 1:
                 raise SteeringSpecError(
-                    f"{where}.vector: made for model {vector.meta.model_fingerprint}, not the served {self.fingerprint}"
+                    f"{where}.mode: constant mode needs a single vector, {use.vector} is a sequence of {direction.shape[0]}"
                 )
-            direction = vector.directions.get(addition.direction_layer)
-            if direction is None:
-                raise SteeringSpecError(
-                    f"{where}.source_layer: vector {addition.vector} has no direction for layer "
-                    f"{addition.direction_layer} (it has {vector.layers})"
-                )
-            if not self._is_finite(addition.vector, vector):
-                raise SteeringSpecError(f"{where}.vector: {addition.vector} holds NaN or infinite values")
-            if addition.mode == "actadd" and direction.shape[0] > prompt_len:
-                raise SteeringSpecError(
-                    f"{where}: the actadd sequence has {direction.shape[0]} positions but the prompt has only {prompt_len} tokens"
-                )
-            if addition.mode == "constant" and direction.shape[0] != 1:
-                raise SteeringSpecError(
-                    f"{where}.mode: constant mode needs a single vector, {addition.vector} is a sequence of {direction.shape[0]}"
-                )
-            if abs(addition.coeff) * float(direction.abs().max()) > self.dtype_max:
-                raise SteeringSpecError(f"{where}.coeff: {addition.coeff} times this vector overflows the model's dtype")
+            if abs(use.coeff) * float(direction.abs().max()) > self.dtype_max:
+                raise SteeringSpecError(f"{where}.coeff: {use.coeff} times this vector overflows the model's dtype")
+        if steering.anchor and steering.anchor >= prompt_len:
+            raise SteeringSpecError(f"steering.anchor: position {steering.anchor} is past the prompt's {prompt_len} tokens")
+        if any(layer > self.num_layers for layer in steering.preserve_norm):
+            raise SteeringSpecError(f"steering.preserve_norm: layers are in 0..{self.num_layers}")
         rows = sum(p.num_rows for p in plan_layers(steering, lambda a: vectors[a.vector].directions[a.direction_layer].shape[0]))
         if rows > self.table_capacity:
             raise SteeringSpecError(
@@ -131,6 +128,25 @@ class SteeringValidator:
                 f"{self.table_capacity} (--steering-table-rows)"
             )
         return vectors
+
+    def _direction(self, use, vector: StoredVector, where: str) -> torch.Tensor:
+        if vector.meta.hidden_size != self.hidden_size:
+            raise SteeringSpecError(
+                f"{where}.vector: hidden size {vector.meta.hidden_size} does not match the served model's {self.hidden_size}"
+            )
+        if vector.meta.model_fingerprint != self.fingerprint:
+            raise SteeringSpecError(
+                f"{where}.vector: made for model {vector.meta.model_fingerprint}, not the served {self.fingerprint}"
+            )
+        direction = vector.directions.get(use.direction_layer)
+        if direction is None:
+            raise SteeringSpecError(
+                f"{where}.source_layer: vector {use.vector} has no direction for layer {use.direction_layer} "
+                f"(it has {vector.layers})"
+            )
+        if not self._is_finite(use.vector, vector):
+            raise SteeringSpecError(f"{where}.vector: {use.vector} holds NaN or infinite values")
+        return direction
 
     def _is_finite(self, content_id: str, vector) -> bool:
         if content_id not in self._finite:
@@ -159,7 +175,10 @@ class SteeringValidator:
         if steering is not None:
             vectors = self.check(steering, prompt_len)
             attach_vectors(extra_args, steering, lambda a: vectors[a.vector].directions[a.direction_layer])
-            if capture is None:
+            if steering.receipt is not None:
+                # A receipt counts the prompt positions this request steers: none may come from the cache.
+                request.cache_salt = f"steer-receipt-{steering.receipt}"
+            elif capture is None:
                 request.cache_salt = steering_salt(steering, request.cache_salt)
 
 

@@ -16,8 +16,10 @@ import torch
 from steer_vllm.batch import RequestRows, SteeringBatch
 from steer_vllm.capture import CaptureRecorder
 from steer_vllm.content import ShippedVectors
-from steer_vllm.models import SteeringPoints, block_list, install_steering, owns_point
-from steer_vllm.plans import plan_layers
+from steer_vllm.models import block_list, install_steering, owns_point
+from steer_vllm.plans import LayerPlan, plan_layers
+from steer_vllm.points import SteeringPoints
+from steer_vllm.receipts import ReceiptRecorder
 from steer_vllm.slots import RowTable
 from steer_vllm.spec import EngineSteering, capture_of, steering_of
 
@@ -29,7 +31,16 @@ class _Placed:
 
     def __init__(self, rows: RequestRows):
         self.rows = rows
-        self.keys: dict[int, tuple[str, float]] = {}  # layer -> (plan key, scale)
+        # layer -> (plan key, scale, projection weight, projection target, preserve norm)
+        self.keys: dict[int, tuple[str, float, float, float, bool]] = {}
+
+
+def layer_values(plan: LayerPlan) -> tuple[float, float, float, bool]:
+    """What a request's tokens read at this layer besides the rows."""
+    projection = plan.projection
+    if projection is None:
+        return plan.scale, 0.0, 0.0, plan.preserve_norm
+    return plan.scale, 1.0, projection.value if projection.op == "clamp" else 0.0, plan.preserve_norm
 
 
 class SteeringManager:
@@ -50,7 +61,8 @@ class SteeringManager:
         blocks, self.first_block, self.end_block, _ = block_list(model)
         self.num_layers = len(blocks)
         self.batch = SteeringBatch(self.num_layers + 1, max_tokens, max_reqs, dtype, device)
-        self.points = SteeringPoints(self.table.vector_table, self.batch.row_of_token, self.batch.scale_of_token, self.recorder)
+        self.receipts = ReceiptRecorder(self.batch)
+        self.points = SteeringPoints(self.table.vector_table, self.batch, self.recorder, self.receipts)
         install_steering(model, self.points)
         self._requests: dict[str, _Placed] = {}
         self._table_generation = self.table.generation
@@ -76,19 +88,22 @@ class SteeringManager:
             steering = steering_of(extra_args)
             if steering is not None:
                 self._requests[req_id] = self._place(steering, ShippedVectors(extra_args, steering, self.hidden_size), prompt_len)
+                if steering.receipt is not None:
+                    self.receipts.add(req_id, steering.receipt, prompt_len)
         except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the engine
             logger.error("steering for request %s cannot be placed; it ends with an error: %s", req_id, exc)
             self.recorder.forget(req_id)
+            self.receipts.forget(req_id)
             self.failed.add(req_id)
 
     def _place(self, steering: EngineSteering, vectors: ShippedVectors, prompt_len: int) -> _Placed:
-        placed = _Placed(RequestRows(self.batch.num_points, prompt_len))
+        placed = _Placed(RequestRows(self.batch.num_points, prompt_len, steering.anchor))
         try:
             for plan in plan_layers(steering, vectors.length):
                 if not owns_point(plan.layer, self.first_block, self.end_block):
                     continue  # another pipeline rank owns this point
                 self.table.acquire(plan, vectors.direction)
-                placed.keys[plan.layer] = (plan.key, plan.scale)
+                placed.keys[plan.layer] = (plan.key, *layer_values(plan))
         except BaseException:
             self._release(placed)
             raise
@@ -97,8 +112,8 @@ class SteeringManager:
         return placed
 
     def _set_rows(self, placed: _Placed) -> None:
-        for layer, (key, scale) in placed.keys.items():
-            placed.rows.set_layer(layer, self.table.placed(key), scale)
+        for layer, (key, *values) in placed.keys.items():
+            placed.rows.set_layer(layer, self.table.placed(key), *values)
 
     def _refresh_after_moves(self) -> None:
         """The table closed gaps by moving plans: re-read where every request's rows sit."""
@@ -108,11 +123,12 @@ class SteeringManager:
                 self._set_rows(placed)
 
     def _release(self, placed: _Placed) -> None:
-        for key, _ in placed.keys.values():
+        for key, *_ in placed.keys.values():
             self.table.release(key)
 
     def finish_request(self, req_id: str) -> None:
         self.recorder.forget(req_id)
+        self.receipts.forget(req_id)
         self.failed.discard(req_id)
         placed = self._requests.pop(req_id, None)
         if placed is not None:

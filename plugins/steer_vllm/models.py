@@ -16,44 +16,10 @@ and every rank adds the full vector.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
 
-import torch
 from torch import nn
 
-from steer_vllm.ops import add_steering
-
-
-class SteeringPoints:
-    """What the wrapped blocks read: the table, the per-token buffers, the recorder."""
-
-    def __init__(self, vector_table: torch.Tensor, row_of_token: torch.Tensor, scale_of_token: torch.Tensor, recorder):
-        self.vector_table = vector_table
-        self.row_of_token = row_of_token
-        self.scale_of_token = scale_of_token
-        self.recorder = recorder
-        # Set by the runner around each real forward: which points this batch steers.
-        # Only read when running eagerly (never traced), so eager steps skip the add at
-        # points nobody steers; compiled graphs and CUDA graphs always contain it.
-        self.points_in_use = None
-
-    def apply(
-        self,
-        stream: torch.Tensor,
-        point: int,
-        full_stream: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    ) -> torch.Tensor:
-        """Add point ``point``'s rows to ``stream``. ``full_stream`` rebuilds the whole
-        residual stream from the steered tensor, where the block splits it in two."""
-        if not torch.compiler.is_compiling() and self.points_in_use is not None and not self.points_in_use[point]:
-            steered = stream
-        else:
-            steered = add_steering(stream, self.vector_table, self.row_of_token[point], self.scale_of_token[point])
-        # The recorder is only active in steps the runner forces to run eagerly, so the
-        # compiled graph never contains this branch. It records the stream as steered.
-        if self.recorder.active:
-            self.recorder.record(point, steered if full_stream is None else full_stream(steered))
-        return steered
+from steer_vllm.points import SteeringPoints
 
 
 class ResidualPairBlock(nn.Module):

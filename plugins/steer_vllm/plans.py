@@ -1,9 +1,10 @@
-"""A request's steering -> per-layer plans: what it adds at each layer, and how many
+"""A request's steering -> per-layer plans: what it does at each layer, and how many
 table rows that takes.
 
-All additions of a request on one layer collapse into one plan: rows for absolute
+All additions of a request on one layer collapse into one plan: rows for ActAdd
 positions 0..k-1 (ActAdd sequences, plus constant vectors that apply to the prompt),
-one row for the remaining prompt positions and one for generated positions. Rows are
+one row for the remaining prompt positions and one for generated positions; a
+projection (ablate or clamp) at that layer adds one row, its unit direction. Rows are
 stored divided by a common scale (the first coefficient in canonical order), and the
 scale travels per token: requests that differ only by an overall coefficient (ActAdd's
 +c/−c with another c) share the same rows.
@@ -20,10 +21,10 @@ from dataclasses import dataclass
 
 import torch
 
-from steer_vllm.spec import EngineAddition, EngineSteering
+from steer_vllm.spec import EngineAddition, EngineProjection, EngineSteering, EngineDirection
 
-# An addition -> its stored direction, float32 [k, hidden] (k = 1 for constant vectors).
-DirectionOf = Callable[[EngineAddition], torch.Tensor]
+# An addition or projection -> its stored direction, float32 [k, hidden] (k = 1 for constant vectors).
+DirectionOf = Callable[[EngineDirection], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -31,23 +32,30 @@ class LayerRows:
     front: torch.Tensor | None  # float32 [front_len, hidden], positions 0..front_len-1
     prompt_rest: torch.Tensor | None  # float32 [hidden], prompt positions >= front_len
     generated: torch.Tensor | None  # float32 [hidden], positions >= prompt length
+    unit_direction: torch.Tensor | None  # float32 [hidden], the projection's u (norm 1)
 
 
 @dataclass(frozen=True)
 class LayerPlan:
     layer: int
     key: str  # identical keys mean identical rows
-    scale: float
+    scale: float  # rows are stored divided by it (0 when the layer only projects)
     additions: tuple[EngineAddition, ...]  # this layer's, in canonical order
+    projection: EngineProjection | None
+    preserve_norm: bool
     front_len: int
     has_prompt_rest: bool
     has_generated: bool
 
     @property
     def num_rows(self) -> int:
-        return self.front_len + self.has_prompt_rest + self.has_generated
+        return self.front_len + self.has_prompt_rest + self.has_generated + (self.projection is not None)
 
     def build_rows(self, direction_of: DirectionOf) -> LayerRows:
+        unit = None
+        if self.projection is not None:
+            direction = direction_of(self.projection).to(torch.float32).reshape(-1)
+            unit = direction / direction.norm()
         front = prompt_rest = generated = None
         for addition in self.additions:
             ratio = addition.coeff / self.scale
@@ -62,35 +70,51 @@ class LayerPlan:
                     front = _accumulate(front, self.front_len, vector.expand(self.front_len, -1), ratio)
             if addition.positions in ("all", "generated"):
                 generated = vector * ratio if generated is None else generated + vector * ratio
-        return LayerRows(front, prompt_rest, generated)
+        return LayerRows(front, prompt_rest, generated, unit)
 
 
 def _order(addition: EngineAddition) -> tuple:
     return (addition.vector, addition.direction_layer, addition.mode, addition.positions, addition.coeff)
 
 
-def plan_layers(steering: EngineSteering, length_of: Callable[[EngineAddition], int]) -> list[LayerPlan]:
-    """One plan per steered layer; ``length_of`` gives an addition's k (rows of its direction)."""
+def plan_layers(steering: EngineSteering, length_of: Callable[[EngineDirection], int]) -> list[LayerPlan]:
+    """One plan per steered layer; ``length_of`` gives a direction's k (its rows)."""
     by_layer: dict[int, list[EngineAddition]] = {}
     for addition in steering.additions:
         if addition.coeff != 0.0:
             by_layer.setdefault(addition.layer, []).append(addition)
-    return [_plan_layer(layer, sorted(adds, key=_order), length_of) for layer, adds in sorted(by_layer.items())]
+    projections = {p.layer: p for p in steering.projections}
+    layers = sorted(set(by_layer) | set(projections))
+    preserve = set(steering.preserve_norm)
+    return [
+        _plan_layer(layer, sorted(by_layer.get(layer, []), key=_order), projections.get(layer), layer in preserve, length_of)
+        for layer in layers
+    ]
 
 
-def _plan_layer(layer: int, additions: list[EngineAddition], length_of: Callable[[EngineAddition], int]) -> LayerPlan:
-    scale = additions[0].coeff
+def _plan_layer(
+    layer: int,
+    additions: list[EngineAddition],
+    projection: EngineProjection | None,
+    preserve_norm: bool,
+    length_of: Callable[[EngineDirection], int],
+) -> LayerPlan:
+    scale = additions[0].coeff if additions else 0.0
     key = hashlib.sha256()
     key.update(str(layer).encode())
     for addition in additions:
         ratio = addition.coeff / scale
         key.update(f"|{addition.vector}|{addition.direction_layer}|{addition.mode}|{addition.positions}|{ratio!r}".encode())
+    if projection is not None:  # its op and value travel per request: the rows hold only u
+        key.update(f"|u|{projection.vector}|{projection.direction_layer}".encode())
     constant = [a for a in additions if a.mode == "constant"]
     return LayerPlan(
         layer=layer,
         key=key.hexdigest(),
         scale=scale,
         additions=tuple(additions),
+        projection=projection,
+        preserve_norm=preserve_norm,
         front_len=max((length_of(a) for a in additions if a.mode == "actadd"), default=0),
         has_prompt_rest=any(a.positions in ("all", "prompt") for a in constant),
         has_generated=any(a.positions in ("all", "generated") for a in constant),

@@ -21,6 +21,7 @@ from steer_vllm.capture import TAKE_CAPTURE_RPC
 from steer_vllm.hooks import is_hooked, patch
 from steer_vllm.limits import table_rows_for_config
 from steer_vllm.manager import SteeringManager
+from steer_vllm.receipts import TAKE_RECEIPT_RPC
 
 logger = logging.getLogger("steer_vllm")
 
@@ -88,9 +89,11 @@ def _model_forward(original):
         req_ids = self.input_batch.req_ids
         num_tokens = positions.shape[-1]
         manager.batch.fill(manager.rows_in_batch(req_ids), self.req_indices.gpu[:num_tokens], positions)
-        recording = manager.recorder.has_jobs() and manager.recorder.begin_step(
-            req_ids, self.req_indices.np[: self._steer_num_scheduled], positions
-        )
+        # Captures and receipts record in steps forced to run eagerly.
+        token_requests = self.req_indices.np[: self._steer_num_scheduled]
+        capturing = manager.recorder.has_jobs() and manager.recorder.begin_step(req_ids, token_requests, positions)
+        receipting = manager.receipts.has_jobs() and manager.receipts.begin_step(req_ids, token_requests, positions)
+        recording = capturing or receipting
         if recording:
             from vllm.config import CUDAGraphMode
             from vllm.forward_context import get_forward_context
@@ -104,8 +107,10 @@ def _model_forward(original):
         finally:
             # Outside real steps (warm-up, CUDA graph capture) every point adds.
             manager.points.points_in_use = None
-            if recording:
+            if capturing:
                 manager.recorder.end_step()
+            if receipting:
+                manager.receipts.end_step()
 
     return model_forward
 
@@ -147,6 +152,10 @@ def _worker_take_capture(worker, capture_id: str):
     return worker.model_runner._steering.recorder.take(capture_id)
 
 
+def _worker_take_receipt(worker, receipt_id: str):
+    return worker.model_runner._steering.receipts.take(receipt_id)
+
+
 def install_runner_hooks() -> None:
     from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
@@ -160,3 +169,4 @@ def install_runner_hooks() -> None:
         patch(GPUModelRunner, name, _report_failures(name))
     setattr(WorkerBase, STATUS_RPC, _worker_status)
     setattr(WorkerBase, TAKE_CAPTURE_RPC, _worker_take_capture)
+    setattr(WorkerBase, TAKE_RECEIPT_RPC, _worker_take_receipt)

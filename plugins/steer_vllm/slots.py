@@ -30,6 +30,7 @@ class PlanRows:
     front_len: int
     prompt_rest_row: int
     generated_row: int
+    direction_row: int  # the projection's unit vector (the zero row when none)
 
 
 @dataclass
@@ -72,7 +73,8 @@ class RowTable:
             return held.rows
         start = self._take(plan.num_rows)
         built = plan.build_rows(direction_of)
-        blocks = [t for t in (built.front, _row(built.prompt_rest), _row(built.generated)) if t is not None]
+        parts = (built.front, _row(built.prompt_rest), _row(built.generated), _row(built.unit_direction))
+        blocks = [t for t in parts if t is not None]
         if blocks:
             block = torch.cat(blocks).to(self.vector_table.dtype)
             self.vector_table[start : start + plan.num_rows].copy_(block, non_blocking=True)
@@ -144,17 +146,19 @@ def _row(vector: torch.Tensor | None) -> torch.Tensor | None:
 
 
 def _layout(start: int, plan: LayerPlan) -> PlanRows:
-    """Front rows first, then the prompt-rest row, then the generated row (zero row if absent)."""
+    """Front rows first, then the prompt-rest row, the generated row and the unit
+    direction, each only if the plan has it (else the zero row)."""
     cursor = start + plan.front_len
-    prompt_rest_row = cursor if plan.has_prompt_rest else ZERO_ROW
-    generated_row = cursor + plan.has_prompt_rest if plan.has_generated else ZERO_ROW
-    return PlanRows(start, plan.front_len, prompt_rest_row, generated_row)
+    singles = []
+    for present in (plan.has_prompt_rest, plan.has_generated, plan.projection is not None):
+        singles.append(cursor if present else ZERO_ROW)
+        cursor += present
+    return PlanRows(start, plan.front_len, *singles)
 
 
 def _moved(rows: PlanRows, shift: int) -> PlanRows:
-    return PlanRows(
-        rows.front_start + shift,
-        rows.front_len,
-        rows.prompt_rest_row + shift if rows.prompt_rest_row != ZERO_ROW else ZERO_ROW,
-        rows.generated_row + shift if rows.generated_row != ZERO_ROW else ZERO_ROW,
-    )
+    def move(row: int) -> int:
+        return row + shift if row != ZERO_ROW else ZERO_ROW
+
+    return PlanRows(rows.front_start + shift, rows.front_len, move(rows.prompt_rest_row), move(rows.generated_row),
+                    move(rows.direction_row))

@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from vllm.exceptions import VLLMValidationError
 
 STEERING_KEY = "steering"
@@ -32,8 +32,14 @@ class SteeringSpecError(VLLMValidationError, ValueError):
     __str__ = Exception.__str__  # the message already names the field
 
 
-class EngineAddition(BaseModel):
-    """One stored direction, scaled, added at one layer.
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+class EngineDirection(BaseModel):
+    """A stored direction used at one layer.
 
     ``layer`` is the residual stream entering decoder block ``layer`` (0 = embeddings,
     num_layers = after the last block). ``source_layer`` picks which of the stored
@@ -45,31 +51,67 @@ class EngineAddition(BaseModel):
     vector: str = Field(min_length=1)
     layer: int = Field(ge=0)
     source_layer: int | None = Field(default=None, ge=0)
-    coeff: float
-    mode: Literal["actadd", "constant"] = "actadd"
-    positions: Literal["all", "prompt", "generated"] = "all"
-
-    @field_validator("coeff")
-    @classmethod
-    def _finite(cls, coeff: float) -> float:
-        if not math.isfinite(coeff):
-            raise ValueError("coeff must be a finite number")
-        return coeff
 
     @property
     def direction_layer(self) -> int:
         return self.layer if self.source_layer is None else self.source_layer
 
 
+class EngineAddition(EngineDirection):
+    """The direction, scaled by ``coeff``, added to the stream."""
+
+    coeff: float
+    mode: Literal["actadd", "constant"] = "actadd"
+    positions: Literal["all", "prompt", "generated"] = "all"
+
+    _coeff_finite = field_validator("coeff")(_finite)
+
+
+class EngineProjection(EngineDirection):
+    """The stream's component along the direction's unit vector u, at every position:
+    ``ablate`` removes it (h - (h.u)u); ``clamp`` sets it to ``value`` (h + (value - h.u)u).
+    Applied after the layer's additions, so it also acts on what they added."""
+
+    op: Literal["ablate", "clamp"]
+    value: float = 0.0
+
+    _value_finite = field_validator("value")(_finite)
+
+
 class EngineSteering(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    additions: list[EngineAddition] = Field(min_length=1, max_length=MAX_ADDITIONS)
+    additions: list[EngineAddition] = Field(default_factory=list, max_length=MAX_ADDITIONS)
+    projections: list[EngineProjection] = Field(default_factory=list, max_length=MAX_ADDITIONS)
+    # Layers at which each steered token's stream is rescaled to its norm before steering.
+    preserve_norm: list[int] = Field(default_factory=list)
+    # Absolute position of ActAdd row 0 (chat: the first token of the last user message).
+    anchor: int = Field(default=0, ge=0)
+    # Set when the client asked for a receipt: the workers record what they applied under it.
+    receipt: str | None = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "EngineSteering":
+        if not self.additions and not self.projections:
+            raise ValueError("at least one addition or projection is needed")
+        layers = [p.layer for p in self.projections]
+        if len(layers) != len(set(layers)):
+            raise ValueError("at most one projection (ablate or clamp) per layer")
+        steered = {a.layer for a in self.additions} | set(layers)
+        if not set(self.preserve_norm) <= steered:
+            raise ValueError("preserve_norm names a layer nothing steers")
+        return self
+
+    @property
+    def directions(self) -> list[EngineDirection]:
+        """Every stored direction the steering uses (additions, then projections)."""
+        return [*self.additions, *self.projections]
 
     def canonical_json(self) -> str:
         """Order-independent text of the steering, for cache salts and logs."""
-        rows = sorted(a.model_dump_json() for a in self.additions)
-        return "[" + ",".join(rows) + "]"
+        rows = sorted(a.model_dump_json() for a in self.directions)
+        extra = json.dumps({"preserve_norm": sorted(self.preserve_norm), "anchor": self.anchor})
+        return "[" + ",".join(rows) + "]" + extra
 
 
 class CaptureRequest(BaseModel):

@@ -33,7 +33,8 @@ def _add_sweep_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("-C", "--concurrency", type=int, nargs="+", default=[32],
                    help="concurrent requests, vLLM's max concurrency (default: 32)")
     p.add_argument("--mode", dest="modes", nargs="+", choices=MODES, default=["actadd"],
-                   help="steering mode(s) (default: actadd)")
+                   help="steering mode(s): actadd, constant (additions), ablate, clamp (projections on the vector; "
+                   "--coeff is the clamp value) (default: actadd)")
     p.add_argument("-p", "--steered-fraction", type=float, nargs="+", default=[1.0],
                    help="share of steered requests in each test block; reference blocks steer none (default: 1)")
     p.add_argument("--input-len", type=int, nargs="+", default=[32],

@@ -13,7 +13,8 @@ import numpy as np
 from steer_server.bench import BenchError
 from steer_server.client import VECTORS_PATH, auth_headers, error_message
 
-MODES = ("actadd", "constant")
+# actadd and constant add a vector; ablate and clamp project the stream on one (at the layer).
+MODES = ("actadd", "constant", "ablate", "clamp")
 
 
 @dataclass
@@ -25,6 +26,11 @@ class SteeringConfigs:
 
 
 def steering_field(name: str, mode: str, coeff: float) -> dict:
+    """The request field for one vector: ``coeff`` scales an addition, or is the clamp value."""
+    if mode == "ablate":
+        return {"ablate": [{"vector": name}]}
+    if mode == "clamp":
+        return {"clamp": [{"vector": name, "value": coeff}]}
     return {"additions": [{"vector": name, "coeff": coeff}], "mode": mode}
 
 
@@ -51,7 +57,8 @@ def upload_configs(url: str, api_key: str | None, *, count: int, mode: str, laye
             name = f"{prefix}-{mode}-{i}"
             direction = rng.standard_normal((rows if mode == "actadd" else 1, hidden)).astype(np.float32)
             direction /= np.linalg.norm(direction, axis=1, keepdims=True)
-            body = {"name": name, "kind": mode, "layers": {str(layer): direction.round(5).tolist()}}
+            kind = "actadd" if mode == "actadd" else "constant"
+            body = {"name": name, "kind": kind, "layers": {str(layer): direction.round(5).tolist()}}
             response = http.post(VECTORS_PATH, json=body)
             if response.status_code != 201:
                 delete_configs(url, api_key, names)

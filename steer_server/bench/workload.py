@@ -45,7 +45,7 @@ _OUTPUT_LEN_OPTIONS = ("random_output_len", "sharegpt_output_len", "custom_outpu
 class RunSpec:
     """One measured configuration."""
 
-    mode: str = "actadd"  # actadd | constant
+    mode: str = "actadd"  # one of vectors.MODES
     num_configs: int = 32  # K distinct steering vectors
     concurrency: int = 32  # C, vLLM's max concurrency
     steered_fraction: float = 1.0  # p: share of steered requests in a test block

@@ -73,11 +73,22 @@ def post_routes(http) -> list[str]:
     return sorted(path for path, item in http.get("/openapi.json").json()["paths"].items() if "post" in item)
 
 
-def any_body(server, **fields) -> dict:
-    """A body that fits every generating entrypoint's required fields."""
+def any_body(server, path: str = "", **fields) -> dict:
+    """A body that fits every generating entrypoint's required fields (the Responses API
+    reads "prompt" as a prompt template, so it gets only its own)."""
     text = "Hello there, how are you today?"
+    if path == "/v1/responses":
+        fields.pop("max_tokens", None)
+        return {"model": server.model, "input": text, "max_output_tokens": 16, **fields}
     return {"model": server.model, "prompt": text, "messages": [{"role": "user", "content": text}], "input": text,
             "max_tokens": 2, "max_output_tokens": 16, **fields}
+
+
+def texts(body: dict) -> list[str]:
+    """The generated text(s) of a completions, chat or responses body."""
+    if "output" in body:
+        return [part["text"] for item in body["output"] for part in item.get("content") or [] if "text" in part]
+    return [choice.get("text") or choice["message"]["content"] for choice in body["choices"]]
 
 
 def test_every_entrypoint_refuses_the_engines_own_keys(server, http):
@@ -95,15 +106,16 @@ def test_every_entrypoint_refuses_the_engines_own_keys(server, http):
 def test_steering_is_applied_or_refused_on_every_entrypoint(server, http):
     steering = {"additions": [{"prompt": "Love", "coeff": 8, "layer": 4}, {"prompt": "Hate", "coeff": -8, "layer": 4}]}
     for path in post_routes(http):
-        response = http.post(path, json=any_body(server, steering=steering, temperature=0, max_tokens=12))
-        if path in ("/v1/completions", "/v1/chat/completions"):
+        response = http.post(path, json=any_body(server, path, steering=steering, temperature=0, max_tokens=12))
+        if path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
             assert response.status_code == 200, (path, response.text)
-            plain = http.post(path, json=any_body(server, temperature=0, max_tokens=12))
-            assert response.json()["choices"] != plain.json()["choices"], path
+            plain = http.post(path, json=any_body(server, path, temperature=0, max_tokens=12))
+            assert texts(response.json()) != texts(plain.json()), path
         else:
             assert response.status_code == 400, (path, response.status_code, response.text)
             if not path.startswith("/v1/steering/"):
-                assert error_of(response)["message"] == f"steering: not supported on {path}; use /v1/completions or /v1/chat/completions"
+                assert error_of(response)["message"] == (
+                    f"steering: not supported on {path}; use /v1/completions, /v1/chat/completions, /v1/responses")
 
 
 def test_startup_log_states_what_was_proven_and_chosen(server):

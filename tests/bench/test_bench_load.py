@@ -121,6 +121,16 @@ def test_steered_neighbours_in_constant_mode(served, tmp_path):
     assert run["neighbour_ratios"]["output_throughput_at_concurrency"] > 0
 
 
+@pytest.mark.parametrize("mode", ["ablate", "clamp"])
+def test_projection_modes(served, tmp_path, mode):
+    before = _steered_count(served)
+    data = _bench(served, tmp_path, "--mode", mode, "--pairs", "1", "--block-requests", "2")
+    (run,) = data["runs"]
+    assert run["spec"]["mode"] == mode and run["errors_sample"] == []
+    _check_class(run["classes"]["steered"], 2)
+    assert _steered_count(served) - before == 2 + 1 + 2
+
+
 def test_uploaded_vectors_are_deleted(served, tmp_path):
     _bench(served, tmp_path, "--pairs", "1")
     vectors = httpx.get(served.server.url + "/v1/steering/vectors", params={"all": "true"},

@@ -19,31 +19,34 @@ def put_vector(store, model_dir: str, layer: int, rows: torch.Tensor, kind: str 
 
 def engine_additions(additions: list[dict], ids: dict[str, str]) -> dict:
     """Reference-style additions (with a ``name``) -> the engine's payload."""
-    return {
-        "additions": [
-            {
-                "vector": ids[a["name"]],
-                "layer": a["layer"],
-                "coeff": a["coeff"],
-                "mode": a.get("mode", "actadd"),
-                "positions": a.get("positions", "all"),
-            }
-            for a in additions
-        ]
-    }
+    payload: dict = {"additions": [], "projections": []}
+    for a in additions:
+        mode = a.get("mode", "actadd")
+        if mode in ("ablate", "clamp"):
+            payload["projections"].append({"vector": ids[a["name"]], "layer": a["layer"], "op": mode,
+                                           "value": a.get("value", 0.0), "source_layer": a.get("source_layer")})
+        else:
+            payload["additions"].append({"vector": ids[a["name"]], "layer": a["layer"], "coeff": a["coeff"],
+                                         "mode": mode, "positions": a.get("positions", "all")})
+        if a.get("norm") == "preserve":
+            payload.setdefault("preserve_norm", []).append(a["layer"])
+        if a.get("anchor"):
+            payload["anchor"] = a["anchor"]
+    return payload
 
 
 def reference_additions(additions: list[dict], tensors: dict[str, torch.Tensor]) -> list[dict]:
-    return [
-        {
-            "mode": a.get("mode", "actadd"),
-            "layer": a["layer"],
-            "vector": tensors[a["name"]],
-            "coeff": a["coeff"],
-            **({"positions": a.get("positions", "all")} if a.get("mode") == "constant" else {}),
-        }
-        for a in additions
-    ]
+    reference = []
+    for a in additions:
+        mode = a.get("mode", "actadd")
+        entry = {"mode": mode, "layer": a["layer"], "vector": tensors[a["name"]], "coeff": a.get("coeff", 1.0)}
+        for key in ("value", "norm", "anchor"):
+            if key in a:
+                entry[key] = a[key]
+        if mode == "constant":
+            entry["positions"] = a.get("positions", "all")
+        reference.append(entry)
+    return reference
 
 
 def params(max_tokens: int = 8, steering: dict | None = None, **extra):

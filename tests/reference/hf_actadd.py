@@ -18,8 +18,8 @@ Conventions (shared with the engine's specification):
   and for incremental decoding with a KV cache.
 * **Additions** (dicts; several on one layer are summed, in float32, then added once):
 
-  - ``{"mode": "actadd", "layer": L, "vector": Tensor[k, hidden], "coeff": c}``: adds
-    ``c * vector[p]`` at absolute positions ``p < k`` only. During decoding with a KV cache the
+  - ``{"mode": "actadd", "layer": L, "vector": Tensor[k, hidden], "coeff": c[, "anchor": a]}``:
+    adds ``c * vector[p - a]`` at absolute positions ``a <= p < a + k`` only (a = 0 by default). During decoding with a KV cache the
     prompt pass steers positions < k (their keys/values in layers >= L carry the change); later
     passes see positions >= k and get nothing — unless the prompt is shorter than k, in which
     case the first generated positions < k are steered too.
@@ -29,6 +29,12 @@ Conventions (shared with the engine's specification):
     logits of the *second* generated token: the first one is predicted at position n - 1.)
     ``prompt_len`` may be omitted in ``greedy_with_logprobs`` / ``prompt_logprobs``, which fill in
     the prompt length.
+  - ``{"mode": "ablate", "layer": L, "vector": Tensor[hidden]}`` and ``{"mode": "clamp", "layer": L,
+    "vector": Tensor[hidden], "value": v}``: with u the unit vector along ``vector``, after the
+    layer's additions the stream becomes ``h - (h.u) u`` (ablate) or ``h + (v - h.u) u`` (clamp)
+    at every position.
+  - any entry may carry ``"norm": "preserve"``: after everything at that layer, each position's
+    stream is rescaled to the norm it had before the layer's steering.
 
 Public API: ``decoder_blocks``, ``final_norm``, ``num_layers``, ``capture_residual``, ``residual_stream``,
 ``actadd_vector``, ``steering``, ``forward_logits``, ``prompt_logprobs``,
@@ -255,6 +261,9 @@ def _normalise(addition: dict, hidden_size: int | None) -> dict:
             vec = vec.unsqueeze(0)
         if vec.dim() != 2 or vec.shape[0] == 0:
             raise ValueError("actadd vector must be [k, hidden] with k >= 1")
+    elif mode in ("ablate", "clamp"):
+        vec = vec.reshape(-1)
+        a["value"] = float(a.get("value", 0.0)) if mode == "clamp" else 0.0
     elif mode == "constant":
         vec = vec.reshape(-1) if vec.dim() == 2 and vec.shape[0] == 1 else vec
         if vec.dim() != 1:
@@ -281,10 +290,13 @@ def _delta(additions: list[dict], pos: torch.Tensor, hidden: torch.Tensor) -> to
     total = torch.zeros(pos.shape[0], s, h, dtype=torch.float32, device=hidden.device)
     for a in additions:
         vec = a["vector"].to(hidden.device)
+        if a["mode"] in ("ablate", "clamp"):
+            continue
         if a["mode"] == "actadd":
             k = vec.shape[0]
-            mask = pos < k
-            rows = vec[pos.clamp(min=0, max=k - 1)]  # [B, S, H]
+            rel = pos - int(a.get("anchor", 0))
+            mask = (rel >= 0) & (rel < k)
+            rows = vec[rel.clamp(min=0, max=k - 1)]  # [B, S, H]
             total += a["coeff"] * rows * mask.unsqueeze(-1)
         else:
             if a["positions"] == "all":
@@ -317,7 +329,16 @@ def steering(model: nn.Module, additions: Iterable[dict]) -> Iterator[None]:
 
             def add_fn(hidden, kwargs, adds=adds):
                 pos = _positions_for(kwargs, tracker, hidden)
-                return hidden + _delta(adds, pos, hidden).to(hidden.dtype)
+                before = hidden.float()
+                steered = before + _delta(adds, pos, hidden)
+                for a in adds:
+                    if a["mode"] in ("ablate", "clamp"):
+                        unit = a["vector"].to(hidden.device) / a["vector"].norm()
+                        along = (steered * unit).sum(-1, keepdim=True)
+                        steered = steered + (a["value"] - along) * unit
+                if any(a.get("norm") == "preserve" for a in adds):
+                    steered = steered * (before.norm(dim=-1, keepdim=True) / steered.norm(dim=-1, keepdim=True))
+                return steered.to(hidden.dtype)
 
             handles.append(_register(model, layer, add_fn))
         yield
