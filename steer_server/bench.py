@@ -851,8 +851,15 @@ def server_command(kind: str, model_dir: str, port: int, api_key: str, served_na
 
 
 def server_env(kind: str, overrides: dict | None = None) -> dict:
-    env = dict(os.environ, **(overrides or {}))
+    """The server's environment; an override of None removes that variable (e.g. the KV cache
+    default, for a server sized with --kv-cache-memory-bytes: vLLM lets the variable win)."""
+    env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+    for name, value in (overrides or {}).items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     env["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # what the steer plugin selects; the same for both
     if kind == "plain":
         env["VLLM_PLUGINS"] = ""  # an empty list: no plugin at all

@@ -54,6 +54,12 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="most additions in one request's steering (default: %(default)s, at most 64)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                         help="largest request body; larger gets HTTP 413 (default: %(default)s)")
+    parser.add_argument("--admin-api-key", metavar="KEY",
+                        help="a key that may also create, import and delete vectors (vLLM's --api-key keys may only "
+                        "use them); visible to `ps` like any argument: prefer $STEER_ADMIN_API_KEY or --api-keys-file")
+    parser.add_argument("--api-keys-file", metavar="PATH",
+                        help="API keys with roles, one 'ROLE KEY' per line (ROLE: inference | admin); "
+                        "inference keys join vLLM's --api-key keys")
     return parser
 
 
@@ -75,6 +81,13 @@ def serve(argv: list[str]) -> None:
             parser.error(f"{flag} must be positive")
     if args.max_additions > MAX_ADDITIONS:
         parser.error(f"--max-additions is at most {MAX_ADDITIONS} (the engine's limit)")
+    from steer_server.access import AccessConfigError, access_environment
+
+    try:
+        # Keys travel to the API processes in the environment (or stay in the file), never as arguments.
+        os.environ.update(access_environment(args.admin_api_key, args.api_keys_file))
+    except AccessConfigError as exc:
+        parser.error(str(exc))
     settings = Settings(
         pad=None if args.steering_pad.lower() == "none" else args.steering_pad,
         max_prompt_tokens=args.max_steering_prompt_tokens,

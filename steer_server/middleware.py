@@ -70,15 +70,15 @@ class BodyMiddleware:
                 try:
                     rewritten = await server.rewrite_request(path, payload, headers)
                 except SteeringError as exc:
-                    metrics.REJECTED_REQUESTS.labels(status=str(exc.status)).inc()
+                    metrics.count_refused(exc.status)
                     logger.info("refused steering on %s: %s", path, exc.message)
                     return await _send_error(scope, receive, send, exc)
                 except SteeringSpecError as exc:
-                    metrics.REJECTED_REQUESTS.labels(status="400").inc()
+                    metrics.count_refused(400)
                     return await _send_error(scope, receive, send, SteeringError(400, str(exc)))
                 except Exception as exc:  # noqa: BLE001 - a server fault, reported as one
                     logger.exception("steer_api: resolving steering failed")
-                    metrics.REJECTED_REQUESTS.labels(status="500").inc()
+                    metrics.count_refused(500)
                     return await _send_error(scope, receive, send, SteeringError(500, f"steering failed: {exc}"))
                 if rewritten is not None:
                     body = json.dumps(rewritten).encode()
