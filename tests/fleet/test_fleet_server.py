@@ -115,6 +115,25 @@ def test_unknown_keys_get_nothing(fleet):
             assert client.get("/v1/steering/vectors").status_code == 401
 
 
+def test_keys_from_the_file_appear_in_no_process_arguments_or_environment(fleet):
+    processes = [p for p in Path("/proc").iterdir() if p.name.isdigit() and _session_of(p) == fleet.process.pid]
+    assert len(processes) >= 4  # the launcher, two API processes, the engine core, the worker
+    for process in processes:
+        for view in ("cmdline", "environ"):
+            try:
+                text = (process / view).read_bytes()
+            except OSError:
+                continue  # exited meanwhile
+            assert ADMIN_KEY.encode() not in text and FILE_INFERENCE_KEY.encode() not in text, (process, view)
+
+
+def _session_of(process: Path) -> int | None:
+    try:  # /proc/PID/stat: "pid (name) state ppid pgrp session ..."; the name may hold spaces
+        return int((process / "stat").read_text().rsplit(")", 1)[1].split()[3])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 # ---------------------------------------------------------------- metrics, multiprocess
 
 
