@@ -162,7 +162,7 @@ class AccessMiddleware:
         if role == ADMIN:
             return await self.app(scope, receive, send)
         status = 403 if role is not None else 401
-        metrics.count_refused(status)
+        metrics.REJECTED_REQUESTS.labels(status=str(status), reason="needs_admin_role" if role else "no_valid_key").inc()
         action = {"DELETE": "deleting"}.get(scope["method"], "creating or importing")
         held = f"this key has the {role!r} role" if role else "no valid API key was given"
         message = (f"{action} steering vectors needs a key with the 'admin' role ({held}); "

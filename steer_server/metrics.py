@@ -17,7 +17,7 @@ What ``deploy/grafana/steer-server.json`` derives from them (PromQL there):
   ``steer_operation_requests_total{operation}``;
 - vector cache hit rate: hits / (hits + misses);
 - capture time: the ``steer_capture_seconds`` histogram;
-- refused requests: ``steer_rejected_requests_total{reason, status}``.
+- refused requests: ``steer_rejected_requests_total{status, reason}``.
 """
 from __future__ import annotations
 
@@ -48,9 +48,9 @@ OPERATION_REQUESTS = _get_or_create(
 REJECTED_REQUESTS = _get_or_create(
     Counter,
     "steer_rejected_requests",
-    "Requests refused by the steering layer (the `steering` field, vector writes without the admin role), "
-    "by reason and HTTP status.",
-    labelnames=("reason", "status"),
+    "Requests refused by the steering layer (the `steering` field; vector writes without the admin role), "
+    "by HTTP status and reason.",
+    labelnames=("status", "reason"),
 )
 VECTOR_CACHE_HITS = _get_or_create(
     Counter,
@@ -69,17 +69,6 @@ CAPTURE_SECONDS = _get_or_create(
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 
-# The `reason` label's values: a closed set, so a client cannot grow the label's cardinality.
-REFUSAL_REASONS = {
-    400: "invalid_steering",
-    401: "no_valid_key",
-    403: "needs_admin_role",
-    404: "unknown_vector",
-    413: "body_too_large",
-    500: "steering_failed",
-    503: "steering_unavailable",
-}
-
 
 def count_steered(endpoint: str, mode: str, operations: Iterable[str]) -> None:
     """One accepted steered request on ``endpoint`` ("completions" | "chat")."""
@@ -87,7 +76,3 @@ def count_steered(endpoint: str, mode: str, operations: Iterable[str]) -> None:
     for operation in sorted(set(operations)):
         OPERATION_REQUESTS.labels(endpoint=endpoint, operation=operation).inc()
 
-
-def count_refused(status: int) -> None:
-    """One request refused with HTTP ``status``."""
-    REJECTED_REQUESTS.labels(reason=REFUSAL_REASONS.get(status, "other"), status=str(status)).inc()

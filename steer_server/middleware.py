@@ -3,8 +3,10 @@
 This module's job: cap every request body at ``--max-body-bytes`` (413 beyond it), and on
 POST /v1/completions and /v1/chat/completions rewrite the ``steering`` field into
 ``vllm_xargs.steering`` (through ``SteerServer.rewrite_request``) before vLLM parses the
-request; a ``steering`` field on any other path is refused rather than silently dropped.
-Added to vLLM's app by ``steer_server.api.SteerApiPlugin.attach_router``.
+request, keeping the request's vectors pinned in the process cache until vLLM is done
+with it. A ``steering`` field on any other path is refused rather than silently dropped,
+and so are the engine's own ``vllm_xargs`` keys on every path: clients steer only
+through the typed field. Added to vLLM's app by ``steer_server.api.SteerApiPlugin.attach_router``.
 """
 from __future__ import annotations
 
@@ -13,11 +15,13 @@ import logging
 from typing import TYPE_CHECKING
 
 from fastapi.responses import JSONResponse
+from starlette.datastructures import Headers
 
 from steer_server import metrics
 from steer_server.steering import SteeringError, bad_request
 from steer_server.vector_routes import VECTORS_PREFIX
-from steer_vllm.spec import SteeringSpecError
+from steer_vllm.content import VECTORS_KEY
+from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY, SteeringSpecError
 
 if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin
@@ -25,6 +29,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
 
 STEERED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat"}
+# vllm_xargs keys the engine reads; only the server itself may set them.
+RESERVED_XARGS = (STEERING_KEY, CAPTURE_KEY, VECTORS_KEY)
 
 
 class _TooLarge(Exception):
@@ -46,7 +52,7 @@ class BodyMiddleware:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         limit = self.plugin.settings.max_body_bytes
-        headers = _Headers(scope)
+        headers = Headers(scope=scope)
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _send_error(scope, receive, send, _too_large(int(declared), limit))
@@ -60,52 +66,64 @@ class BodyMiddleware:
             return
 
         path = scope["path"].removeprefix(scope.get("root_path", ""))
+        payload = _json_object(body) if b"steering" in body else None
+        if payload is None or path.startswith(VECTORS_PREFIX):
+            return await self.app(scope, _replay(body, receive), send)
         server = self.plugin.server
-        if scope["method"] == "POST" and path in STEERED_PATHS and server is not None:
-            try:
-                payload = json.loads(body)
-            except (ValueError, UnicodeDecodeError):
-                payload = None  # vLLM answers malformed JSON itself
-            if isinstance(payload, dict):
-                try:
-                    rewritten = await server.rewrite_request(path, payload, headers)
-                except SteeringError as exc:
-                    metrics.count_refused(exc.status)
-                    logger.info("refused steering on %s: %s", path, exc.message)
-                    return await _send_error(scope, receive, send, exc)
-                except SteeringSpecError as exc:
-                    metrics.count_refused(400)
-                    return await _send_error(scope, receive, send, SteeringError(400, str(exc)))
-                except Exception as exc:  # noqa: BLE001 - a server fault, reported as one
-                    logger.exception("steer_api: resolving steering failed")
-                    metrics.count_refused(500)
-                    return await _send_error(scope, receive, send, SteeringError(500, f"steering failed: {exc}"))
-                if rewritten is not None:
-                    body = json.dumps(rewritten).encode()
-                    scope = dict(scope)
-                    scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-                    scope["headers"].append((b"content-length", str(len(body)).encode()))
-        elif b'"steering"' in body and not path.startswith(VECTORS_PREFIX) and _has_steering_field(body):
-            # vLLM drops unknown fields silently: refuse rather than answer unsteered.
-            return await _send_error(scope, receive, send, bad_request(
-                "steering", f"not supported on {path}; use /v1/completions or /v1/chat/completions"))
-        return await self.app(scope, _replay(body, receive), send)
+        steering = payload.get("steering")
+        refusal = _reserved_xargs(payload)
+        if refusal is None and steering is not None:
+            if scope["method"] != "POST" or path not in STEERED_PATHS:
+                # vLLM drops unknown fields silently: refuse rather than answer unsteered.
+                refusal = bad_request("steering", f"not supported on {path}; use /v1/completions or /v1/chat/completions")
+            elif server is None:
+                refusal = SteeringError(503, "steering is not initialised on this server", "steering")
+        if refusal is not None:
+            return await _refuse(scope, receive, send, path, refusal)
+        if steering is None:
+            return await self.app(scope, _replay(body, receive), send)
+        try:
+            resolved = await server.rewrite_request(path, payload, headers)
+        except SteeringError as exc:
+            return await _refuse(scope, receive, send, path, exc)
+        except SteeringSpecError as exc:
+            return await _refuse(scope, receive, send, path, SteeringError(400, str(exc)))
+        except Exception as exc:  # noqa: BLE001 - a server fault, reported as one
+            logger.exception("steer_api: resolving steering failed")
+            return await _refuse(scope, receive, send, path, SteeringError(500, f"steering failed: {exc}"))
+        body = json.dumps(payload).encode()
+        scope = dict(scope)
+        scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        scope["headers"].append((b"content-length", str(len(body)).encode()))
+        vectors = server.store.vectors
+        vectors.pin(resolved.vectors)
+        try:
+            return await self.app(scope, _replay(body, receive), send)
+        finally:
+            vectors.unpin(resolved.vectors)
 
 
-def _has_steering_field(body: bytes) -> bool:
+def _json_object(body: bytes) -> dict | None:
     try:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError):
-        return False
-    return isinstance(payload, dict) and payload.get("steering") is not None
+        return None  # vLLM answers malformed JSON itself
+    return payload if isinstance(payload, dict) else None
 
 
-class _Headers:
-    def __init__(self, scope):
-        self._headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+def _reserved_xargs(payload: dict) -> SteeringError | None:
+    xargs = payload.get("vllm_xargs")
+    if isinstance(xargs, dict):
+        for key in RESERVED_XARGS:
+            if key in xargs:
+                return bad_request(f"vllm_xargs.{key}", "reserved for the server itself; steer with the steering field")
+    return None
 
-    def get(self, name: str, default=None):
-        return self._headers.get(name.lower(), default)
+
+async def _refuse(scope, receive, send, path: str, error: SteeringError) -> None:
+    metrics.REJECTED_REQUESTS.labels(status=str(error.status), reason=error.reason).inc()
+    logger.info("refused steering on %s: %s", path, error.message)
+    await _send_error(scope, receive, send, error)
 
 
 async def _read_body(receive, limit: int) -> bytes | None:

@@ -49,17 +49,22 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
 
 from steer_vllm.spec import MAX_ADDITIONS, EngineAddition, EngineSteering
-from vector_store import StoredVector, VectorNotFound, VectorStoreError
+from vector_store import StoredDataDamaged, StoredVector, StoreUnavailable, VectorNotFound, VectorStoreError
 
 
 class SteeringError(Exception):
-    """A refused request: HTTP status, OpenAI-style error type, the field, the reason."""
+    """A refused request: HTTP status, OpenAI-style error type, the field, the reason.
 
-    def __init__(self, status: int, message: str, param: str | None = None):
+    ``reason`` is a short machine-readable cause for metrics (``invalid``, ``not_found``,
+    ``too_large``, ``store_unavailable``, ``internal``)."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, reason: str | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
+        self.reason = reason or {400: "invalid", 404: "not_found", 413: "too_large", 503: "store_unavailable"}.get(
+            status, "internal")
 
     @property
     def error_type(self) -> str:
@@ -72,6 +77,11 @@ class SteeringError(Exception):
 
 def bad_request(param: str, reason: str) -> SteeringError:
     return SteeringError(400, f"{param}: {reason}", param)
+
+
+def store_failure(param: str, exc: StoreUnavailable | StoredDataDamaged) -> SteeringError:
+    """The store could not give what a request needs: the server's fault, and temporary."""
+    return SteeringError(503, f"{param}: {exc}", param, reason="store_unavailable")
 
 
 # ---------------------------------------------------------------- the typed field
@@ -200,6 +210,7 @@ class Resolved:
     engine: EngineSteering
     mode: str
     actadd_lengths: list[tuple[str, int]] = field(default_factory=list)  # (field, k rows)
+    vectors: dict[str, StoredVector] = field(default_factory=dict)  # content id -> what was validated
 
     def engine_json(self) -> str:
         return json.dumps({"additions": [a.model_dump() for a in self.engine.additions]})
@@ -228,14 +239,13 @@ class SteeringResolver:
     """SteeringField -> engine additions, computing prompt vectors through the store.
 
     ``tokenize(text, add_special_tokens) -> list[int]``; ``computer`` is a
-    ``vector_store.compute.VectorComputer``; ``vectors`` a ``steer_vllm.vector_cache.VectorCache``.
+    ``vector_store.compute.VectorComputer`` over a ``vector_store.async_access.AsyncStore``.
     """
 
-    def __init__(self, *, computer, vectors, tokenize, default_pad_id: int | None, max_additions: int, max_prompt_tokens: int):
+    def __init__(self, *, computer, tokenize, default_pad_id: int | None, max_additions: int, max_prompt_tokens: int):
         self.computer = computer
         self.store = computer.store
         self.model = computer.model
-        self.vectors = vectors
         self.tokenize = tokenize
         self.default_pad_id = default_pad_id
         self.max_additions = max_additions
@@ -268,12 +278,14 @@ class SteeringResolver:
             )
         return ids
 
-    def stored_vector(self, name_or_id: str, param: str) -> tuple[str, StoredVector]:
+    async def stored_vector(self, name_or_id: str, param: str) -> tuple[str, StoredVector]:
         try:
-            content_id = self.store.resolve(name_or_id)
-            vector = self.vectors.get(content_id)
+            content_id = await self.store.resolve(name_or_id)
+            vector = await self.store.get(content_id)
         except VectorNotFound:
             raise SteeringError(404, f"{param}: no vector named or with id {name_or_id!r}", param) from None
+        except (StoreUnavailable, StoredDataDamaged) as exc:
+            raise store_failure(param, exc) from None
         if vector.meta.model_fingerprint != self.model.fingerprint or vector.meta.hidden_size != self.model.hidden_size:
             raise bad_request(
                 param,
@@ -327,7 +339,7 @@ class SteeringResolver:
                 negative = self.prompt_ids(addition.negative, f"{where}.negative", add_special_tokens)
                 planned.append([{"layer": addition.layer, "pair": (positive, negative)}])
             else:
-                planned.append(self._plan_vector(addition, mode, where))
+                planned.append(await self._plan_vector(addition, mode, where))
 
         total = sum(len(p) for p in planned)
         if total > MAX_ADDITIONS:
@@ -349,6 +361,9 @@ class SteeringResolver:
                 if "pair" in steps[0]:
                     steps[0]["vector"] = await self.computer.constant([steps[0].pop("pair")], steps[0]["layer"])
                     steps[0]["rows"] = 1
+            vectors = {step["vector"]: await self.store.get(step["vector"]) for steps in planned for step in steps}
+        except (StoreUnavailable, StoredDataDamaged) as exc:
+            raise store_failure("steering.additions", exc) from None
         except VectorStoreError as exc:  # checked above; a store refusal still names itself
             raise bad_request("steering.additions", str(exc)) from None
 
@@ -368,10 +383,10 @@ class SteeringResolver:
                 if mode == "actadd":
                     kind = "prompt" if isinstance(addition, PromptAddition) else "vector"
                     lengths.append((f"steering.additions[{i}].{kind}", step["rows"]))
-        return Resolved(EngineSteering(additions=additions), mode, lengths)
+        return Resolved(EngineSteering(additions=additions), mode, lengths, vectors)
 
-    def _plan_vector(self, addition: VectorAddition, mode: str, where: str) -> list[dict]:
-        content_id, vector = self.stored_vector(addition.vector, f"{where}.vector")
+    async def _plan_vector(self, addition: VectorAddition, mode: str, where: str) -> list[dict]:
+        content_id, vector = await self.stored_vector(addition.vector, f"{where}.vector")
         if addition.layer is None:
             steps = [{"vector": content_id, "layer": layer, "rows": vector.directions[layer].shape[0]} for layer in vector.layers]
             for step in steps:

@@ -19,8 +19,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from steer_server.steering import FiniteCoeff, SteeringError, bad_request, field_path
-from vector_store import StoredVector, VectorMeta, VectorNotFound, VectorStoreError
+from steer_server.steering import FiniteCoeff, SteeringError, bad_request, field_path, store_failure
+from vector_store import StoredDataDamaged, StoredVector, StoreUnavailable, VectorMeta, VectorNotFound, VectorStoreError
 
 if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin, SteerServer
@@ -94,6 +94,8 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
                 return JSONResponse(exc.body(), status_code=exc.status)
             except VectorNotFound as exc:
                 return JSONResponse(SteeringError(404, str(exc)).body(), status_code=404)
+            except (StoreUnavailable, StoredDataDamaged) as exc:
+                return JSONResponse(store_failure("store", exc).body(), status_code=503)
             except VectorStoreError as exc:
                 return JSONResponse(SteeringError(400, str(exc)).body(), status_code=400)
 
@@ -113,7 +115,7 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         body = await request.body()
         if content_type in ("application/octet-stream", "application/x-safetensors", "application/safetensors"):
             vector = _vector_from_safetensors(srv, body)
-            content_id = srv.save(vector, name)
+            content_id = await srv.save(vector, name)
         else:
             try:
                 payload = json.loads(body)
@@ -124,8 +126,8 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
             if name is not None and "name" not in payload:
                 payload["name"] = name
             content_id, name = await _create_from_json(srv, payload)
-        content_id, vector = srv.lookup(content_id)
-        return JSONResponse(await srv.describe(content_id, vector, srv.names_of(content_id)), status_code=201)
+        content_id, vector = await srv.lookup(content_id)
+        return JSONResponse(await srv.describe(content_id, vector, await srv.names_of(content_id)), status_code=201)
 
     @router.get(VECTORS_PREFIX)
     @errors_as_json
@@ -133,11 +135,11 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         """Named vectors (``?all=true``: also the unnamed ones computed for requests)."""
         srv = server()
         data = []
-        for content_id, meta, names in srv.store.list():
+        for content_id, meta, names in await srv.store.list():
             if not names and not all:
                 continue
             try:
-                vector = srv.vectors.get(content_id)
+                vector = await srv.store.get(content_id)
             except (VectorNotFound, VectorStoreError):
                 continue
             data.append({
@@ -166,17 +168,17 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         vector = import_gguf(body, model_fingerprint=srv.model.fingerprint, hidden_size=srv.model.hidden_size,
                              num_layers=srv.model.num_layers)
         vector = StoredVector(dataclasses.replace(vector.meta, created=time.time()), vector.directions)
-        content_id = srv.save(vector, name)
-        content_id, vector = srv.lookup(content_id)
-        return JSONResponse(await srv.describe(content_id, vector, srv.names_of(content_id)), status_code=201)
+        content_id = await srv.save(vector, name)
+        content_id, vector = await srv.lookup(content_id)
+        return JSONResponse(await srv.describe(content_id, vector, await srv.names_of(content_id)), status_code=201)
 
     @router.get(VECTORS_PREFIX + "/{name_or_id}")
     @errors_as_json
     async def get_vector(name_or_id: str, norms: bool = False):
         """Metadata; ``?norms=true`` adds each row's L2 norm and a typical token's norm at that layer."""
         srv = server()
-        content_id, vector = srv.lookup(name_or_id)
-        return await srv.describe(content_id, vector, srv.names_of(content_id), norms=norms)
+        content_id, vector = await srv.lookup(name_or_id)
+        return await srv.describe(content_id, vector, await srv.names_of(content_id), norms=norms)
 
     @router.delete(VECTORS_PREFIX + "/{name_or_id}")
     @errors_as_json
@@ -184,18 +186,19 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         """By name: the name goes, and the vector too once no name points at it. By content
         id: the vector and every name pointing at it."""
         srv = server()
-        target = srv.store.name_target(name_or_id)
+        target = await srv.store.name_target(name_or_id)
         if target is not None:
-            srv.store.delete_name(name_or_id)
-            remaining = srv.names_of(target)
+            await srv.store.delete_name(name_or_id)
+            remaining = await srv.names_of(target)
             deleted = None
             if not remaining:
-                srv.store.delete(target)
+                await srv.store.delete(target)
                 deleted = target
             return {"object": "steering.vector.deleted", "names_removed": [name_or_id], "deleted": deleted}
-        content_id = srv.store.resolve(name_or_id)
-        names = srv.names_of(content_id)
-        srv.store.delete(content_id)
+        content_id = await srv.store.resolve(name_or_id)
+        names = await srv.names_of(content_id)
+        await srv.store.delete(content_id)
+        srv.store.forget(*names)
         return {"object": "steering.vector.deleted", "names_removed": names, "deleted": content_id}
 
     @router.get(VECTORS_PREFIX + "/{name_or_id}/gguf")
@@ -207,7 +210,7 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         from vector_store.gguf_io import export_gguf
 
         srv = server()
-        content_id, vector = srv.lookup(name_or_id)
+        content_id, vector = await srv.lookup(name_or_id)
         out = io.BytesIO()
         export_gguf(vector, out, srv.model_type, num_layers=srv.model.num_layers)
         filename = name_or_id if not name_or_id.startswith("v-") else content_id
@@ -237,7 +240,7 @@ async def _create_from_json(srv: SteerServer, payload: dict) -> tuple[str, str |
             "pad_token_id": pad_id,
             "parts": content_ids,
         }
-        content_id = srv.computer.combine(list(zip(content_ids, [a.coeff for a in spec.additions])), source)
+        content_id = await srv.computer.combine(list(zip(content_ids, [a.coeff for a in spec.additions])), source)
     elif "pairs" in payload:
         spec = _validate(ConstantVectorCreate, payload)
         resolver.check_layer(spec.layer, "layer")
@@ -258,14 +261,14 @@ async def _create_from_json(srv: SteerServer, payload: dict) -> tuple[str, str |
             tensor = torch.tensor(rows, dtype=torch.float32)
             directions[layer] = _checked_rows(srv, tensor, f"layers.{key}")
         vector = StoredVector(_upload_meta(srv, directions, spec.kind, "upload"), directions)
-        return srv.save(vector, spec.name), spec.name
+        return await srv.save(vector, spec.name), spec.name
     else:
         raise bad_request("body", 'expected "additions" (actadd), "pairs" (constant) or "layers" (upload)')
     if spec.name is not None:
         from vector_store.codec import check_name
 
         check_name(spec.name)
-        srv.store.set_name(spec.name, content_id)
+        await srv.store.set_name(spec.name, content_id)
     return content_id, spec.name
 
 

@@ -1,8 +1,8 @@
 """Real processes for the fleet tests (not a test module): tiny-model steer-server replicas,
 nginx and Prometheus.
 
-Replicas are started with the bench's launcher (``steer_server.bench.start_server``): each
-gets its own generated ``--api-key`` and serves a tiny model eagerly with a 64 MiB KV cache.
+Replicas are started and stopped with the project's own ``steer_server.server_process``; each
+serves a tiny model eagerly with a 64 MiB KV cache and ``INFERENCE_KEY`` as vLLM's ``--api-key``.
 nginx and Prometheus run as the test user on free loopback ports, with every path they write (pid, logs,
 temp files, the TSDB) in a temp dir, and are stopped by the caller (``stop``). Their configs
 are the shipped ones (``deploy/nginx/steer-server.conf``, ``deploy/prometheus/prometheus.yml``)
@@ -13,9 +13,9 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
 import subprocess
-import time
+import uuid
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -23,26 +23,29 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from steer_server.bench import ServerHandle, free_port, start_server
+from steer_server import server_process
+from steer_server.server_process import ServerProcess, free_port, stop
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED_NGINX = REPO / "deploy" / "nginx" / "steer-server.conf"
 SHIPPED_PROMETHEUS = REPO / "deploy" / "prometheus" / "prometheus.yml"
 START_TIMEOUT_S = 30
 
-TINY_SERVER_ARGS = ["--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20)]
-SERVER_START_TIMEOUT_S = 600  # generous: the machine is shared
+INFERENCE_KEY = "inference-" + uuid.uuid4().hex  # every tiny server's vLLM --api-key
+TINY_SERVER_ARGS = ["--enforce-eager", "--max-model-len", "512", "--kv-cache-memory-bytes", str(64 << 20),
+                    "--served-model-name", "tiny", "--api-key", INFERENCE_KEY]
+SERVER_START_TIMEOUT_S = 900  # generous: the machine is shared
 
 
-def start_tiny_server(model_dir: str, workdir: Path, store: str, extra_args: list[str] = (),
-                      env: dict | None = None) -> ServerHandle:
-    """`steer-server serve` on ``model_dir`` (served as "tiny"); None in ``env`` removes a variable."""
-    return start_server(
-        "steer", model_dir, served_name="tiny", store=store, log=workdir / "server.log",
-        server_args=[*TINY_SERVER_ARGS, *extra_args],
-        # The KV cache is sized by the flag: vLLM would let $VLLM_CPU_KVCACHE_SPACE win.
-        env={"VLLM_CPU_KVCACHE_SPACE": None, **(env or {})}, timeout_s=SERVER_START_TIMEOUT_S,
-    )
+def start_tiny_server(model_dir: str, workdir: Path, store: str, extra_args: Sequence[str] = (),
+                      env: dict | None = None) -> ServerProcess:
+    """`steer-server serve` on ``model_dir`` (served as "tiny", ``INFERENCE_KEY`` as its key)."""
+    environment = dict(os.environ, **(env or {}))
+    environment.pop("VLLM_PLUGINS", None)  # `steer-server serve` sets its own
+    environment.pop("VLLM_CPU_KVCACHE_SPACE", None)  # the flag sizes the KV cache; vLLM lets the variable win
+    return server_process.start_steer_server(
+        ["--model", model_dir, "--store", store, *TINY_SERVER_ARGS, *extra_args],
+        port=free_port(), log=workdir / "server.log", env=environment, timeout_s=SERVER_START_TIMEOUT_S)
 
 
 _UPSTREAM_SERVER = re.compile(r"^(\s*server\s+)replica-\d+:\d+(\s)", re.MULTILINE)
@@ -91,19 +94,16 @@ def nginx_check(config: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
-def start_nginx(config: Path, url: str) -> subprocess.Popen:
-    process = subprocess.Popen(
-        [binary("nginx"), "-c", str(config), "-p", str(config.parent), "-e", str(config.parent / "error.log"),
-         "-g", "daemon off;"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    _wait_for(process, lambda: httpx.get(url + "/nginx-test-probe", timeout=2), "nginx", config.parent / "error.log")
-    return process
+def start_nginx(config: Path, url: str) -> ServerProcess:
+    command = [binary("nginx"), "-c", str(config), "-p", str(config.parent), "-e", str(config.parent / "error.log"),
+               "-g", "daemon off;"]
+    return server_process.start("nginx", command, url=url, ready=_answers(url + "/nginx-test-probe"),
+                                log=config.parent / "nginx.out", timeout_s=START_TIMEOUT_S, poll_s=0.1)
 
 
-def start_prometheus(workdir: Path, targets: list[str], scrape_interval: str = "1s") -> tuple[subprocess.Popen, str]:
+def start_prometheus(workdir: Path, targets: list[str], scrape_interval: str = "1s") -> ServerProcess:
     """Prometheus with the shipped config, its targets replaced by ``targets`` (host:port) and
-    its intervals by ``scrape_interval``; returns (process, url)."""
+    its intervals by ``scrape_interval``."""
     workdir.mkdir(parents=True, exist_ok=True)
     settings = yaml.safe_load(SHIPPED_PROMETHEUS.read_text())
     settings["global"].update(scrape_interval=scrape_interval, evaluation_interval=scrape_interval)
@@ -111,17 +111,23 @@ def start_prometheus(workdir: Path, targets: list[str], scrape_interval: str = "
     job["static_configs"] = [{"targets": targets}]
     config = workdir / "prometheus.yml"
     config.write_text(yaml.safe_dump(settings))
-    port = free_port()
-    log = workdir / "prometheus.log"
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(
-            [binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{port}"],
-            stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    _wait_for(process, lambda: httpx.get(url + "/-/ready", timeout=2).raise_for_status(), "prometheus", log)
-    return process, url
+    url = f"http://127.0.0.1:{free_port()}"
+    command = [binary("prometheus"), f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+               f"--web.listen-address={url.removeprefix('http://')}"]
+    return server_process.start("prometheus", command, url=url, ready=_answers(url + "/-/ready", ok=200),
+                                log=workdir / "prometheus.log", timeout_s=START_TIMEOUT_S, poll_s=0.1)
+
+
+def _answers(url: str, ok: int | None = None):
+    """Probe: ``url`` answers HTTP (with status ``ok`` when given)."""
+    def ready() -> bool:
+        try:
+            status = httpx.get(url, timeout=2).status_code
+        except httpx.HTTPError:
+            return False
+        return ok is None or status == ok
+
+    return ready
 
 
 def prometheus_query(url: str, expr: str) -> list[dict]:
@@ -140,40 +146,3 @@ def metric_samples(text: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
             samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return samples
-
-
-def stop(process: subprocess.Popen) -> None:
-    if process.poll() is None:
-        process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-            return
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
-
-
-def _wait_for(process: subprocess.Popen, probe, name: str, log: Path) -> None:
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode}:\n{_tail(log)}")
-        try:
-            probe()
-            return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                stop(process)
-                raise RuntimeError(f"{name} not answering after {START_TIMEOUT_S} s:\n{_tail(log)}") from None
-            time.sleep(0.1)
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"

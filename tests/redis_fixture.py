@@ -1,53 +1,64 @@
-"""A throwaway redis-server for tests: loopback only, nothing persisted.
+"""Throwaway redis-servers for tests, on loopback.
 
-Shared by every test folder through tests/conftest.py; a test that uses it gets the
-server's URL and must keep its keys apart (a unique key prefix, or a db it flushes).
+``redis_server`` (a session fixture, shared by every test folder through
+tests/conftest.py) persists nothing; a test that uses it gets the server's URL and must
+keep its keys apart (a unique key prefix, or a db it flushes). Tests that pause, kill or
+restart a server start their own ``RedisProcess``.
 """
 from __future__ import annotations
 
 import shutil
-import socket
+import signal
 import subprocess
-import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
-import redis
+
+from steer_server.server_process import free_port, start_redis
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+class RedisProcess:
+    """A redis-server on a free loopback port. With ``persist`` it writes every change to
+    an append-only file in ``workdir``, so it can be killed and restarted with its data."""
+
+    def __init__(self, workdir: Path, persist: bool = False):
+        self.port = free_port()
+        self.workdir = workdir
+        self.persist = persist
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        """Start (or restart, on the same port and directory) and wait until it answers PING."""
+        self.process = start_redis(self.workdir, port=self.port, persist=self.persist).process
+
+    def signal(self, signum: int) -> None:
+        self.process.send_signal(signum)
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
+            self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def needs_redis_server() -> None:
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed (apt-get install redis-server)")
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """URL of a redis-server started for this test session (skips without the binary)."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
-    port = _free_loopback_port()
-    workdir = tmp_path_factory.mktemp("redis")
-    process = subprocess.Popen(
-        [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no", "--dir", str(workdir)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"redis://127.0.0.1:{port}/0"
+    needs_redis_server()
+    server = RedisProcess(tmp_path_factory.mktemp("redis"))
+    server.start()
     try:
-        client = redis.Redis.from_url(url)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on port {port}") from None
-                time.sleep(0.05)
-        client.close()
-        yield url
+        yield server.url
     finally:
-        process.terminate()
-        process.wait(timeout=10)
+        server.stop()

@@ -1,5 +1,7 @@
 """Steering vectors: content-addressed, cached, shared across replicas."""
 from vector_store.base import (
+    StoreUnavailable,
+    StoredDataDamaged,
     StoredVector,
     VectorMeta,
     VectorNotFound,
@@ -10,6 +12,8 @@ from vector_store.base import (
 from vector_store.open import open_store
 
 __all__ = [
+    "StoreUnavailable",
+    "StoredDataDamaged",
     "StoredVector",
     "VectorMeta",
     "VectorNotFound",

@@ -21,6 +21,15 @@ class VectorStoreError(ValueError):
     """Bad input to the store; the message names what is wrong."""
 
 
+class StoredDataDamaged(VectorStoreError):
+    """The store holds an entry whose bytes are missing or no longer match its id: a fault
+    of the store, not of the request that asked for it."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The store did not answer (connection refused or lost, timeout, locked database)."""
+
+
 class VectorNotFound(KeyError):
     """No vector with that name or content id."""
 
@@ -85,6 +94,10 @@ class VectorStore(abc.ABC):
         match the id."""
 
     @abc.abstractmethod
+    def has(self, content_id: str) -> bool:
+        """Whether a vector with this content id is stored (no tensors are read)."""
+
+    @abc.abstractmethod
     def delete(self, content_id: str) -> None:
         """Remove the vector and every name pointing at it."""
 
@@ -115,7 +128,6 @@ class VectorStore(abc.ABC):
         target = self.name_target(name_or_id)
         if target is not None:
             return target
-        if name_or_id.startswith("v-"):
-            self.get(name_or_id)  # raises VectorNotFound
+        if name_or_id.startswith("v-") and self.has(name_or_id):
             return name_or_id
         raise VectorNotFound(f"no vector named or with id {name_or_id!r}")

@@ -16,7 +16,14 @@ from safetensors import SafetensorError
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
 
-from vector_store.base import StoredVector, VectorMeta, VectorNotFound, VectorStoreError, content_id_of
+from vector_store.base import (
+    StoredDataDamaged,
+    StoredVector,
+    VectorMeta,
+    VectorNotFound,
+    VectorStoreError,
+    content_id_of,
+)
 
 KINDS = ("actadd", "constant")
 NAME_RULE = "1-128 characters of A-Z a-z 0-9 . _ -, not starting with 'v-' (reserved for content ids)"
@@ -132,26 +139,26 @@ def decode_meta(content_id: str, meta_json: str | bytes) -> VectorMeta:
     try:
         return VectorMeta(**json.loads(meta_json))
     except (TypeError, ValueError) as error:
-        raise VectorStoreError(f"stored metadata of {content_id} is unreadable: {error}") from None
+        raise StoredDataDamaged(f"stored metadata of {content_id} is unreadable: {error}") from None
 
 
 def decode(content_id: str, meta_json: str | bytes, tensor_bytes: bytes, tensor_sha256: str) -> StoredVector:
     """Rebuild a stored vector and prove it is still what ``content_id`` names; a
     VectorStoreError naming the id if its bytes changed."""
     if hashlib.sha256(tensor_bytes).hexdigest() != tensor_sha256:
-        raise VectorStoreError(f"stored tensors of {content_id} are corrupted: their sha256 changed")
+        raise StoredDataDamaged(f"stored tensors of {content_id} are corrupted: their sha256 changed")
     meta = decode_meta(content_id, meta_json)
     try:
         tensors = load_tensors(tensor_bytes)
     except (SafetensorError, ValueError) as error:
-        raise VectorStoreError(f"stored tensors of {content_id} are unreadable: {error}") from None
+        raise StoredDataDamaged(f"stored tensors of {content_id} are unreadable: {error}") from None
     directions = {}
     for key, tensor in tensors.items():
         match = _LAYER_KEY.fullmatch(key)
         if match is None:
-            raise VectorStoreError(f"stored tensors of {content_id} hold an unexpected tensor {key!r}")
+            raise StoredDataDamaged(f"stored tensors of {content_id} hold an unexpected tensor {key!r}")
         directions[int(match.group(1))] = tensor
     if content_id_of(meta, directions) != content_id:
-        raise VectorStoreError(f"stored vector {content_id} is corrupted: its content no longer hashes to its id")
+        raise StoredDataDamaged(f"stored vector {content_id} is corrupted: its content no longer hashes to its id")
     return StoredVector(meta=meta, directions=directions)
 

@@ -24,7 +24,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vector_store.base import StoredVector, VectorMeta, VectorStore, VectorStoreError
+from vector_store.async_access import AsyncStore
+from vector_store.base import StoredVector, VectorMeta, VectorStoreError
 from vector_store.keys import computation_key
 
 # (token id lists, layers) -> per prompt {layer: float32 [len, hidden]}
@@ -41,7 +42,7 @@ class ModelInfo:
 class VectorComputer:
     """Computes vectors once per (model, layer, tokens, method, padding) and caches them."""
 
-    def __init__(self, store: VectorStore, capture: CaptureFn, model: ModelInfo, max_prompt_tokens: int = 64):
+    def __init__(self, store: AsyncStore, capture: CaptureFn, model: ModelInfo, max_prompt_tokens: int = 64):
         self.store = store
         self.model = model
         self.max_prompt_tokens = max_prompt_tokens
@@ -79,7 +80,7 @@ class VectorComputer:
         length = max(len(ids) for ids in prompts)
         padded = [ids + [pad_token_id] * (length - len(ids)) if pad_token_id is not None else ids for ids in prompts]
         keys = [computation_key(self.model.fingerprint, layer, [ids], [1.0], "actadd", pad_token_id) for ids in padded]
-        found = [self.store.cached_computation(key) for key in keys]
+        found = [await self.store.cached_computation(key) for key in keys]
         missing = sorted({tuple(ids) for ids, cid in zip(padded, found) if cid is None})
         if missing:
             streams = await self._streams([list(ids) for ids in missing], [layer])
@@ -89,11 +90,11 @@ class VectorComputer:
                     self._meta("actadd", "actadd", {"token_ids": list(ids), "pad_token_id": pad_token_id}),
                     {layer: stream[layer]},
                 )
-                computed[ids] = self.store.put(vector)
+                computed[ids] = await self.store.put(vector)
             for i, ids in enumerate(padded):
                 if found[i] is None:
                     found[i] = computed[tuple(ids)]
-                    self.store.remember_computation(keys[i], found[i])
+                    await self.store.remember_computation(keys[i], found[i])
         return found  # type: ignore[return-value]
 
     async def constant(self, pairs: list[tuple[list[int], list[int]]], layer: int) -> str:
@@ -107,21 +108,21 @@ class VectorComputer:
         method = "last_token_diff" if len(pairs) == 1 else "mean_diff"
         flat = [ids for pair in pairs for ids in pair]
         key = computation_key(self.model.fingerprint, layer, flat, [], method, None)
-        cached = self.store.cached_computation(key)
+        cached = await self.store.cached_computation(key)
         if cached is not None:
             return cached
         streams = await self._streams(flat, [layer])
         last = torch.stack([s[layer][-1] for s in streams])  # [2 * pairs, hidden]
         direction = (last[0::2] - last[1::2]).mean(dim=0, keepdim=True)
         vector = StoredVector(self._meta("constant", method, {"pairs": [list(p) for p in pairs]}), {layer: direction})
-        content_id = self.store.put(vector)
-        self.store.remember_computation(key, content_id)
+        content_id = await self.store.put(vector)
+        await self.store.remember_computation(key, content_id)
         return content_id
 
-    def combine(self, parts: list[tuple[str, float]], source: dict) -> str:
+    async def combine(self, parts: list[tuple[str, float]], source: dict) -> str:
         """One stored vector from weighted stored vectors (same layers), summed per
         position front-aligned: a named ActAdd vector made from a contrast pair."""
-        vectors = [(self.store.get(cid), coeff) for cid, coeff in parts]
+        vectors = [(await self.store.get(cid), coeff) for cid, coeff in parts]
         layers = sorted({layer for vector, _ in vectors for layer in vector.layers})
         directions = {}
         for layer in layers:
@@ -135,4 +136,4 @@ class VectorComputer:
         kind = "constant" if all(d.shape[0] == 1 for d in directions.values()) and all(
             v.meta.kind == "constant" for v, _ in vectors
         ) else "actadd"
-        return self.store.put(StoredVector(self._meta(kind, "combined", source), directions))
+        return await self.store.put(StoredVector(self._meta(kind, "combined", source), directions))

@@ -20,19 +20,21 @@ def default_store_location() -> str:
     return os.path.join(cache_home, "steer-server", "vectors")
 
 
-def open_store(url: str | None = None) -> VectorStore:
+def open_store(url: str | None = None, timeout_s: float | None = None) -> VectorStore:
     """``redis://host:port/db`` (or ``rediss://``) -> RedisVectorStore; ``sqlite:///abs/dir``
-    or a plain directory path -> SqliteVectorStore; None -> ``default_store_location()``."""
+    or a plain directory path -> SqliteVectorStore; None -> ``default_store_location()``.
+    ``timeout_s`` bounds each call (Redis socket timeouts, SQLite's busy timeout)."""
+    sqlite_args = {} if timeout_s is None else {"timeout_s": timeout_s}
     location = url if url is not None else default_store_location()
     if location.startswith(_REDIS_SCHEMES):
-        return RedisVectorStore(location)
+        return RedisVectorStore(location, timeout_s=timeout_s)
     if location.startswith(_SQLITE_SCHEME):
         path = location[len(_SQLITE_SCHEME):]
         if not path.startswith("/"):
             raise VectorStoreError(f"bad store URL {location!r}: expected sqlite:///absolute/directory")
-        return SqliteVectorStore(path)
+        return SqliteVectorStore(path, **sqlite_args)
     if "://" in location or not location:
         raise VectorStoreError(
             f"bad store location {location!r}: expected redis://..., sqlite:///absolute/dir or a directory path"
         )
-    return SqliteVectorStore(os.path.expanduser(location))
+    return SqliteVectorStore(os.path.expanduser(location), **sqlite_args)

@@ -15,13 +15,15 @@ from __future__ import annotations
 import redis
 
 from vector_store import codec
-from vector_store.base import StoredVector, VectorMeta, VectorNotFound, VectorStore, VectorStoreError
+from vector_store.base import StoredDataDamaged, StoredVector, VectorMeta, VectorNotFound, VectorStore, VectorStoreError
 
 
 class RedisVectorStore(VectorStore):
-    def __init__(self, url: str, prefix: str = "steer:") -> None:
+    def __init__(self, url: str, prefix: str = "steer:", timeout_s: float | None = None) -> None:
+        # redis-py waits 5 s per command by default; a server bounds every call by its own timeout.
+        timeouts = {} if timeout_s is None else {"socket_timeout": timeout_s, "socket_connect_timeout": timeout_s}
         try:
-            self._redis = redis.Redis.from_url(url)
+            self._redis = redis.Redis.from_url(url, **timeouts)
         except ValueError as error:
             raise VectorStoreError(f"bad Redis URL {url!r}: {error}") from None
         self.url = url
@@ -62,14 +64,18 @@ class RedisVectorStore(VectorStore):
         try:
             fields = self._redis.hgetall(self._vector_key(content_id))
         except redis.ResponseError as error:  # the key was overwritten with another type
-            raise VectorStoreError(f"stored vector {content_id} is corrupted: {error}") from None
+            raise StoredDataDamaged(f"stored vector {content_id} is corrupted: {error}") from None
         if not fields:
             raise VectorNotFound(f"no vector with id {content_id}")
         try:
             meta_json, tensor_bytes, sha256 = fields[b"meta"], fields[b"tensors"], fields[b"sha256"].decode()
         except (KeyError, UnicodeDecodeError):
-            raise VectorStoreError(f"stored vector {content_id} is corrupted: fields are missing") from None
+            raise StoredDataDamaged(f"stored vector {content_id} is corrupted: fields are missing") from None
         return codec.decode(content_id, meta_json, tensor_bytes, sha256)
+
+    def has(self, content_id: str) -> bool:
+        codec.check_content_id(content_id)
+        return bool(self._redis.sismember(self._ids_key, content_id))
 
     def delete(self, content_id: str) -> None:
         codec.check_content_id(content_id)
@@ -110,7 +116,7 @@ class RedisVectorStore(VectorStore):
         listed = []
         for content_id, meta_json in zip(content_ids, meta_jsons):
             if isinstance(meta_json, redis.ResponseError):
-                raise VectorStoreError(f"stored vector {content_id} is corrupted ({meta_json}); delete it")
+                raise StoredDataDamaged(f"stored vector {content_id} is corrupted ({meta_json}); delete it")
             if meta_json is not None:  # else deleted since the ids were read
                 listed.append((content_id, codec.decode_meta(content_id, meta_json), names.get(content_id, [])))
         return sorted(listed, key=lambda item: (item[1].created, item[0]))

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vector_store import codec
-from vector_store.base import StoredVector, VectorMeta, VectorNotFound, VectorStore, VectorStoreError
+from vector_store.base import StoredDataDamaged, StoredVector, VectorMeta, VectorNotFound, VectorStore, VectorStoreError
 
 _BUSY_TIMEOUT_S = 30.0
 _SCHEMA = """
@@ -42,8 +42,9 @@ CREATE INDEX IF NOT EXISTS computations_by_content_id ON computations(content_id
 
 
 class SqliteVectorStore(VectorStore):
-    def __init__(self, data_dir: str | os.PathLike[str]) -> None:
+    def __init__(self, data_dir: str | os.PathLike[str], timeout_s: float = _BUSY_TIMEOUT_S) -> None:
         self.data_dir = Path(data_dir)
+        self.timeout_s = timeout_s
         self.blob_dir = self.data_dir / "blobs"
         try:
             self.blob_dir.mkdir(parents=True, exist_ok=True)
@@ -61,7 +62,7 @@ class SqliteVectorStore(VectorStore):
     def _connect(self) -> Iterator[sqlite3.Connection]:
         # One short-lived connection per operation: safe across threads and after fork.
         # timeout is SQLite's busy timeout: how long to wait for another writer's lock.
-        connection = sqlite3.connect(self.index_path, timeout=_BUSY_TIMEOUT_S, isolation_level=None)
+        connection = sqlite3.connect(self.index_path, timeout=self.timeout_s, isolation_level=None)
         try:
             connection.execute("PRAGMA foreign_keys=ON")  # deletes cascade to names and computations
             yield connection
@@ -99,8 +100,13 @@ class SqliteVectorStore(VectorStore):
         try:
             tensor_bytes = (self.blob_dir / blob_name).read_bytes()
         except OSError as error:
-            raise VectorStoreError(f"stored tensors of {content_id} are missing: {error}") from None
+            raise StoredDataDamaged(f"stored tensors of {content_id} are missing: {error}") from None
         return codec.decode(content_id, meta_json, tensor_bytes, blob_sha256)
+
+    def has(self, content_id: str) -> bool:
+        codec.check_content_id(content_id)
+        with self._connect() as connection:
+            return connection.execute("SELECT 1 FROM vectors WHERE content_id = ?", (content_id,)).fetchone() is not None
 
     def delete(self, content_id: str) -> None:
         codec.check_content_id(content_id)

@@ -44,6 +44,7 @@ class SteeringBatch:
         self._host_prompt_len = np.zeros(max_reqs, dtype=np.int64)
         self._clean = True  # buffers hold only zeros
         self.points_in_use = np.zeros(num_points, dtype=bool)  # points the last fill steers
+        self._written = np.zeros(num_points, dtype=bool)  # points whose buffers may hold non-zeros
 
     def fill(
         self,
@@ -52,12 +53,14 @@ class SteeringBatch:
         position_of_token: torch.Tensor,
     ) -> None:
         """``rows_in_batch[i]`` is the i-th batch slot's rows (None: unsteered);
-        ``req_index_of_token`` and ``position_of_token`` are ``[num_tokens]``."""
+        ``req_index_of_token`` and ``position_of_token`` are ``[num_tokens]`` (the runner's
+        own buffers: read, never written)."""
         if not any(r is not None for r in rows_in_batch):
             if not self._clean:
                 self.row_of_token.zero_()
                 self.scale_of_token.zero_()
                 self.points_in_use[:] = False
+                self._written[:] = False
                 self._clean = True
             return
         self._clean = False
@@ -70,14 +73,27 @@ class SteeringBatch:
                 self._host_scales[slot] = request.scales
                 self._host_prompt_len[slot] = request.prompt_len
         np.any(self._host_scales[:num_reqs] != 0, axis=0, out=self.points_in_use)
+        # Only the points this batch steers are computed; points steered before but not
+        # now go back to zeros (compiled graphs add at every point).
+        stale = np.flatnonzero(self._written & ~self.points_in_use)
+        if stale.size:
+            stale_points = torch.from_numpy(stale).to(self.row_of_token.device)
+            self.row_of_token[stale_points] = 0
+            self.scale_of_token[stale_points] = 0
+        self._written |= self.points_in_use
+        active = np.flatnonzero(self.points_in_use)
+        if not active.size:
+            return
         self._rows_of_req[:num_reqs].copy_(torch.from_numpy(self._host_rows[:num_reqs]), non_blocking=True)
         self._scales_of_req[:num_reqs].copy_(torch.from_numpy(self._host_scales[:num_reqs]), non_blocking=True)
         self._prompt_len_of_req[:num_reqs].copy_(torch.from_numpy(self._host_prompt_len[:num_reqs]), non_blocking=True)
 
+        points = torch.from_numpy(active).to(self.row_of_token.device)
         num_tokens = req_index_of_token.shape[0]
-        req = req_index_of_token.to(torch.int64).clamp_(max=num_reqs - 1)
+        # Padded tokens (CUDA graphs) may carry stale request indices: clamp a copy.
+        req = req_index_of_token.to(torch.int64).clamp(max=num_reqs - 1)
         pos = position_of_token.to(torch.int64)[:, None]  # [tokens, 1]
-        plan = self._rows_of_req[req]  # [tokens, points, 4]
+        plan = self._rows_of_req[:num_reqs, points][req]  # [tokens, active points, 4]
         in_front = pos < plan[..., FRONT_LEN]
         in_prompt = pos < self._prompt_len_of_req[req][:, None]
         row = torch.where(
@@ -85,5 +101,5 @@ class SteeringBatch:
             plan[..., FRONT_START] + pos,
             torch.where(in_prompt, plan[..., PROMPT_REST_ROW], plan[..., GENERATED_ROW]),
         )
-        self.row_of_token[:, :num_tokens].copy_(row.T)
-        self.scale_of_token[:, :num_tokens].copy_(self._scales_of_req[req].T)
+        self.row_of_token[points, :num_tokens] = row.T
+        self.scale_of_token[points, :num_tokens] = self._scales_of_req[:num_reqs, points][req].T

@@ -5,9 +5,16 @@ to record. Steps that contain one run eagerly; the wrapped blocks hand the recor
 the stream at every point, and it keeps the capture requests' prompt positions. The
 frontend then collects the result with a worker RPC. Captures get a unique cache salt
 (see frontend.py), so prefix caching never skips a position.
+
+Only this process can ask for one: a capture carries ``CAPTURE_TOKEN``, a secret made
+at import, and the frontend hook refuses any capture without it, whatever entrypoint a
+request came through. Workers keep finished captures for ``_KEEP_S`` seconds and at
+most ``_MAX_UNCLAIMED_BYTES`` in all (oldest dropped first).
 """
 from __future__ import annotations
 
+import secrets
+import time
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -15,10 +22,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from steer_vllm.spec import CAPTURE_KEY
+from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY
 
 TAKE_CAPTURE_RPC = "steer_take_capture"
-_MAX_UNCLAIMED = 256
+CAPTURE_TOKEN = secrets.token_hex(16)
+_KEEP_S = 120.0
+_MAX_UNCLAIMED_BYTES = 256 * 1024 * 1024
 
 
 @dataclass
@@ -36,7 +45,7 @@ class CaptureRecorder:
     def __init__(self) -> None:
         self.active = False
         self._jobs: dict[str, _Job] = {}  # req_id -> job
-        self._done: OrderedDict[str, dict[int, torch.Tensor]] = OrderedDict()
+        self._done: OrderedDict[str, tuple[float, dict[int, torch.Tensor]]] = OrderedDict()  # id -> (finished at, streams)
         self._slices: list[tuple[_Job, int, int, int]] = []  # job, first token, end token, first position
 
     def add(self, req_id: str, capture_id: str, layers: list[int], prompt_len: int) -> None:
@@ -84,26 +93,41 @@ class CaptureRecorder:
         for job, first, end, first_pos in self._slices:
             job.filled[first_pos : min(first_pos + end - first, job.prompt_len)] = True
             if job.filled.all() and job.capture_id not in self._done:
-                self._done[job.capture_id] = job.streams
-                while len(self._done) > _MAX_UNCLAIMED:
-                    self._done.popitem(last=False)
+                self._done[job.capture_id] = (time.monotonic(), job.streams)
+        self._drop_unclaimed()
         self._slices = []
         self.active = False
 
+    def _drop_unclaimed(self) -> None:
+        """Expire captures nobody collected, and keep the rest within the byte bound."""
+        now = time.monotonic()
+        kept = sum(stream.numel() * 4 for _, streams in self._done.values() for stream in streams.values())
+        while self._done:
+            finished, streams = next(iter(self._done.values()))
+            if now - finished < _KEEP_S and kept <= _MAX_UNCLAIMED_BYTES:
+                break
+            kept -= sum(stream.numel() * 4 for stream in streams.values())
+            self._done.popitem(last=False)
+
     def take(self, capture_id: str) -> dict[int, tuple[int, bytes]] | None:
         """The finished capture as ``{layer: (positions, float32 bytes)}`` (RPC-safe)."""
-        streams = self._done.pop(capture_id, None)
-        if streams is None:
+        done = self._done.pop(capture_id, None)
+        if done is None:
             return None
+        streams = done[1]
         return {layer: (stream.shape[0], stream.numpy().tobytes()) for layer, stream in streams.items()}
 
 
-def capture_params(layers: list[int]):
-    """SamplingParams and id for a capture request of the given stream points."""
+def capture_params(layers: list[int], steering: dict | None = None):
+    """SamplingParams and id for a capture request of the given stream points (recorded
+    as steered by ``steering``, the engine's spec, when given)."""
     from vllm import SamplingParams
 
     capture_id = uuid.uuid4().hex
-    params = SamplingParams(max_tokens=1, temperature=0.0, extra_args={CAPTURE_KEY: {"id": capture_id, "layers": layers}})
+    extra_args: dict = {CAPTURE_KEY: {"id": capture_id, "layers": layers, "token": CAPTURE_TOKEN}}
+    if steering is not None:
+        extra_args[STEERING_KEY] = steering
+    params = SamplingParams(max_tokens=1, temperature=0.0, extra_args=extra_args)
     return capture_id, params
 
 
@@ -119,11 +143,13 @@ def merge_worker_results(capture_id: str, per_worker: list[dict | None]) -> dict
     return merged
 
 
-def capture_residuals(llm, prompts_token_ids: list[list[int]], layers: list[int]) -> list[dict[int, torch.Tensor]]:
+def capture_residuals(
+    llm, prompts_token_ids: list[list[int]], layers: list[int], steering: dict | None = None
+) -> list[dict[int, torch.Tensor]]:
     """Offline engine (``vllm.LLM``): the stream entering each layer, ``[len, hidden]`` per prompt."""
     from vllm.inputs import TokensPrompt
 
-    jobs = [capture_params(layers) for _ in prompts_token_ids]
+    jobs = [capture_params(layers, steering) for _ in prompts_token_ids]
     llm.generate(
         [TokensPrompt(prompt_token_ids=ids) for ids in prompts_token_ids],
         [params for _, params in jobs],
@@ -132,14 +158,16 @@ def capture_residuals(llm, prompts_token_ids: list[list[int]], layers: list[int]
     return [merge_worker_results(cid, llm.collective_rpc(TAKE_CAPTURE_RPC, args=(cid,))) for cid, _ in jobs]
 
 
-async def capture_residuals_async(engine_client, prompts_token_ids: list[list[int]], layers: list[int]) -> list[dict[int, torch.Tensor]]:
+async def capture_residuals_async(
+    engine_client, prompts_token_ids: list[list[int]], layers: list[int], steering: dict | None = None
+) -> list[dict[int, torch.Tensor]]:
     """The same through a running server's engine client (``AsyncLLM``)."""
     import asyncio
 
     from vllm.inputs import TokensPrompt
 
     async def one(ids: list[int]) -> dict[int, torch.Tensor]:
-        capture_id, params = capture_params(layers)
+        capture_id, params = capture_params(layers, steering)
         # Under data parallelism collective_rpc answers with the first engine's workers only
         # (vllm/v1/engine/core_client.py, DPLBAsyncMPClient.call_utility_async): run the
         # capture on that engine. Rank 0 exists whatever the data-parallel size.

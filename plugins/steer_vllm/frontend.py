@@ -1,21 +1,39 @@
-"""Frontend side (the process that accepts requests): validate each request's steering
-against the served model and the store, and salt its prefix-cache key.
+"""Frontend side (the process that accepts requests): every request passes through
+vLLM's ``InputProcessor.process_inputs`` on its way to the engine, whatever HTTP
+entrypoint (or offline API) it came from. There each request's steering is validated
+against the served model, its vectors are attached (``steer_vllm.content``), and its
+prefix-cache key is salted; captures are refused unless this process made them.
 
 Checking here means a bad payload fails only its own request, with a message naming
 the field, before it reaches the engine that every other request shares.
+
+Vectors come from the process-wide cache (``vector_store.cache``). The HTTP layer reads
+them from the store without blocking its event loop and pins them there for the
+duration of the request, so for served requests this hook never touches the store; an
+offline caller that names vectors directly gets them read from the store here.
 """
 from __future__ import annotations
 
 import functools
 import hashlib
+import hmac
 import uuid
 
 import torch
 from vllm.exceptions import VLLMNotFoundError
 
-from steer_vllm.spec import EngineSteering, SteeringSpecError, capture_of, steering_of
-from steer_vllm.vector_cache import VectorCache
-from vector_store import VectorNotFound
+from steer_vllm.capture import CAPTURE_TOKEN
+from steer_vllm.content import VECTORS_KEY, attach_vectors
+from steer_vllm.hooks import patch
+from steer_vllm.limits import table_rows_for_config
+from steer_vllm.plans import plan_layers
+from steer_vllm.spec import CAPTURE_KEY, EngineSteering, SteeringSpecError, capture_of, steering_of
+from vector_store import StoredVector, VectorNotFound, VectorStore
+from vector_store.cache import VectorCache, process_cache
+
+# Longest prompt a capture may record (the server captures steering prompts and one
+# reference text, both far shorter).
+MAX_CAPTURE_TOKENS = 2048
 
 
 class UnknownVector(VLLMNotFoundError, ValueError):
@@ -28,13 +46,24 @@ def steering_salt(steering: EngineSteering, client_salt: str | None) -> str:
     return f"steer-{digest}" + (f"|{client_salt}" if client_salt else "")
 
 
+def prompt_length(request) -> int:
+    """Tokens in an ``EngineCoreRequest``'s prompt (token ids or prompt embeddings)."""
+    if request.prompt_token_ids is not None:
+        return len(request.prompt_token_ids)
+    embeds = getattr(request, "prompt_embeds", None)
+    return 0 if embeds is None else int(embeds.shape[0])
+
+
 class SteeringValidator:
-    def __init__(self, model_config, vectors: VectorCache | None = None):
+    def __init__(self, vllm_config, vectors: VectorCache | None = None, store: VectorStore | None = None):
+        model_config = vllm_config.model_config
         self.num_layers = model_config.hf_text_config.num_hidden_layers
         self.hidden_size = model_config.get_hidden_size()
         self.model_dir = model_config.model
         self.dtype_max = torch.finfo(model_config.dtype).max
-        self.vectors = vectors or VectorCache()
+        self.table_capacity = table_rows_for_config(vllm_config) - 1
+        self.vectors = vectors or process_cache()
+        self._store = store
         self._fingerprint: str | None = None
         self._finite: dict[str, bool] = {}
 
@@ -46,15 +75,28 @@ class SteeringValidator:
             self._fingerprint = model_fingerprint(self.model_dir)
         return self._fingerprint
 
-    def check(self, steering: EngineSteering, prompt_len: int) -> None:
+    def _vector(self, content_id: str, where: str) -> StoredVector:
+        vector = self.vectors.get(content_id)
+        if vector is not None:
+            return vector
+        if self._store is None:
+            from vector_store import open_store
+
+            self._store = open_store()
+        try:
+            return self.vectors.load(content_id, self._store)
+        except VectorNotFound:
+            raise UnknownVector(f"{where}.vector: unknown vector id {content_id!r}") from None
+
+    def check(self, steering: EngineSteering, prompt_len: int) -> dict[str, StoredVector]:
+        """Validate against the model; returns the vectors by content id."""
+        vectors: dict[str, StoredVector] = {}
         for i, addition in enumerate(steering.additions):
             where = f"steering.additions[{i}]"
             if addition.layer > self.num_layers:
                 raise SteeringSpecError(f"{where}.layer: {addition.layer} is outside 0..{self.num_layers} for this model")
-            try:
-                vector = self.vectors.get(addition.vector)
-            except VectorNotFound:
-                raise UnknownVector(f"{where}.vector: unknown vector id {addition.vector!r}") from None
+            vector = vectors.get(addition.vector) or self._vector(addition.vector, where)
+            vectors[addition.vector] = vector
             if vector.meta.hidden_size != self.hidden_size:
                 raise SteeringSpecError(
                     f"{where}.vector: hidden size {vector.meta.hidden_size} does not match the served model's {self.hidden_size}"
@@ -81,22 +123,43 @@ class SteeringValidator:
                 )
             if abs(addition.coeff) * float(direction.abs().max()) > self.dtype_max:
                 raise SteeringSpecError(f"{where}.coeff: {addition.coeff} times this vector overflows the model's dtype")
+        rows = sum(p.num_rows for p in plan_layers(steering, lambda a: vectors[a.vector].directions[a.direction_layer].shape[0]))
+        if rows > self.table_capacity:
+            raise SteeringSpecError(
+                f"steering.additions: this steering needs {rows} rows of the steering table, which has "
+                f"{self.table_capacity} (--steering-table-rows)"
+            )
+        return vectors
 
     def _is_finite(self, content_id: str, vector) -> bool:
         if content_id not in self._finite:
             self._finite[content_id] = all(bool(torch.isfinite(t).all()) for t in vector.directions.values())
         return self._finite[content_id]
 
+    def check_capture(self, capture, prompt_len: int) -> None:
+        if not hmac.compare_digest(capture.token, CAPTURE_TOKEN):
+            raise SteeringSpecError(f"{CAPTURE_KEY}: reserved for the server's own residual captures")
+        if any(not 0 <= layer <= self.num_layers for layer in capture.layers) or len(set(capture.layers)) != len(capture.layers):
+            raise SteeringSpecError(f"{CAPTURE_KEY}.layers: distinct layers in 0..{self.num_layers}")
+        if prompt_len > MAX_CAPTURE_TOKENS:
+            raise SteeringSpecError(f"{CAPTURE_KEY}: at most {MAX_CAPTURE_TOKENS} prompt tokens")
+
     def prepare(self, request) -> None:
-        """Validate an ``EngineCoreRequest`` in place and set its cache salt."""
+        """Validate an ``EngineCoreRequest`` in place, attach its vectors, set its cache salt."""
         extra_args = request.sampling_params.extra_args
-        steering = steering_of(extra_args)
-        if steering is not None:
-            self.check(steering, len(request.prompt_token_ids or ()))
-            request.cache_salt = steering_salt(steering, request.cache_salt)
-        if capture_of(extra_args) is not None:
+        extra_args.pop(VECTORS_KEY, None)  # only this hook attaches vector content
+        prompt_len = prompt_length(request)
+        capture = capture_of(extra_args)
+        if capture is not None:
+            self.check_capture(capture, prompt_len)
             # Never served from or stored for other requests' prefix cache.
             request.cache_salt = f"steer-capture-{uuid.uuid4().hex}"
+        steering = steering_of(extra_args)
+        if steering is not None:
+            vectors = self.check(steering, prompt_len)
+            attach_vectors(extra_args, steering, lambda a: vectors[a.vector].directions[a.direction_layer])
+            if capture is None:
+                request.cache_salt = steering_salt(steering, request.cache_salt)
 
 
 def _process_inputs(original):
@@ -107,16 +170,14 @@ def _process_inputs(original):
         if params is not None and params.extra_args:
             validator = getattr(self, "_steer_validator", None)
             if validator is None:
-                validator = self._steer_validator = SteeringValidator(self.vllm_config.model_config)
+                validator = self._steer_validator = SteeringValidator(self.vllm_config)
             validator.prepare(request)
         return request
 
-    process_inputs._steer_hook = True
     return process_inputs
 
 
 def install_frontend_hooks() -> None:
     from vllm.v1.engine.input_processor import InputProcessor
 
-    if not getattr(InputProcessor.process_inputs, "_steer_hook", False):
-        InputProcessor.process_inputs = _process_inputs(InputProcessor.process_inputs)
+    patch(InputProcessor, "process_inputs", _process_inputs)

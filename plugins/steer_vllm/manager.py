@@ -1,26 +1,35 @@
 """Worker side state: which requests are steered and which table rows they hold.
 
 Like vLLM's LoRA model manager: this owns the slots (table rows), the batch object
-owns the per-token buffers, the op only computes.
+owns the per-token buffers, the op only computes. Everything a request needs arrives
+with it (``steer_vllm.content``), and the scheduler admitted it only with its rows
+guaranteed, so placing a request does no I/O and cannot run out of rows. Should it fail
+anyway, the request is reported back to the scheduler, which ends it with an error:
+it never runs unsteered.
 """
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
 from steer_vllm.batch import RequestRows, SteeringBatch
 from steer_vllm.capture import CaptureRecorder
+from steer_vllm.content import ShippedVectors
 from steer_vllm.models import SteeringPoints, block_list, install_steering, owns_point
 from steer_vllm.plans import plan_layers
-from steer_vllm.slots import RowsExhausted, RowTable
-from steer_vllm.spec import EngineAddition, SteeringSpecError, capture_of, steering_of
-from steer_vllm.vector_cache import VectorCache
+from steer_vllm.slots import RowTable
+from steer_vllm.spec import EngineSteering, capture_of, steering_of
 
 logger = logging.getLogger("steer_vllm")
 
-TABLE_ROWS_ENV = "STEER_TABLE_ROWS"
+
+class _Placed:
+    """A steered request's rows, and which plan key sits at each of its layers."""
+
+    def __init__(self, rows: RequestRows):
+        self.rows = rows
+        self.keys: dict[int, tuple[str, float]] = {}  # layer -> (plan key, scale)
 
 
 class SteeringManager:
@@ -28,24 +37,24 @@ class SteeringManager:
         self,
         model: torch.nn.Module,
         *,
+        table_rows: int,
         hidden_size: int,
         dtype: torch.dtype,
         device: torch.device,
         max_tokens: int,
         max_reqs: int,
-        vectors: VectorCache | None = None,
     ):
-        table_rows = int(os.environ.get(TABLE_ROWS_ENV, max(4096, 16 * max_reqs + 1)))
         self.table = RowTable(table_rows, hidden_size, dtype, device)
         self.recorder = CaptureRecorder()
-        self.vectors = vectors or VectorCache()
         self.hidden_size = hidden_size
         blocks, self.first_block, self.end_block, _ = block_list(model)
         self.num_layers = len(blocks)
         self.batch = SteeringBatch(self.num_layers + 1, max_tokens, max_reqs, dtype, device)
         self.points = SteeringPoints(self.table.vector_table, self.batch.row_of_token, self.batch.scale_of_token, self.recorder)
         install_steering(model, self.points)
-        self._requests: dict[str, tuple[RequestRows, list[str]]] = {}
+        self._requests: dict[str, _Placed] = {}
+        self._table_generation = self.table.generation
+        self.failed: set[str] = set()  # not yet reported to the scheduler
 
     def status(self) -> dict:
         return {
@@ -66,42 +75,55 @@ class SteeringManager:
                 self.recorder.add(req_id, capture.id, capture.layers, prompt_len)
             steering = steering_of(extra_args)
             if steering is not None:
-                self._requests[req_id] = self._place(steering, prompt_len)
-        except (SteeringSpecError, KeyError, RowsExhausted) as exc:
-            # The frontend validated this request; getting here means the store changed
-            # under it or the table is full. Failing the whole engine would hurt every
-            # other request, so this one runs unsteered and the error is logged.
-            logger.error("steering for request %s not applied: %s", req_id, exc)
+                self._requests[req_id] = self._place(steering, ShippedVectors(extra_args, steering, self.hidden_size), prompt_len)
+        except Exception as exc:  # noqa: BLE001 - one request's failure must not stop the engine
+            logger.error("steering for request %s cannot be placed; it ends with an error: %s", req_id, exc)
+            self.recorder.forget(req_id)
+            self.failed.add(req_id)
 
-    def _place(self, steering, prompt_len: int) -> tuple[RequestRows, list[str]]:
-        def direction_of(addition: EngineAddition) -> torch.Tensor:
-            return self.vectors.get(addition.vector).directions[addition.direction_layer]
-
-        plans = plan_layers(steering, direction_of)
-        rows = RequestRows(self.batch.num_points, prompt_len)
-        keys: list[str] = []
+    def _place(self, steering: EngineSteering, vectors: ShippedVectors, prompt_len: int) -> _Placed:
+        placed = _Placed(RequestRows(self.batch.num_points, prompt_len))
         try:
-            for plan in plans:
+            for plan in plan_layers(steering, vectors.length):
                 if not owns_point(plan.layer, self.first_block, self.end_block):
                     continue  # another pipeline rank owns this point
-                rows.set_layer(plan.layer, self.table.acquire(plan), plan.scale)
-                keys.append(plan.key)
-        except RowsExhausted:
-            for key in keys:
-                self.table.release(key)
+                self.table.acquire(plan, vectors.direction)
+                placed.keys[plan.layer] = (plan.key, plan.scale)
+        except BaseException:
+            self._release(placed)
             raise
-        return rows, keys
+        self._refresh_after_moves()
+        self._set_rows(placed)
+        return placed
+
+    def _set_rows(self, placed: _Placed) -> None:
+        for layer, (key, scale) in placed.keys.items():
+            placed.rows.set_layer(layer, self.table.placed(key), scale)
+
+    def _refresh_after_moves(self) -> None:
+        """The table closed gaps by moving plans: re-read where every request's rows sit."""
+        if self.table.generation != self._table_generation:
+            self._table_generation = self.table.generation
+            for placed in self._requests.values():
+                self._set_rows(placed)
+
+    def _release(self, placed: _Placed) -> None:
+        for key, _ in placed.keys.values():
+            self.table.release(key)
 
     def finish_request(self, req_id: str) -> None:
         self.recorder.forget(req_id)
+        self.failed.discard(req_id)
         placed = self._requests.pop(req_id, None)
         if placed is not None:
-            for key in placed[1]:
-                self.table.release(key)
+            self._release(placed)
+
+    def take_failed(self) -> set[str]:
+        failed, self.failed = self.failed, set()
+        return failed
 
     def rows_in_batch(self, req_ids: list[str]) -> list[RequestRows | None]:
         requests = self._requests
         if not requests:
             return [None] * len(req_ids)
-        return [requests[r][0] if r in requests else None for r in req_ids]
-
+        return [requests[r].rows if r in requests else None for r in req_ids]

@@ -4,29 +4,46 @@
 - ``_update_states``: requests that finished give their rows back, new ones take rows;
 - ``_model_forward`` (runs right before the model, inside the forward context, for every
   real step): refill the per-token buffers from *this* step's batch; steps holding a
-  capture request run eagerly so the recorder sees the stream.
+  capture request run eagerly so the recorder sees the stream;
+- ``execute_model`` / ``sample_tokens``: the step's output names the requests whose
+  steering could not be placed, so the scheduler ends them with an error.
+
+``steer_status`` (a worker RPC) reports, per hook, whether the runner class vLLM built
+resolves to our wrapper and how often it ran; the frontend refuses to start otherwise.
 """
 from __future__ import annotations
 
 import functools
 import logging
 
+from steer_vllm.admission import FAILED_REQUESTS_ATTR
 from steer_vllm.capture import TAKE_CAPTURE_RPC
+from steer_vllm.hooks import is_hooked, patch
+from steer_vllm.limits import table_rows_for_config
 from steer_vllm.manager import SteeringManager
 
 logger = logging.getLogger("steer_vllm")
 
 STATUS_RPC = "steer_status"
+RUNNER_HOOKS = ("load_model", "_update_states", "_model_forward", "execute_model", "sample_tokens")
+
+
+def _calls(runner) -> dict[str, int]:
+    calls = runner.__dict__.get("_steer_calls")
+    if calls is None:
+        calls = runner._steer_calls = dict.fromkeys(RUNNER_HOOKS, 0)
+    return calls
 
 
 def _after_load_model(original):
     @functools.wraps(original)
     def load_model(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
-        config = self.model_config
+        _calls(self)["load_model"] += 1
         self._steering = SteeringManager(
             self.get_model(),
-            hidden_size=config.get_hidden_size(),
+            table_rows=table_rows_for_config(self.vllm_config),
+            hidden_size=self.model_config.get_hidden_size(),
             dtype=self.dtype,
             device=self.device,
             max_tokens=self.max_num_tokens,
@@ -35,13 +52,20 @@ def _after_load_model(original):
         logger.info("steer-server: steering installed on %s (%s)", type(self.get_model()).__name__, self._steering.status())
         return result
 
-    load_model._steer_hook = True
     return load_model
+
+
+def _prompt_len(new_request) -> int:
+    if new_request.prompt_token_ids is not None:
+        return len(new_request.prompt_token_ids)
+    embeds = new_request.prompt_embeds
+    return 0 if embeds is None else int(embeds.shape[0])
 
 
 def _update_states(original):
     @functools.wraps(original)
     def update_states(self, scheduler_output):
+        _calls(self)["_update_states"] += 1
         manager: SteeringManager = self._steering
         for req_id in scheduler_output.finished_req_ids:
             manager.finish_request(req_id)
@@ -49,17 +73,17 @@ def _update_states(original):
         for new in scheduler_output.scheduled_new_reqs:
             params = new.sampling_params
             if params is not None and params.extra_args:
-                manager.add_request(new.req_id, params.extra_args, len(new.prompt_token_ids or ()))
+                manager.add_request(new.req_id, params.extra_args, _prompt_len(new))
         self._steer_num_scheduled = scheduler_output.total_num_scheduled_tokens
         return result
 
-    update_states._steer_hook = True
     return update_states
 
 
 def _model_forward(original):
     @functools.wraps(original)
     def model_forward(self, input_ids=None, positions=None, *args, **kwargs):
+        _calls(self)["_model_forward"] += 1
         manager: SteeringManager = self._steering
         req_ids = self.input_batch.req_ids
         num_tokens = positions.shape[-1]
@@ -83,20 +107,37 @@ def _model_forward(original):
             if recording:
                 manager.recorder.end_step()
 
-    model_forward._steer_hook = True
     return model_forward
 
 
-def _patch(cls, name: str, make) -> None:
-    current = cls.__dict__.get(name)
-    if current is not None and not getattr(current, "_steer_hook", False):
-        setattr(cls, name, make(current))
+def _report_failures(name: str):
+    def make(original):
+        @functools.wraps(original)
+        def method(self, *args, **kwargs):
+            from vllm.v1.outputs import ModelRunnerOutput
+
+            _calls(self)[name] += 1
+            output = original(self, *args, **kwargs)
+            manager: SteeringManager | None = getattr(self, "_steering", None)
+            if manager is not None and manager.failed and isinstance(output, ModelRunnerOutput):
+                setattr(output, FAILED_REQUESTS_ATTR, manager.take_failed())
+            return output
+
+        return method
+
+    return make
 
 
 def _worker_status(worker) -> dict:
     runner = getattr(worker, "model_runner", None)
+    cls = type(runner)
     manager = getattr(runner, "_steering", None)
-    status = {"runner": type(runner).__name__, "installed": manager is not None}
+    status = {
+        "runner": f"{cls.__module__}.{cls.__qualname__}",
+        "installed": manager is not None,
+        "hooked": {name: is_hooked(cls, name) for name in RUNNER_HOOKS},
+        "hook_calls": dict(_calls(runner)) if runner is not None else {},
+    }
     if manager is not None:
         status.update(manager.status())
     return status
@@ -112,8 +153,10 @@ def install_runner_hooks() -> None:
     from vllm.v1.worker.worker_base import WorkerBase
 
     for cls in (GPUModelRunner, CPUModelRunner):
-        _patch(cls, "load_model", _after_load_model)
-    _patch(GPUModelRunner, "_update_states", _update_states)
-    _patch(GPUModelRunner, "_model_forward", _model_forward)
+        patch(cls, "load_model", _after_load_model)
+    patch(GPUModelRunner, "_update_states", _update_states)
+    patch(GPUModelRunner, "_model_forward", _model_forward)
+    for name in ("execute_model", "sample_tokens"):
+        patch(GPUModelRunner, name, _report_failures(name))
     setattr(WorkerBase, STATUS_RPC, _worker_status)
     setattr(WorkerBase, TAKE_CAPTURE_RPC, _worker_take_capture)

@@ -2,7 +2,10 @@
 
 Row 0 is all zeros: unsteered tokens point at it. Every other row belongs to one layer
 plan, shared by all requests whose plan has the same key, and goes back to the free
-list when the last of them finishes.
+list when the last of them finishes. A plan's rows are contiguous; when the free rows
+suffice but no run of them is long enough, the held blocks are moved down to close the
+gaps (between steps, so no forward reads the table meanwhile) and ``generation`` changes,
+telling the owner to re-read where each plan now sits.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from steer_vllm.plans import LayerPlan
+from steer_vllm.plans import DirectionOf, LayerPlan
 
 ZERO_ROW = 0
 
@@ -44,6 +47,14 @@ class RowTable:
         self.vector_table = torch.zeros(num_rows, hidden_size, dtype=dtype, device=device)
         self._free: list[tuple[int, int]] = [(1, num_rows - 1)]  # (start, count), sorted
         self._held: dict[str, _Holding] = {}
+        self.generation = 0  # bumped whenever held plans move
+
+    @property
+    def capacity(self) -> int:
+        return self.vector_table.shape[0] - 1
+
+    def placed(self, key: str) -> PlanRows:
+        return self._held[key].rows
 
     @property
     def rows_in_use(self) -> int:
@@ -53,28 +64,19 @@ class RowTable:
     def num_plans(self) -> int:
         return len(self._held)
 
-    def acquire(self, plan: LayerPlan) -> PlanRows:
+    def acquire(self, plan: LayerPlan, direction_of: DirectionOf) -> PlanRows:
+        """Rows for this plan: shared if its key is held, else built and copied in."""
         held = self._held.get(plan.key)
         if held is not None:
             held.refs += 1
             return held.rows
         start = self._take(plan.num_rows)
-        rows, cursor = [], start
-        front_len = 0 if plan.front is None else plan.front.shape[0]
-        if plan.front is not None:
-            rows.append(plan.front)
-        prompt_rest_row = generated_row = ZERO_ROW
-        cursor += front_len
-        if plan.prompt_rest is not None:
-            rows.append(plan.prompt_rest[None])
-            prompt_rest_row, cursor = cursor, cursor + 1
-        if plan.generated is not None:
-            rows.append(plan.generated[None])
-            generated_row = cursor
-        if rows:
-            block = torch.cat(rows).to(self.vector_table.dtype)
+        built = plan.build_rows(direction_of)
+        blocks = [t for t in (built.front, _row(built.prompt_rest), _row(built.generated)) if t is not None]
+        if blocks:
+            block = torch.cat(blocks).to(self.vector_table.dtype)
             self.vector_table[start : start + plan.num_rows].copy_(block, non_blocking=True)
-        placed = PlanRows(start, front_len, prompt_rest_row, generated_row)
+        placed = _layout(start, plan)
         self._held[plan.key] = _Holding(start, plan.num_rows, placed, 1)
         return placed
 
@@ -88,6 +90,18 @@ class RowTable:
     def _take(self, count: int) -> int:
         if count == 0:
             return ZERO_ROW
+        start = self._take_run(count)
+        if start is None and self.capacity - self.rows_in_use >= count:
+            self._compact()
+            start = self._take_run(count)
+        if start is not None:
+            return start
+        raise RowsExhausted(
+            f"steering vector table is full ({self.vector_table.shape[0] - 1} rows, "
+            f"{self.rows_in_use} in use, {count} needed); raise --steering-table-rows"
+        )
+
+    def _take_run(self, count: int) -> int | None:
         for i, (start, free) in enumerate(self._free):
             if free >= count:
                 if free == count:
@@ -95,10 +109,21 @@ class RowTable:
                 else:
                     self._free[i] = (start + count, free - count)
                 return start
-        raise RowsExhausted(
-            f"steering vector table is full ({self.vector_table.shape[0] - 1} rows, "
-            f"{self.rows_in_use} in use, {count} needed); raise --steering-table-rows"
-        )
+        return None
+
+    def _compact(self) -> None:
+        """Move every held block down to close the gaps (in order, so a block only moves
+        into rows below its old start: copying row by row from the front is safe)."""
+        cursor = 1
+        for holding in sorted(self._held.values(), key=lambda h: h.start):
+            if holding.count and holding.start != cursor:
+                old = holding.start
+                self.vector_table[cursor : cursor + holding.count] = self.vector_table[old : old + holding.count].clone()
+                holding.start = cursor
+                holding.rows = _moved(holding.rows, cursor - old)
+            cursor += holding.count
+        self._free = [(cursor, self.vector_table.shape[0] - cursor)] if cursor < self.vector_table.shape[0] else []
+        self.generation += 1
 
     def _give_back(self, start: int, count: int) -> None:
         if count == 0:
@@ -112,3 +137,24 @@ class RowTable:
             else:
                 merged.append((s, c))
         self._free = merged
+
+
+def _row(vector: torch.Tensor | None) -> torch.Tensor | None:
+    return None if vector is None else vector[None]
+
+
+def _layout(start: int, plan: LayerPlan) -> PlanRows:
+    """Front rows first, then the prompt-rest row, then the generated row (zero row if absent)."""
+    cursor = start + plan.front_len
+    prompt_rest_row = cursor if plan.has_prompt_rest else ZERO_ROW
+    generated_row = cursor + plan.has_prompt_rest if plan.has_generated else ZERO_ROW
+    return PlanRows(start, plan.front_len, prompt_rest_row, generated_row)
+
+
+def _moved(rows: PlanRows, shift: int) -> PlanRows:
+    return PlanRows(
+        rows.front_start + shift,
+        rows.front_len,
+        rows.prompt_rest_row + shift if rows.prompt_rest_row != ZERO_ROW else ZERO_ROW,
+        rows.generated_row + shift if rows.generated_row != ZERO_ROW else ZERO_ROW,
+    )

@@ -79,6 +79,7 @@ class CaptureRequest(BaseModel):
 
     id: str = Field(min_length=1, max_length=128)
     layers: list[int] = Field(min_length=1)
+    token: str = ""  # proves the capture comes from this server's own frontend (see capture.py)
 
 
 def _decode(raw: Any, model: type[BaseModel], key: str) -> Any:

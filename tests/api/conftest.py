@@ -8,11 +8,6 @@ in `usage` (a vLLM flag passed through). Tests reach it with the real openai SDK
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +16,14 @@ import httpx
 import openai
 import pytest
 
+from steer_server import server_process
+from steer_server.server_process import ServerProcess
+from steer_server.server_process import free_port as free_loopback_port  # noqa: F401  (tests import it from here)
+
 API_KEY = "test-key-4d1f"
 MAX_ADDITIONS = 8
 MAX_BODY_BYTES = 2_000_000
-STARTUP_TIMEOUT_S = 300
+STARTUP_TIMEOUT_S = 900  # a loaded 2-core machine can take minutes
 
 
 @dataclass(frozen=True)
@@ -40,88 +39,60 @@ class Server:
         return self.url + "/v1"
 
 
-def _free_loopback_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _steer_server_command() -> list[str]:
-    script = Path(sys.executable).parent / "steer-server"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "steer_server.cli"]
-
-
-def serve_command(port: int, store: Path) -> list[str]:
+def session_args(store: Path) -> list[str]:
+    """The session server's flags (besides host, port, --enforce-eager and --api-key)."""
     return [
-        *_steer_server_command(), "serve",
-        "--host", "127.0.0.1", "--port", str(port),
         "--store", str(store),
         "--max-additions", str(MAX_ADDITIONS),
         "--max-body-bytes", str(MAX_BODY_BYTES),
         # vLLM's own flags, passed through:
-        "--enforce-eager", "--api-key", API_KEY, "--enable-prompt-tokens-details",
-        "--max-model-len", "2048", "--seed", "0",
+        "--enable-prompt-tokens-details", "--max-model-len", "2048", "--seed", "0",
     ]
 
 
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    reuse = os.environ.get("STEER_API_TEST_URL")  # a server already started with serve_command()
+    reuse = os.environ.get("STEER_API_TEST_URL")  # a server already started with session_args()
     if reuse:
         models = httpx.get(reuse + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
         yield Server(url=reuse, api_key=API_KEY, model=models["data"][0]["id"], store=Path(os.environ["STEER_API_TEST_STORE"]), log=Path("/dev/null"))
         return
     workdir = tmp_path_factory.mktemp("steer-server")
     store, log = workdir / "store", workdir / "server.log"
-    port = _free_loopback_port()
-    command = serve_command(port, store)
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("VLLM_PLUGINS", None)
-    with log.open("wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    running = start_steer_server(log, session_args(store))
     try:
-        _wait_healthy(process, url, log)
-        models = httpx.get(url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-        yield Server(url=url, api_key=API_KEY, model=models["data"][0]["id"], store=store, log=log)
+        models = httpx.get(running.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
+        yield Server(url=running.url, api_key=API_KEY, model=models["data"][0]["id"], store=store, log=log)
     finally:
-        _stop(process)
+        stop_steer_server(running)
 
 
-def _wait_healthy(process: subprocess.Popen, url: str, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"steer-server exited with {process.returncode} during start-up:\n{_tail(log)}")
-        try:
-            if httpx.get(url + "/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"steer-server not healthy after {STARTUP_TIMEOUT_S} s:\n{_tail(log)}")
+@dataclass
+class RunningServer(ServerProcess):
+    """A `steer-server serve` process started by a test module (not the session's server)."""
+
+    def engine_pid(self) -> int:
+        """The EngineCore process under this server (vLLM names it ``VLLM::EngineCore``)."""
+        import psutil
+
+        for child in psutil.Process(self.process.pid).children(recursive=True):
+            if "EngineCore" in child.name() or any("EngineCore" in part for part in child.cmdline()):
+                return child.pid
+        raise RuntimeError("no EngineCore process under the server")
 
 
-def _stop(process: subprocess.Popen) -> None:
-    """SIGINT (vLLM shuts its engine processes down), then SIGKILL the group we created."""
-    if process.poll() is None:
-        process.send_signal(signal.SIGINT)
-        try:
-            process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
-    try:
-        os.killpg(process.pid, signal.SIGKILL)  # our own session: engine core, workers
-    except ProcessLookupError:
-        pass
-    process.wait(timeout=10)
+def start_steer_server(log: Path, args: list[str], env: dict | None = None) -> RunningServer:
+    """`steer-server serve ARGS` on a free port with the test API key, eager; waits for /health."""
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
+    env.pop("VLLM_PLUGINS", None)
+    started = server_process.start_steer_server(["--enforce-eager", "--api-key", API_KEY, *args],
+                                                port=free_loopback_port(), log=log, env=env,
+                                                timeout_s=STARTUP_TIMEOUT_S)
+    return RunningServer(started.name, started.url, started.process, started.log, started.start_s)
 
 
-def _tail(log: Path, lines: int = 60) -> str:
-    try:
-        return "\n".join(log.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return "(no log)"
+def stop_steer_server(server: RunningServer) -> None:
+    server_process.stop(server)
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,6 @@
 500, and the server keeps serving."""
 from __future__ import annotations
 
-import json
 
 import httpx
 import openai
@@ -100,26 +99,6 @@ def test_sdk_raises_bad_request(client, server):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}], max_tokens=2,
                                        extra_body={"steering": {"additions": [{"vector": "missing", "coeff": 1}]}})
-
-
-def test_engine_level_spec_errors_are_4xx(server, http):
-    """`vllm_xargs.steering` (the engine's own form) skips our resolver; the engine's
-    validator refuses it, and the client still gets 400/404 with the field named."""
-    def xargs(spec):
-        return {"model": server.model, "prompt": PROMPT, "max_tokens": 2, "vllm_xargs": {"steering": json.dumps(spec)}}
-
-    missing = http.post("/v1/completions", json=xargs({"additions": [{"vector": "v-" + "1" * 40, "layer": 3, "coeff": 1}]}))
-    assert missing.status_code == 404
-    assert error_of(missing)["message"].startswith("steering.additions[0].vector:")
-    bad_layer = http.post("/v1/completions", json=xargs({"additions": [{"vector": "v-" + "1" * 40, "layer": 99, "coeff": 1}]}))
-    assert bad_layer.status_code == 400
-    assert "steering.additions[0].layer" in error_of(bad_layer)["message"]
-    bad_json = http.post("/v1/completions", json={**xargs({}), "vllm_xargs": {"steering": "{not json"}})
-    assert bad_json.status_code == 400 and "steering" in error_of(bad_json)["message"]
-    both = http.post("/v1/completions", json={**xargs({"additions": []}), "steering": {"additions": [add()]}})
-    assert both.status_code == 400 and error_of(both)["param"] == "steering"
-    capture = http.post("/v1/completions", json={**xargs({}), "vllm_xargs": {"steering_capture": "{}"}})
-    assert capture.status_code == 400 and "reserved" in error_of(capture)["message"]
 
 
 def test_oversized_body_is_413(server, http):

@@ -36,6 +36,8 @@ def start_llm(model_dir: str, **overrides):
     from vllm import LLM
 
     import steer_vllm
+    from steer_vllm.self_test import prove_steering_offline
+    from vector_store.keys import model_fingerprint
 
     settings = dict(
         model=model_dir,
@@ -49,6 +51,8 @@ def start_llm(model_dir: str, **overrides):
     settings.update(overrides)
     llm = LLM(**settings)
     steer_vllm.check_engine(llm)
+    # Every hook in every process ran for a real steered request, and it added exactly.
+    prove_steering_offline(llm, model_fingerprint(model_dir))
     return llm
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import hf_model, start_llm, stop_llm
-from helpers import engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
+from helpers import STREAM_TOLERANCE, engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
 from reference.hf_actadd import greedy_with_logprobs, residual_stream
 
 LOGPROB_ATOL = 2e-3
@@ -49,7 +49,7 @@ def test_family_matches_reference(tiny_models, engine_store, family, compiled):
 
             [got] = capture_residuals(llm, [prompt], [1, 3])
             for layer in (1, 3):
-                torch.testing.assert_close(got[layer], residual_stream(hf, prompt, layer), rtol=1e-4, atol=1e-4)
+                torch.testing.assert_close(got[layer], residual_stream(hf, prompt, layer), **STREAM_TOLERANCE)
             again = generate(llm, [prompt], params(8, engine_additions(cases[1], ids)))[0]
             assert tokens_and_logprobs(again)[0] == tokens_and_logprobs(outputs[1])[0]
     finally:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from conftest import hf_model, start_llm, stop_llm
-from helpers import engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
+from helpers import STREAM_TOLERANCE, engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
 from reference.hf_actadd import greedy_with_logprobs, prompt_logprobs, residual_stream
 
 LOGPROB_ATOL = 2e-3  # fp32 engine vs fp32 transformers: observed differences are ~1e-5
@@ -79,7 +79,7 @@ def test_capture_matches_reference_stream_at_every_layer(setup):
     s = setup
     [got] = capture_residuals(s["llm"], [s["prompt"]], [0, 1, 2, 3])
     for layer in range(4):
-        torch.testing.assert_close(got[layer], residual_stream(s["hf"], s["prompt"], layer), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(got[layer], residual_stream(s["hf"], s["prompt"], layer), **STREAM_TOLERANCE)
 
 
 @pytest.mark.parametrize(
@@ -161,8 +161,11 @@ def test_rows_are_released_when_requests_finish(setup):
     s = setup
     generate(s["llm"], [s["prompt"]] * 3, [params(4, engine_additions(LOVE_HATE, s["ids"])), params(4, engine_additions([dict(a, coeff=a["coeff"] * 2) for a in LOVE_HATE], s["ids"])), params(4)])
     generate(s["llm"], [s["prompt"]], params(2))  # a later step tells the workers who finished
-    [status] = steer_vllm.check_engine(s["llm"])
-    assert status["rows_in_use"] == 0 and status["steered_requests"] == 0
+    statuses = steer_vllm.check_engine(s["llm"])
+    [worker] = statuses["workers"]
+    assert worker["rows_in_use"] == 0 and worker["steered_requests"] == 0
+    [engine] = statuses["engines"]
+    assert engine["rows_in_use"] == 0 and engine["requests"] == 0  # the scheduler's reservations too
 
 
 def test_store_computes_paper_vectors_through_the_engine_once(setup, tmp_path):
@@ -172,6 +175,8 @@ def test_store_computes_paper_vectors_through_the_engine_once(setup, tmp_path):
 
     from steer_vllm.capture import capture_residuals
     from vector_store import VectorStoreError, open_store
+    from vector_store.async_access import AsyncStore
+    from vector_store.cache import VectorCache
     from vector_store.compute import ModelInfo, VectorComputer
     from vector_store.keys import model_fingerprint
     from reference.hf_actadd import actadd_vector
@@ -182,19 +187,19 @@ def test_store_computes_paper_vectors_through_the_engine_once(setup, tmp_path):
     async def capture(prompts, layers):
         return capture_residuals(s["llm"], prompts, layers)
 
-    computer = VectorComputer(store, capture, ModelInfo(model_fingerprint(s["model_dir"]), 128, 3), max_prompt_tokens=8)
+    computer = VectorComputer(AsyncStore(store, vectors=VectorCache()), capture, ModelInfo(model_fingerprint(s["model_dir"]), 128, 3), max_prompt_tokens=8)
     love, hate, pad = s["prompt"][:4], s["prompt"][10:12], 28
 
     love_id, hate_id = asyncio.run(computer.actadd([love, hate], 2, pad))
-    combined = store.get(computer.combine([(love_id, 5.0), (hate_id, -5.0)], {"prompts": "love-hate"})).directions[2]
-    torch.testing.assert_close(combined, actadd_vector(s["hf"], [love, hate], [5.0, -5.0], 2, pad), rtol=1e-4, atol=1e-4)
+    combined = store.get(asyncio.run(computer.combine([(love_id, 5.0), (hate_id, -5.0)], {"prompts": "love-hate"}))).directions[2]
+    torch.testing.assert_close(combined, actadd_vector(s["hf"], [love, hate], [5.0, -5.0], 2, pad), **STREAM_TOLERANCE)
     unpadded = asyncio.run(computer.actadd([love, hate], 2, None))
     assert store.get(unpadded[1]).directions[2].shape[0] == len(hate)
 
     pairs = [(s["prompt"][:5], s["prompt"][20:23]), (s["prompt"][30:33], s["prompt"][40:46])]
     mean_id = asyncio.run(computer.constant(pairs, 1))
     want = torch.stack([residual_stream(s["hf"], p, 1)[-1] - residual_stream(s["hf"], n, 1)[-1] for p, n in pairs]).mean(0)
-    torch.testing.assert_close(store.get(mean_id).directions[1][0], want, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(store.get(mean_id).directions[1][0], want, **STREAM_TOLERANCE)
 
     captured = computer.captures
     assert asyncio.run(computer.actadd([love, hate], 2, pad)) == [love_id, hate_id]

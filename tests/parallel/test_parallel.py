@@ -15,10 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-from fleet_processes import metric_samples, start_tiny_server
+from fleet_processes import INFERENCE_KEY, metric_samples, start_tiny_server, stop
 from models import make_tiny_llama
-
-from steer_server.bench import stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +37,7 @@ def _outputs(handle) -> dict:
     (so that a data-parallel server spreads them over its engines); and which engines
     finished requests, from vLLM's own per-engine counter."""
     cases = [(label, prompt) for label in STEERINGS for prompt in PROMPTS]
-    with httpx.Client(base_url=handle.url, headers={"Authorization": f"Bearer {handle.api_key}"}, timeout=300) as http:
+    with httpx.Client(base_url=handle.url, headers={"Authorization": f"Bearer {INFERENCE_KEY}"}, timeout=300) as http:
         def run(case):
             label, prompt = case
             body = {"model": "tiny", "prompt": prompt, "max_tokens": 12, "temperature": 0, "logprobs": 1}
@@ -69,7 +67,7 @@ def _serve_and_collect(tiny_model, tmp_path_factory, name: str, args: list[str],
     try:
         return _outputs(handle)
     finally:
-        stop_server(handle)
+        stop(handle)
 
 
 @pytest.fixture(scope="module")

@@ -40,8 +40,8 @@ def place(table: RowTable, additions: list[dict], prompt_len: int) -> tuple[Requ
     steering = EngineSteering.model_validate({"additions": additions})
     rows = RequestRows(POINTS, prompt_len)
     keys = []
-    for plan in plan_layers(steering, lambda a: VECTORS[a.vector][:]):
-        rows.set_layer(plan.layer, table.acquire(plan), plan.scale)
+    for plan in plan_layers(steering, lambda a: VECTORS[a.vector].shape[0]):
+        rows.set_layer(plan.layer, table.acquire(plan, lambda a: VECTORS[a.vector]), plan.scale)
         keys.append(plan.key)
     return rows, keys
 
@@ -109,6 +109,46 @@ def test_coefficient_change_shares_rows_and_rows_come_back():
     place(table, [{"vector": "v-seq31", "layer": 1, "coeff": 1.0}], 40)
     with pytest.raises(RowsExhausted, match="table is full"):
         place(table, [{"vector": "v-seq3", "layer": 2, "coeff": 1.0}], 9)
+
+
+def test_fragmented_table_is_compacted_and_moved_plans_keep_their_rows():
+    table = RowTable(1 + 5 + 3 + 5 + 1, HIDDEN, torch.float32, torch.device("cpu"))
+    _, first = place(table, [{"vector": "v-seq5", "layer": 1, "coeff": 1.0}], 9)
+    _, middle = place(table, [{"vector": "v-seq3", "layer": 1, "coeff": 1.0}], 9)
+    kept_rows, kept = place(table, [{"vector": "v-seq5", "layer": 2, "coeff": 2.0}], 9)
+    for key in first:
+        table.release(key)
+    # 5 + 1 rows are free, but in two runs (5 at the front, 1 at the end): a 6-row plan needs
+    # them together, so the table moves the held plans down first.
+    generation = table.generation
+    grown, _ = place(table, [{"vector": "v-seq5", "layer": 3, "coeff": 1.0},
+                             {"vector": "v-const", "layer": 3, "coeff": 1.0, "mode": "constant", "positions": "generated"}], 9)
+    assert table.generation == generation + 1 and table.rows_in_use == table.capacity
+    batch = SteeringBatch(POINTS, max_tokens=64, max_reqs=8, dtype=torch.float32, device=torch.device("cpu"))
+    moved = RequestRows(POINTS, 9)  # the held plan's rows, re-read after the move
+    moved.set_layer(2, table.placed(kept[0]), 2.0)
+    positions = list(range(7)) + list(range(12))
+    batch.fill([moved, grown], torch.tensor([0] * 7 + [1] * 12), torch.tensor(positions))
+    stream = torch.zeros(len(positions), HIDDEN)
+    for layer, additions in ((2, [{"vector": "v-seq5", "layer": 2, "coeff": 2.0}]),
+                             (3, [{"vector": "v-seq5", "layer": 3, "coeff": 1.0},
+                                  {"vector": "v-const", "layer": 3, "coeff": 1.0, "mode": "constant", "positions": "generated"}])):
+        got = add_steering(stream, table.vector_table, batch.row_of_token[layer], batch.scale_of_token[layer])
+        want = torch.stack([expected_delta(additions if (i >= 7) == (layer == 3) else [], layer, pos, 9)
+                            for i, pos in enumerate(positions)])
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert kept_rows.rows[2].tolist() != moved.rows[2].tolist()  # it did move
+
+
+def test_fill_reads_the_runners_buffers_without_writing_them():
+    table = RowTable(64, HIDDEN, torch.float32, torch.device("cpu"))
+    batch = SteeringBatch(POINTS, max_tokens=64, max_reqs=8, dtype=torch.float32, device=torch.device("cpu"))
+    rows, _ = place(table, REQUESTS[0][0], 9)
+    req_indices = torch.tensor([0, 0, 0, 5, 7], dtype=torch.int64)  # padding slots beyond the batch
+    positions = torch.arange(5)
+    before = (req_indices.clone(), positions.clone())
+    batch.fill([rows], req_indices, positions)
+    assert torch.equal(req_indices, before[0]) and torch.equal(positions, before[1])
 
 
 @pytest.mark.parametrize(

@@ -22,10 +22,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import redis
-from fleet_processes import nginx_config, start_nginx, start_tiny_server, stop
+from fleet_processes import ServerProcess, free_port, nginx_config, start_nginx, start_tiny_server, stop
 from models import make_tiny_llama
-
-from steer_server.bench import ServerHandle, free_port, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -36,7 +34,7 @@ PROMPT = "The old harbour town was quiet in the early morning"
 
 @dataclass
 class Fleet:
-    replicas: list[ServerHandle]
+    replicas: list[ServerProcess]
     balancer: str  # nginx's URL
     store: str
 
@@ -48,7 +46,7 @@ def fleet(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     model = make_tiny_llama(tmp_path_factory.mktemp("replicas-tiny") / "llama")
     keys = tmp_path_factory.mktemp("replicas-keys") / "keys"
     keys.write_text(f"admin {ADMIN_KEY}\n")
-    replicas: list[ServerHandle] = []
+    replicas: list[ServerProcess] = []
     nginx = None
     try:
         for index in range(2):
@@ -63,7 +61,7 @@ def fleet(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
         if nginx is not None:
             stop(nginx)
         for replica in replicas:
-            stop_server(replica)
+            stop(replica)
 
 
 def _client(url: str) -> httpx.Client:

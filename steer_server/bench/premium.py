@@ -12,16 +12,16 @@ placement) is in it, as is the add itself.
 
 Models (``--models``):
 
-- ``tiny``: the test suite's tiny random Llama (``tests/models.py``: hidden 128, 3 layers);
 - ``default``: the embedded SmolLM2-135M-Instruct (``steer_server.default_model``);
-- ``llama-h1024``, ``llama-h2048``, ``llama-h3072``: random-weight Llama configs of larger shapes
-  (see ``RANDOM_SHAPES``), built once into the cache directory with the default model's
-  tokenizer.
+- ``tiny``, ``llama-h1024``, ``llama-h2048``, ``llama-h3072``: random-weight Llama configs (see
+  ``RANDOM_SHAPES``; ``tiny`` has the test suite's shape), built once into the cache directory
+  with the default model's tokenizer.
 """
 from __future__ import annotations
 
 import argparse
 import gc
+import math
 import os
 import random
 import shutil
@@ -31,30 +31,20 @@ import tempfile
 import time
 from pathlib import Path
 
+from steer_server.bench import BenchError
+
 BATCH_SEQUENCES = 32
 BATCH_TOKENS = 64
 
 # name -> (hidden, layers, heads, kv heads, intermediate); vocab 49152 (the default tokenizer)
 RANDOM_SHAPES = {
+    "tiny": (128, 3, 4, 2, 256),
     "llama-h1024": (1024, 8, 16, 8, 2816),
     "llama-h2048": (2048, 4, 16, 8, 5632),
     "llama-h3072": (3072, 2, 24, 8, 8192),
 }
 DEFAULT_MODELS = ["tiny", "default", "llama-h1024", "llama-h2048", "llama-h3072"]
-_RANDOM_VERSION = 1
-
-
-def _tiny_llama(directory: Path) -> str:
-    """The test suite's builder (tests/models.py) when this is a source checkout."""
-    tests_models = Path(__file__).resolve().parents[1] / "tests" / "models.py"
-    if not tests_models.is_file():
-        raise RuntimeError("the tiny model is built by tests/models.py; run from a source checkout")
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("_steer_tests_models", tests_models)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_tiny_llama(directory)
+_RANDOM_VERSION = 1  # bump when a build changes, so cached models are rebuilt
 
 
 def _random_llama(name: str, root: Path) -> str:
@@ -86,8 +76,6 @@ def _random_llama(name: str, root: Path) -> str:
 
 
 def model_dir_of(name: str, root: Path) -> str:
-    if name == "tiny":
-        return _tiny_llama(root / "tiny-llama")
     if name == "default":
         from steer_server.default_model import default_model_dir
 
@@ -96,7 +84,7 @@ def model_dir_of(name: str, root: Path) -> str:
         return _random_llama(name, root)
     if Path(name).is_dir():
         return name
-    raise SystemExit(f"unknown model {name!r}: tiny, default, {', '.join(RANDOM_SHAPES)} or a model directory")
+    raise BenchError(f"unknown model {name!r}: default, {', '.join(RANDOM_SHAPES)} or a model directory")
 
 
 def parameter_count(model_dir: str) -> int:
@@ -105,12 +93,7 @@ def parameter_count(model_dir: str) -> int:
     total = 0
     for file in sorted(Path(model_dir).glob("*.safetensors")):
         with safe_open(str(file), framework="pt") as weights:
-            for key in weights.keys():
-                shape = weights.get_slice(key).get_shape()
-                count = 1
-                for dim in shape:
-                    count *= dim
-                total += count
+            total += sum(math.prod(weights.get_slice(key).get_shape()) for key in weights.keys())
     return total
 
 
@@ -215,39 +198,11 @@ def measure_model(name: str, model_dir: str, args, log) -> dict:
     }
 
 
-def plot_premium(results: list[dict], path: str | Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    results = sorted(results, key=lambda r: r["parameters"])
-    xs = [r["parameters"] for r in results]
-    ys = [100 * r["premium_median"] for r in results]
-    low = [100 * (r["premium_median"] - r["premium_min"]) for r in results]
-    high = [100 * (r["premium_max"] - r["premium_median"]) for r in results]
-    ax.errorbar(xs, ys, yerr=[low, high], marker="o", capsize=4)
-    for r, x, y in zip(results, xs, ys):
-        ax.annotate(f"{r['model']}\n({r['num_layers']} layers)", (x, y), textcoords="offset points", xytext=(6, 6),
-                    fontsize=7)
-    ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("parameters")
-    ax.set_ylabel("premium = t_steered / t_baseline - 1  (%)")
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, alpha=0.3)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def premium_command(args) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
 
-    from steer_server.bench import machine_info, wide_console, write_json
+    from steer_server.bench.plots import plot_premium
+    from steer_server.bench.report import machine_info, print_premium, wide_console, write_json
     from steer_server.default_model import cache_dir
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
@@ -266,16 +221,7 @@ def premium_command(args) -> int:
             progress.update(task, description=f"premium: {name}")
             results.append(measure_model(name, model_dir, args, progress.console.print))
             progress.advance(task)
-    table = Table(title=f"inference-time premium: {BATCH_SEQUENCES} sequences x {BATCH_TOKENS} tokens, "
-                        f"prompt-only forward, steered at one layer")
-    for column in ("model", "params", "layers", "hidden", "baseline ms", "steered ms", "premium (median)", "spread"):
-        table.add_column(column, justify="right")
-    for r in results:
-        table.add_row(r["model"], f"{r['parameters'] / 1e6:.1f}M", str(r["num_layers"]), str(r["hidden_size"]),
-                      f"{r['baseline_median_s'] * 1e3:.1f}", f"{r['steered_median_s'] * 1e3:.1f}",
-                      f"{r['premium_median'] * 100:+.2f}%",
-                      f"{r['premium_min'] * 100:+.2f}%..{r['premium_max'] * 100:+.2f}%")
-    console.print(table)
+    print_premium(results, BATCH_SEQUENCES, BATCH_TOKENS, console)
     info["load_avg_end"] = list(os.getloadavg())
     data = {"kind": "steer-server bench premium", "machine": info, "argv": sys.argv,
             "batch": {"sequences": BATCH_SEQUENCES, "tokens": BATCH_TOKENS, "max_tokens": 1},
@@ -294,7 +240,7 @@ def premium_command(args) -> int:
 
 def add_premium_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--models", nargs="+", default=DEFAULT_MODELS,
-                   help=f"tiny, default, {', '.join(RANDOM_SHAPES)} or model directories (default: %(default)s)")
+                   help=f"default, {', '.join(RANDOM_SHAPES)} or model directories (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=8, help="steered/baseline pairs per model (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=2, help="untimed pairs first (default: %(default)s)")
     p.add_argument("--layer", type=int, help="steered layer (default: the middle one)")
@@ -309,12 +255,3 @@ def add_premium_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", metavar="PATH")
     p.add_argument("--plot", metavar="PATH")
 
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="steer-server bench premium", description=__doc__.split("\n\n")[0])
-    add_premium_arguments(parser)
-    return premium_command(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,0 +1,35 @@
+"""What every HTTP client of a steer-server shares: where a server is by default, where its
+vector routes are, how to authenticate, and how to read an error it answered.
+
+The command-line clients (``steer_server.cli``), the bench and the locust file use these, so
+a default or a path is written once.
+"""
+from __future__ import annotations
+
+import os
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+VECTORS_PATH = "/v1/steering/vectors"
+URL_ENV = "STEER_SERVER_URL"
+
+
+def default_url() -> str:
+    return os.environ.get(URL_ENV, DEFAULT_URL)
+
+
+def default_api_key() -> str | None:
+    return os.environ.get("STEER_API_KEY") or os.environ.get("OPENAI_API_KEY")
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """The ``Authorization`` header vLLM's ``--api-key`` expects (none without a key)."""
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def error_message(response) -> str:
+    """The message of an OpenAI-style error body (``{"error": {"message": ...}}``), else the text."""
+    try:
+        error = response.json().get("error")
+    except (ValueError, AttributeError):
+        return response.text[:500]
+    return error.get("message") if isinstance(error, dict) else str(error)

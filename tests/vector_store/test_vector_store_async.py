@@ -1,0 +1,103 @@
+"""The store as the API process sees it: every call bounded by a timeout, recently seen
+names and vectors still answered while a real redis-server is paused, damaged entries
+named, and the process cache never evicting what an in-flight request pinned."""
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import pytest
+import torch
+
+from redis_fixture import RedisProcess, needs_redis_server
+from vector_store import StoredDataDamaged, StoredVector, StoreUnavailable, VectorMeta, VectorNotFound
+from vector_store.async_access import AsyncStore
+from vector_store.cache import VectorCache
+from vector_store.redis import RedisVectorStore
+
+TIMEOUT_S = 0.5
+
+
+def vector(seed: int, rows: int = 1, hidden: int = 16) -> StoredVector:
+    gen = torch.Generator().manual_seed(seed)
+    return StoredVector(VectorMeta("model-x", hidden, "constant" if rows == 1 else "actadd"),
+                        {3: torch.randn(rows, hidden, generator=gen)})
+
+
+@pytest.fixture
+def paused_store(tmp_path):
+    needs_redis_server()
+    server = RedisProcess(tmp_path)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_a_paused_store_fails_fast_and_known_answers_keep_working(paused_store):
+    backend = RedisVectorStore(paused_store.url, timeout_s=TIMEOUT_S)
+    store = AsyncStore(backend, timeout_s=TIMEOUT_S, fresh_s=0.2, vectors=VectorCache())
+    used, unseen = vector(1), vector(2)
+
+    async def scenario():
+        used_id = await store.put(used)
+        await store.set_name("used", used_id)
+        unseen_id = backend.put(unseen)  # written by someone else: never seen here
+        backend.set_name("unseen", unseen_id)
+        assert await store.resolve("used") == used_id
+        paused_store.signal(signal.SIGSTOP)
+        try:
+            await asyncio.sleep(0.3)  # past fresh_s: the name must be asked for again
+            started = time.monotonic()
+            assert await store.resolve("used") == used_id  # the last answer, while the store is away
+            assert (await store.get(used_id)).content_id == used_id  # held by content id
+            for call in (lambda: store.resolve("unseen"), lambda: store.get(unseen_id)):
+                with pytest.raises(StoreUnavailable, match=rf"{paused_store.url}.* is unavailable: "):
+                    await call()
+            assert time.monotonic() - started < 3 * TIMEOUT_S + 1
+        finally:
+            paused_store.signal(signal.SIGCONT)
+        assert await store.resolve("unseen") == unseen_id
+        paused_store.kill()
+        with pytest.raises(StoreUnavailable, match="unavailable"):
+            await store.list()
+
+    asyncio.run(scenario())
+
+
+def test_deletes_through_this_process_apply_at_once_and_damage_is_named(tmp_path):
+    from vector_store.sqlite import SqliteVectorStore
+
+    backend = SqliteVectorStore(tmp_path / "store")
+    store = AsyncStore(backend, timeout_s=TIMEOUT_S, fresh_s=60, vectors=VectorCache())
+
+    async def scenario():
+        kept = await store.put(vector(3))
+        await store.set_name("kept", kept)
+        assert await store.resolve("kept") == kept
+        await store.delete_name("kept")
+        with pytest.raises(VectorNotFound):
+            await store.resolve("kept")  # not the cached answer: this process made the change
+        damaged = backend.put(vector(4))
+        (tmp_path / "store" / "blobs" / f"{damaged}.safetensors").write_bytes(b"\0" * 64)
+        with pytest.raises(StoredDataDamaged, match=rf"SqliteVectorStore.*{damaged}"):
+            await store.get(damaged)
+
+    asyncio.run(scenario())
+
+
+def test_pinned_vectors_survive_eviction_and_the_cache_stays_bounded():
+    one = vector(5, rows=64, hidden=256)  # 64 KiB of float32
+    cache = VectorCache(max_bytes=100 * 1024)
+    cache.pin({one.content_id: one})
+    others = [vector(10 + i, rows=64, hidden=256) for i in range(4)]
+    for v in others:
+        cache.put(v.content_id, v)
+    assert cache.get(one.content_id) is one
+    assert sum(cache.get(v.content_id) is not None for v in others) == 1  # only one more fits
+    cache.unpin([one.content_id])
+    cache.put(others[0].content_id, others[0])
+    cache.put(others[1].content_id, others[1])
+    assert cache.get(one.content_id) is None and cache.pinned == 0
