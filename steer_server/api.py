@@ -41,6 +41,7 @@ from argparse import Namespace
 from fastapi import FastAPI
 
 from steer_server import metrics
+from steer_server.access import install_access_control
 from steer_server.anchor import last_user_text, user_anchor
 from steer_server.middleware import STEERED_PATHS, BodyMiddleware
 from steer_server.receipts import receipt_body
@@ -82,6 +83,7 @@ class SteerApiPlugin:
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(vector_router(self))
         app.add_middleware(BodyMiddleware, plugin=self)
+        install_access_control(app)  # added last: outside the body middleware, inside vLLM's key check
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         if engine_client is None:
@@ -247,7 +249,7 @@ class SteerServer:
         if "request_id" not in payload and headers.get("x-request-id") is None and path != "/v1/responses":
             payload["request_id"] = uuid.uuid4().hex
         request_id = headers.get("x-request-id") or payload.get("request_id", "-")
-        metrics.STEERED_REQUESTS.labels(endpoint=STEERED_PATHS[path], mode=resolved.mode).inc()
+        metrics.count_steered(STEERED_PATHS[path], resolved.mode, operations=resolved.operations())
         logger.info("steered request %s on %s: %s", request_id, path, resolved.summary())
         return resolved
 

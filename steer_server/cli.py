@@ -68,6 +68,12 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--store-cache-ttl", type=float, default=DEFAULT_FRESH_S, metavar="SECONDS",
                         help="how long a vector name is trusted before the store is asked again; names and deletes "
                         "made on another replica show here within it (default: %(default)s)")
+    parser.add_argument("--admin-api-key", metavar="KEY",
+                        help="a key that may also create, import and delete vectors (vLLM's --api-key keys may only "
+                        "use them); visible to `ps` like any argument: prefer $STEER_ADMIN_API_KEY or --api-keys-file")
+    parser.add_argument("--api-keys-file", metavar="PATH",
+                        help="API keys with roles, one 'ROLE KEY' per line (ROLE: inference | admin); "
+                        "inference keys join vLLM's --api-key keys")
     return parser
 
 
@@ -90,6 +96,13 @@ def serve(argv: list[str]) -> None:
         parser.error("--steering-table-rows must be at least 2 (row 0 is the zero row)")
     if args.max_additions > MAX_ADDITIONS:
         parser.error(f"--max-additions is at most {MAX_ADDITIONS} (the engine's limit)")
+    from steer_server.access import AccessConfigError, access_environment
+
+    try:
+        # Keys travel to the API processes in the environment (or stay in the file), never as arguments.
+        os.environ.update(access_environment(args.admin_api_key, args.api_keys_file))
+    except AccessConfigError as exc:
+        parser.error(str(exc))
     settings = Settings(
         pad=None if args.steering_pad.lower() == "none" else args.steering_pad,
         max_prompt_tokens=args.max_steering_prompt_tokens,

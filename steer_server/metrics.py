@@ -1,11 +1,27 @@
 """Prometheus metrics of the steering layer, served on vLLM's own ``/metrics``.
 
-vLLM's ``/metrics`` serves prometheus_client's default ``REGISTRY`` (or, with
-``PROMETHEUS_MULTIPROC_DIR`` set, a multiprocess collector that reads every process's
-values from that directory); metrics created here on the default registry appear in
-both cases. They live in the API server process, where requests are resolved.
+vLLM's ``/metrics`` serves prometheus_client's default ``REGISTRY``, or, with
+``PROMETHEUS_MULTIPROC_DIR`` set, a registry whose ``MultiProcessCollector`` sums every
+process's values from that directory (``vllm/v1/metrics/prometheus.py``). vLLM sets that
+variable itself before it spawns the API processes of ``--api-server-count N`` (N > 1,
+``vllm/entrypoints/cli/serve.py``, ``run_multi_api_server``); each spawned process imports
+prometheus_client afresh with the variable set, so the counters below, created at import in
+every API process, write their values to that directory and ``/metrics`` on any of them
+reports the sum over all of them. The metrics live in the API processes, where requests are
+resolved; none is a gauge, so no multiprocess mode has to be chosen.
+
+What ``deploy/grafana/steer-server.json`` derives from them (PromQL there):
+
+- steered share: ``steer_requests_total`` over vLLM's own ``vllm:request_success_total``;
+- per mode and per operation: ``steer_requests_total{mode}``,
+  ``steer_operation_requests_total{operation}``;
+- vector cache hit rate: hits / (hits + misses);
+- capture time: the ``steer_capture_seconds`` histogram;
+- refused requests: ``steer_rejected_requests_total{status, reason}``.
 """
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 from prometheus_client import REGISTRY, Counter, Histogram
 
@@ -23,10 +39,17 @@ STEERED_REQUESTS = _get_or_create(
     "Requests accepted with a `steering` field, by endpoint and mode.",
     labelnames=("endpoint", "mode"),
 )
+OPERATION_REQUESTS = _get_or_create(
+    Counter,
+    "steer_operation_requests",
+    "Steered requests using each steering operation (a request mixing operations counts once under each).",
+    labelnames=("endpoint", "operation"),
+)
 REJECTED_REQUESTS = _get_or_create(
     Counter,
     "steer_rejected_requests",
-    "Requests whose `steering` field was refused, by HTTP status and reason.",
+    "Requests refused by the steering layer (the `steering` field; vector writes without the admin role), "
+    "by HTTP status and reason.",
     labelnames=("status", "reason"),
 )
 VECTOR_CACHE_HITS = _get_or_create(
@@ -45,3 +68,11 @@ CAPTURE_SECONDS = _get_or_create(
     "Wall time of one residual capture through the engine (a batch of prompts).",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
+
+
+def count_steered(endpoint: str, mode: str, operations: Iterable[str]) -> None:
+    """One accepted steered request on ``endpoint`` ("completions" | "chat" | "responses")."""
+    STEERED_REQUESTS.labels(endpoint=endpoint, mode=mode).inc()
+    for operation in sorted(set(operations)):
+        OPERATION_REQUESTS.labels(endpoint=endpoint, operation=operation).inc()
+

@@ -295,6 +295,10 @@ class Resolved:
             extra += f" anchor={self.engine.anchor}"
         return f"mode={self.mode}{extra} [{', '.join(parts)}]"
 
+    def operations(self) -> list[str]:
+        """What the request does, for metrics: "add", "ablate", "clamp"."""
+        return (["add"] if self.engine.additions else []) + sorted({p.op for p in self.engine.projections})
+
     def check_prompt_length(self, prompt_len: int) -> None:
         """ActAdd rows land on positions anchor..anchor+k-1: the prompt must reach that far."""
         available = prompt_len - self.engine.anchor

@@ -168,7 +168,11 @@ async def capture_residuals_async(
 
     async def one(ids: list[int]) -> dict[int, torch.Tensor]:
         capture_id, params = capture_params(layers, steering)
-        async for _ in engine_client.generate(TokensPrompt(prompt_token_ids=ids), params, f"steer-capture-{capture_id}"):
+        # Under data parallelism collective_rpc answers with the first engine's workers only
+        # (vllm/v1/engine/core_client.py, DPLBAsyncMPClient.call_utility_async): run the
+        # capture on that engine. Rank 0 exists whatever the data-parallel size.
+        async for _ in engine_client.generate(TokensPrompt(prompt_token_ids=ids), params, f"steer-capture-{capture_id}",
+                                              data_parallel_rank=0):
             pass
         return merge_worker_results(capture_id, await engine_client.collective_rpc(TAKE_CAPTURE_RPC, args=(capture_id,)))
 

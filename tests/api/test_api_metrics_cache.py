@@ -28,6 +28,7 @@ def test_counters_move(server, client, http):
                               max_tokens=2, extra_body={"steering": steering})
     first = metrics(server)
     assert delta(before, first, requests_key) == 1
+    assert delta(before, first, 'steer_operation_requests_total{endpoint="completions",operation="add"}') == 1
     assert delta(before, first, "steer_vector_cache_misses_total") == 2  # two new prompts
     assert delta(before, first, "steer_vector_cache_hits_total") == 0
     assert delta(before, first, "steer_capture_seconds_count") == 1  # one capture for both

@@ -1,0 +1,191 @@
+"""Who may do what: inference keys use steering; admin keys also create, import and delete vectors.
+
+This module's job: read the API keys and their roles, hand them to vLLM's own key check, and
+refuse vector writes to keys without the admin role. Installed on vLLM's app by
+``steer_server.api.SteerApiPlugin.attach_router`` (``install_access_control``).
+
+Where keys come from (every API server process reads them itself at start-up):
+
+- vLLM's ``--api-key`` (or ``$VLLM_API_KEY``): role ``inference``;
+- ``$STEER_ADMIN_API_KEY`` (``steer-server serve --admin-api-key`` sets it): role ``admin``;
+- ``$STEER_API_KEYS_FILE`` (``--api-keys-file``): one ``ROLE KEY`` per line, ``#`` comments.
+
+vLLM guards every path under ``/v1`` with the keys in ``args.api_key``
+(``vllm/entrypoints/serve/middleware/register.py``), and builds that check *after* endpoint
+plugins attach, with ``app.state.args`` already set (``vllm/entrypoints/launchers/app.py``,
+``build_app``). So ``install_access_control`` extends that list in memory with the file's
+inference keys and every admin key: an admin key opens inference too, and keys from the file
+never appear on a command line or in an environment.
+
+Then ``AccessMiddleware`` (inside vLLM's check) lets a write to ``/v1/steering/vectors``
+(any method but GET/HEAD/OPTIONS) through only with an admin key: 403 naming the role for a
+valid non-admin key, 401 for no valid key (possible only while inference is open, i.e. roles
+are configured but no inference key). Roles apply once an admin key or a keys file is given (a
+keys file without admin keys lets nobody write); with neither, whoever passes vLLM's check may
+write, as before.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import FastAPI
+from fastapi.responses import JSONResponse
+
+from steer_server import metrics
+from steer_server.vector_routes import VECTORS_PREFIX
+
+logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
+
+ENV_ADMIN_API_KEY = "STEER_ADMIN_API_KEY"
+ENV_API_KEYS_FILE = "STEER_API_KEYS_FILE"
+INFERENCE, ADMIN = "inference", "admin"
+ROLES = (INFERENCE, ADMIN)
+_READ_METHODS = ("GET", "HEAD", "OPTIONS")
+
+
+class AccessConfigError(ValueError):
+    """A keys file or key setting that cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class ApiKeys:
+    inference: tuple[str, ...] = ()
+    admin: tuple[str, ...] = ()
+
+    def __add__(self, other: ApiKeys) -> ApiKeys:
+        return ApiKeys(_unique(self.inference + other.inference), _unique(self.admin + other.admin))
+
+
+def _unique(keys: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(dict.fromkeys(keys))
+
+
+def read_keys_file(path: str | Path) -> ApiKeys:
+    """``ROLE KEY`` per line (ROLE: inference | admin); blank lines and ``#`` comments skipped."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise AccessConfigError(f"cannot read the API keys file {path}: {exc}") from None
+    roles: dict[str, str] = {}
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        where = f"{path}, line {number}"
+        if len(fields) != 2:
+            raise AccessConfigError(f"{where}: expected 'ROLE KEY' (two fields), got {len(fields)} fields")
+        role, key = fields
+        if role not in ROLES:
+            raise AccessConfigError(f"{where}: unknown role {role!r}; expected one of {', '.join(ROLES)}")
+        if roles.get(key, role) != role:
+            raise AccessConfigError(f"{where}: this key is listed with two roles ({roles[key]} and {role})")
+        roles[key] = role
+    if not roles:
+        raise AccessConfigError(f"the API keys file {path} holds no keys")
+    return ApiKeys(tuple(k for k, r in roles.items() if r == INFERENCE), tuple(k for k, r in roles.items() if r == ADMIN))
+
+
+def configured_keys(vllm_api_keys: list[str] | None) -> ApiKeys:
+    """All keys of this server: vLLM's (as vLLM reads them: ``--api-key``, else
+    ``$VLLM_API_KEY``), the admin key from the environment and the keys file's."""
+    inference = [k for k in (vllm_api_keys or [os.environ.get("VLLM_API_KEY", "")]) if k]
+    keys = ApiKeys(inference=tuple(inference))
+    if os.environ.get(ENV_ADMIN_API_KEY):
+        keys += ApiKeys(admin=(os.environ[ENV_ADMIN_API_KEY],))
+    if os.environ.get(ENV_API_KEYS_FILE):
+        keys += read_keys_file(os.environ[ENV_API_KEYS_FILE])
+    both = set(keys.inference) & set(keys.admin)
+    if both:
+        raise AccessConfigError(f"{len(both)} key(s) given both the inference and the admin role")
+    return keys
+
+
+def access_environment(admin_api_key: str | None, keys_file: str | None) -> dict[str, str]:
+    """What ``steer-server serve`` puts in the environment for the API processes; reads the
+    keys file once here so a bad file stops the server before vLLM starts."""
+    env = {}
+    if admin_api_key is not None:
+        if not admin_api_key.strip() or admin_api_key != admin_api_key.strip():
+            raise AccessConfigError("--admin-api-key must be a non-empty key without surrounding spaces")
+        env[ENV_ADMIN_API_KEY] = admin_api_key
+    if keys_file is not None:
+        path = Path(keys_file).expanduser().resolve()
+        read_keys_file(path)
+        env[ENV_API_KEYS_FILE] = str(path)
+    return env
+
+
+class _KeyRoles:
+    """Bearer token -> role, comparing SHA-256 digests in constant time (as vLLM's check does)."""
+
+    def __init__(self, keys: ApiKeys):
+        self._digests = [(_digest(k), INFERENCE) for k in keys.inference] + [(_digest(k), ADMIN) for k in keys.admin]
+
+    def role_of(self, authorization: str | None) -> str | None:
+        scheme, _, token = (authorization or "").partition(" ")
+        if scheme.lower() != "bearer":
+            return None
+        digest = _digest(token)
+        role = None
+        for known, known_role in self._digests:  # no early exit: the time does not tell which key matched
+            if secrets.compare_digest(digest, known):
+                role = known_role
+        return role
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode("utf-8")).digest()
+
+
+class AccessMiddleware:
+    """Pure ASGI: vector writes need a key with the admin role."""
+
+    def __init__(self, app, keys: ApiKeys):
+        self.app = app
+        self.roles = _KeyRoles(keys)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] in _READ_METHODS:
+            return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        if not path.startswith(VECTORS_PREFIX):
+            return await self.app(scope, receive, send)
+        authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"authorization"), None)
+        role = self.roles.role_of(authorization)
+        if role == ADMIN:
+            return await self.app(scope, receive, send)
+        status = 403 if role is not None else 401
+        metrics.REJECTED_REQUESTS.labels(status=str(status), reason="needs_admin_role" if role else "no_valid_key").inc()
+        action = {"DELETE": "deleting"}.get(scope["method"], "creating or importing")
+        held = f"this key has the {role!r} role" if role else "no valid API key was given"
+        message = (f"{action} steering vectors needs a key with the 'admin' role ({held}); "
+                   "admin keys come from --admin-api-key or 'admin' lines in --api-keys-file")
+        body = {"error": {"message": message, "type": "PermissionDeniedError" if status == 403 else "AuthenticationError",
+                          "param": None, "code": status}}
+        return await JSONResponse(body, status_code=status)(scope, receive, send)
+
+
+def install_access_control(app: FastAPI) -> None:
+    """Merge our keys into vLLM's key check and, when admin keys exist, guard vector writes.
+    Must run before vLLM builds its middleware (endpoint plugins' ``attach_router`` does)."""
+    args = getattr(app.state, "args", None)
+    vllm_keys = getattr(args, "api_key", None)
+    keys = configured_keys(vllm_keys)
+    if not keys.admin and not os.environ.get(ENV_API_KEYS_FILE):
+        return  # no roles configured: vLLM's own check alone, unchanged
+    if args is None:
+        raise RuntimeError("steer-server cannot apply API key roles: vLLM's app carries no parsed arguments")
+    if keys.inference:
+        # vLLM's check then accepts every key; with no inference key at all inference stays open.
+        args.api_key = [*keys.inference, *keys.admin]
+    app.add_middleware(AccessMiddleware, keys=keys)
+    logger.info("steer_api: API keys: %d inference, %d admin; inference %s; vector writes need the admin role%s",
+                len(keys.inference), len(keys.admin), "needs a key" if keys.inference else "is open",
+                "" if keys.admin else " (none configured: nobody may write)")
