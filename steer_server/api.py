@@ -293,9 +293,10 @@ class SteerServer:
 
     async def take_receipt(self, resolved: Resolved) -> dict:
         """What the workers applied for a finished request that asked for a receipt."""
+        from steer_vllm import workers_rpc_async
         from steer_vllm.receipts import TAKE_RECEIPT_RPC, merge_worker_receipts
 
-        per_worker = await self.engine_client.collective_rpc(TAKE_RECEIPT_RPC, args=(resolved.engine.receipt,))
+        per_worker = await workers_rpc_async(self.engine_client, TAKE_RECEIPT_RPC, (resolved.engine.receipt,))
         return receipt_body(resolved.engine, merge_worker_receipts(per_worker))
 
     # ---------------------------------------------------------------- vectors

@@ -123,6 +123,17 @@ def check_engine(llm, *, ran: bool = False) -> dict:
     return _checked(workers, engines, ran)
 
 
+async def workers_rpc_async(engine_client, method: str, args: tuple = ()) -> list:
+    """``method`` on every worker of every engine of a server's engine client. Under data
+    parallelism vLLM's own ``collective_rpc`` reaches the first engine's workers only
+    (``DPLBAsyncMPClient.call_utility_async``); each engine core answers for its own."""
+    core = engine_client.engine_core
+    if hasattr(core, "call_utility_all_async"):
+        per_engine = await core.call_utility_all_async("collective_rpc", method, None, args, None)
+        return [result for engine in per_engine for result in engine]
+    return await engine_client.collective_rpc(method, args=args)
+
+
 async def check_engine_async(engine_client, *, ran: bool = False) -> dict:
     """The same through a running server's engine client (``AsyncLLM``)."""
     from steer_vllm.admission import ENGINE_STATUS_UTILITY
@@ -130,7 +141,7 @@ async def check_engine_async(engine_client, *, ran: bool = False) -> dict:
 
     core = engine_client.engine_core
     try:
-        workers = await engine_client.collective_rpc(STATUS_RPC)
+        workers = await workers_rpc_async(engine_client, STATUS_RPC)
         if hasattr(core, "call_utility_all_async"):
             engines = list(await core.call_utility_all_async(ENGINE_STATUS_UTILITY))
         else:

@@ -132,7 +132,8 @@ def capture_params(layers: list[int], steering: dict | None = None):
 
 
 def merge_worker_results(capture_id: str, per_worker: list[dict | None]) -> dict[int, torch.Tensor]:
-    """Tensor-parallel ranks return copies; pipeline ranks return their own layers."""
+    """Tensor-parallel ranks return copies; pipeline ranks return their own layers; the
+    workers of other data-parallel engines return nothing."""
     merged: dict[int, torch.Tensor] = {}
     for result in per_worker:
         for layer, (positions, data) in (result or {}).items():
@@ -159,21 +160,25 @@ def capture_residuals(
 
 
 async def capture_residuals_async(
-    engine_client, prompts_token_ids: list[list[int]], layers: list[int], steering: dict | None = None
+    engine_client,
+    prompts_token_ids: list[list[int]],
+    layers: list[int],
+    steering: dict | None = None,
+    data_parallel_rank: int | None = None,
 ) -> list[dict[int, torch.Tensor]]:
-    """The same through a running server's engine client (``AsyncLLM``)."""
+    """The same through a running server's engine client (``AsyncLLM``); under data
+    parallelism on the engine ``data_parallel_rank`` (vLLM's choice when None)."""
     import asyncio
 
     from vllm.inputs import TokensPrompt
 
+    from steer_vllm import workers_rpc_async
+
     async def one(ids: list[int]) -> dict[int, torch.Tensor]:
         capture_id, params = capture_params(layers, steering)
-        # Under data parallelism collective_rpc answers with the first engine's workers only
-        # (vllm/v1/engine/core_client.py, DPLBAsyncMPClient.call_utility_async): run the
-        # capture on that engine. Rank 0 exists whatever the data-parallel size.
         async for _ in engine_client.generate(TokensPrompt(prompt_token_ids=ids), params, f"steer-capture-{capture_id}",
-                                              data_parallel_rank=0):
+                                              data_parallel_rank=data_parallel_rank):
             pass
-        return merge_worker_results(capture_id, await engine_client.collective_rpc(TAKE_CAPTURE_RPC, args=(capture_id,)))
+        return merge_worker_results(capture_id, await workers_rpc_async(engine_client, TAKE_CAPTURE_RPC, (capture_id,)))
 
     return list(await asyncio.gather(*(one(ids) for ids in prompts_token_ids)))

@@ -69,15 +69,19 @@ async def _prove(capture, fingerprint: str, hidden_size: int, num_layers: int, t
 
 
 async def prove_steering(engine_client, model, tokenize) -> dict:
-    """Run the proof through a server's engine client; returns the hook status reports.
-    ``model`` has ``fingerprint``, ``hidden_size`` and ``num_layers``."""
+    """Run the proof through a server's engine client, on every data-parallel engine;
+    returns the hook status reports. ``model`` has ``fingerprint``, ``hidden_size`` and
+    ``num_layers``."""
     from steer_vllm import check_engine_async
     from steer_vllm.capture import capture_residuals_async
 
-    async def capture(prompts, layers, steering=None):
-        return await capture_residuals_async(engine_client, prompts, layers, steering)
+    engines = engine_client.vllm_config.parallel_config.data_parallel_size
+    for rank in range(engines):
 
-    await _prove(capture, model.fingerprint, model.hidden_size, model.num_layers, tokenize(PROBE_TEXT))
+        async def capture(prompts, layers, steering=None, rank=rank if engines > 1 else None):
+            return await capture_residuals_async(engine_client, prompts, layers, steering, data_parallel_rank=rank)
+
+        await _prove(capture, model.fingerprint, model.hidden_size, model.num_layers, tokenize(PROBE_TEXT))
     return await check_engine_async(engine_client, ran=True)
 
 

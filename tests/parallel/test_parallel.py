@@ -99,10 +99,6 @@ def test_tensor_parallel_2_steers_as_one_worker(single_worker, tiny_model, tmp_p
     _assert_same_steering(single_worker, tensor_parallel)
 
 
-@pytest.mark.xfail(strict=True, raises=ServerStartError, reason=(
-    "the start-up self-test (steer_vllm.self_test) requires every engine's scheduler hooks to have run, but its "
-    "probe captures run on engine 0 only: vLLM's collective_rpc reads engine 0's workers under data parallelism "
-    "(DPLBAsyncMPClient.call_utility_async), so captures are pinned there; steer-server then refuses DP=2"))
 def test_data_parallel_2_steers_as_one_engine(single_worker, tiny_model, tmp_path_factory):
     data_parallel = _serve_and_collect(tiny_model, tmp_path_factory, "dp2",
                                        ["--data-parallel-size", "2", "--api-server-count", "1"], ONE_CORE_PER_RANK)
