@@ -18,7 +18,6 @@ import pytest
 from fleet_processes import INFERENCE_KEY, metric_samples, start_tiny_server, stop
 from models import make_tiny_llama
 
-from steer_server.server_process import ServerStartError
 
 pytestmark = pytest.mark.slow
 
