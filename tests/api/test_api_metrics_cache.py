@@ -43,7 +43,7 @@ def test_counters_move(server, client, http):
     assert delta(first, second, "steer_capture_seconds_count") == 0
 
     http.post("/v1/completions", json={"model": server.model, "prompt": "x", "steering": {"additions": []}})
-    assert delta(second, metrics(server), 'steer_rejected_requests_total{status="400"}') == 1
+    assert delta(second, metrics(server), 'steer_rejected_requests_total{status="400",reason="invalid"}') == 1
 
 
 def test_steered_kv_is_never_reused_unsteered(server, client):
