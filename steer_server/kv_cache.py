@@ -5,8 +5,10 @@ memory and refuses to start when less than that is free, which is the common cas
 machine that runs anything else. Given no size (no ``--kv-cache-memory-bytes``, no
 ``--gpu-memory-utilization``, no ``VLLM_CPU_KVCACHE_SPACE``), ``steer-server serve`` sizes
 the cache itself from the memory the node has free right now (read the way vLLM's worker
-reads it), the model's weights and a reserve for the processes' own memory, and never
-more than the model's longest context for every sequence could use.
+reads it), the model's weights and a reserve for the processes' own memory: half of what
+is left, but no more than four times the weights (at least 2 GiB) — a small model on a big
+machine does not take the machine — and never more than the model's longest context for
+every sequence could use.
 """
 from __future__ import annotations
 
@@ -21,6 +23,8 @@ GiB = 1024**3
 RUNTIME_RESERVE_BYTES = 3 * GiB
 MIN_KV_CACHE_BYTES = GiB // 4
 SHARE_OF_HEADROOM = 0.5  # leave the rest to the machine's other work
+WEIGHTS_MULTIPLE = 4  # ... and within this many times the weights
+MIN_CAP_BYTES = 2 * GiB
 
 USER_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
 USER_ENV = "VLLM_CPU_KVCACHE_SPACE"
@@ -65,7 +69,8 @@ def choose_kv_cache_bytes(model_dir: str, available_bytes: int, max_num_seqs: in
     text = config.get("text_config", config)
     context = text.get("max_position_embeddings") or 4096
     useful = _kv_bytes_per_token(config) * context * max_num_seqs
-    size = int(min(headroom * SHARE_OF_HEADROOM, useful))
+    cap = max(MIN_CAP_BYTES, WEIGHTS_MULTIPLE * weights)
+    size = int(min(headroom * SHARE_OF_HEADROOM, useful, cap))
     if size < MIN_KV_CACHE_BYTES:
         raise NotEnoughMemory(
             f"only {available_bytes / GiB:.1f} GiB of memory is free; the model's weights take {weights / GiB:.1f} GiB "
@@ -75,8 +80,9 @@ def choose_kv_cache_bytes(model_dir: str, available_bytes: int, max_num_seqs: in
     return KvCacheChoice(
         size,
         f"KV cache {size / GiB:.2f} GiB, chosen by steer-server: {available_bytes / GiB:.1f} GiB free on the node, "
-        f"weights {weights / GiB:.2f} GiB, {RUNTIME_RESERVE_BYTES / GiB:.0f} GiB kept for the processes, half of the "
-        f"rest at most (capped at what {max_num_seqs} sequences of {context} tokens could use). "
+        f"weights {weights / GiB:.2f} GiB, {RUNTIME_RESERVE_BYTES / GiB:.0f} GiB kept for the processes; half of the "
+        f"rest, at most {cap / GiB:.1f} GiB ({WEIGHTS_MULTIPLE}x the weights, at least {MIN_CAP_BYTES / GiB:.0f} GiB) "
+        f"and at most what {max_num_seqs} sequences of {context} tokens could use. "
         "Set --kv-cache-memory-bytes or VLLM_CPU_KVCACHE_SPACE to choose it yourself.",
     )
 
