@@ -129,12 +129,17 @@ def _die_with_parent() -> None:
         pass
 
 
-def steer_serve_command(*args: str) -> list[str]:
-    """``steer-server serve ARGS``: the installed console script when there is one (what users
-    run), else the module."""
+def steer_server_command(*args: str) -> list[str]:
+    """``steer-server ARGS``: the installed console script when there is one (what users run),
+    else the module."""
     script = Path(sys.executable).parent / "steer-server"
     launcher = [str(script)] if script.exists() else [sys.executable, "-m", "steer_server.cli"]
-    return [*launcher, "serve", *args]
+    return [*launcher, *args]
+
+
+def steer_serve_command(*args: str) -> list[str]:
+    """``steer-server serve ARGS``."""
+    return steer_server_command("serve", *args)
 
 
 def start_steer_server(args: Sequence[str], *, port: int, log: Path, env: Mapping[str, str] | None = None,

@@ -6,13 +6,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import _steer_server_command
+
+from steer_server.server_process import steer_server_command
 
 pytestmark = pytest.mark.slow
 
 
 def cli(server, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = [*_steer_server_command(), *args, "--url", server.url, "--api-key", server.api_key]
+    command = steer_server_command(*args, "--url", server.url, "--api-key", server.api_key)
     result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": ""})
     if check:
         assert result.returncode == 0, result.stderr
@@ -21,9 +22,9 @@ def cli(server, *args: str, check: bool = True) -> subprocess.CompletedProcess:
 
 def test_help_does_not_need_a_server():
     for args in (["--help"], ["serve", "--help"], ["vectors", "--help"], ["compare", "--help"]):
-        result = subprocess.run([*_steer_server_command(), *args], capture_output=True, text=True, timeout=60)
+        result = subprocess.run(steer_server_command(*args), capture_output=True, text=True, timeout=60)
         assert result.returncode == 0, result.stderr
-    serve_help = subprocess.run([*_steer_server_command(), "serve", "--help"], capture_output=True, text=True).stdout
+    serve_help = subprocess.run(steer_server_command("serve", "--help"), capture_output=True, text=True).stdout
     for flag in ("--model", "--store", "--steering-pad", "--max-steering-prompt-tokens", "--max-additions",
                  "--max-body-bytes"):
         assert flag in serve_help
@@ -67,7 +68,7 @@ def test_compare_prints_both_columns(server):
 
 
 def test_unreachable_server_is_a_clean_error():
-    result = subprocess.run([*_steer_server_command(), "vectors", "list", "--url", "http://127.0.0.1:9"],
+    result = subprocess.run(steer_server_command("vectors", "list", "--url", "http://127.0.0.1:9"),
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 1 and "steer-server:" in result.stderr and "Traceback" not in result.stderr
 
