@@ -51,7 +51,7 @@ LAYERS = 3
 MAX_POS = 512
 VOCAB = 49152
 # Bump when anything here changes, so cached directories are rebuilt.
-_VERSION = 1
+_VERSION = 2
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -128,10 +128,91 @@ def _gpt2_config():
     )
 
 
+def _qwen3_config():
+    from transformers import Qwen3Config
+
+    return Qwen3Config(head_dim=HIDDEN // HEADS, max_window_layers=LAYERS, use_sliding_window=False,
+                       **_rmsnorm_decoder_shape(1e-6))
+
+
+def _moe_shape() -> dict:
+    # 4 experts, 2 per token: every token mixes experts, so routing is exercised.
+    return dict(num_local_experts=4, num_experts_per_tok=2)
+
+
+def _qwen3_moe_config():
+    from transformers import Qwen3MoeConfig
+
+    return Qwen3MoeConfig(head_dim=HIDDEN // HEADS, moe_intermediate_size=INTERMEDIATE // 2, norm_topk_prob=True,
+                          decoder_sparse_step=1, mlp_only_layers=[], max_window_layers=LAYERS,
+                          use_sliding_window=False, **_moe_shape(), **_rmsnorm_decoder_shape(1e-6))
+
+
+def _mixtral_config():
+    from transformers import MixtralConfig
+
+    return MixtralConfig(head_dim=HIDDEN // HEADS, **_moe_shape(), **_rmsnorm_decoder_shape(1e-5))
+
+
+def _gemma_shape() -> dict:
+    # Gemma ties embeddings and scales them by sqrt(hidden): point 0 includes the scale.
+    shape = _rmsnorm_decoder_shape(1e-6)
+    shape.update(tie_word_embeddings=True, head_dim=HIDDEN // HEADS, query_pre_attn_scalar=HIDDEN // HEADS,
+                 hidden_activation="gelu_pytorch_tanh")
+    return shape
+
+
+# A window shorter than the test prompts, so block 0 really slides; the blocks after it attend
+# fully, so rows added at the first positions reach the last token.
+_GEMMA_LAYER_TYPES = ["sliding_attention", "full_attention", "full_attention"]
+
+
+def _gemma2_config():
+    from transformers import Gemma2Config
+
+    return Gemma2Config(sliding_window=16, layer_types=_GEMMA_LAYER_TYPES,
+                        final_logit_softcapping=30.0, attn_logit_softcapping=None, **_gemma_shape())
+
+
+def _gemma3_config():
+    from transformers import Gemma3TextConfig
+
+    return Gemma3TextConfig(sliding_window=16, layer_types=_GEMMA_LAYER_TYPES,
+                            **_gemma_shape())
+
+
+def _phi3_config():
+    from transformers import Phi3Config
+
+    return Phi3Config(**_rmsnorm_decoder_shape(1e-5))
+
+
+def _olmo2_config():
+    from transformers import Olmo2Config
+
+    return Olmo2Config(**_rmsnorm_decoder_shape(1e-6))
+
+
+def _granite_config():
+    from transformers import GraniteConfig
+
+    # Multipliers away from 1, so a misplaced one (embedding, residual, attention, logits) shows.
+    return GraniteConfig(embedding_multiplier=2.0, residual_multiplier=0.5, attention_multiplier=0.25,
+                         logits_scaling=2.0, **_rmsnorm_decoder_shape(1e-5))
+
+
 _FAMILIES = {
     "llama": ("LlamaForCausalLM", _llama_config),
     "qwen2": ("Qwen2ForCausalLM", _qwen2_config),
     "gpt2": ("GPT2LMHeadModel", _gpt2_config),
+    "qwen3": ("Qwen3ForCausalLM", _qwen3_config),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", _qwen3_moe_config),
+    "mixtral": ("MixtralForCausalLM", _mixtral_config),
+    "gemma2": ("Gemma2ForCausalLM", _gemma2_config),
+    "gemma3": ("Gemma3ForCausalLM", _gemma3_config),
+    "phi3": ("Phi3ForCausalLM", _phi3_config),
+    "olmo2": ("Olmo2ForCausalLM", _olmo2_config),
+    "granite": ("GraniteForCausalLM", _granite_config),
 }
 
 
@@ -204,7 +285,13 @@ def make_tiny_gpt2(directory) -> str:
     return _make("gpt2", directory)
 
 
-MAKERS = {"llama": make_tiny_llama, "qwen2": make_tiny_qwen2, "gpt2": make_tiny_gpt2}
+def make_tiny(family: str, directory) -> str:
+    """Tiny random model of any family in ``FAMILIES`` (hidden 128, 3 layers, head_dim 32)."""
+    return _make(family, directory)
+
+
+FAMILIES = tuple(_FAMILIES)
+MAKERS = {family: (lambda directory, family=family: _make(family, directory)) for family in FAMILIES}
 
 
 def _margin_report(root: str, steps: int = 32) -> None:

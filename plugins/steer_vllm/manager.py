@@ -58,7 +58,7 @@ class SteeringManager:
         self.table = RowTable(table_rows, hidden_size, dtype, device)
         self.recorder = CaptureRecorder()
         self.hidden_size = hidden_size
-        blocks, self.first_block, self.end_block, _ = block_list(model)
+        blocks, self.first_block, self.end_block = block_list(model)
         self.num_layers = len(blocks)
         self.batch = SteeringBatch(self.num_layers + 1, max_tokens, max_reqs, dtype, device)
         self.receipts = ReceiptRecorder(self.batch)

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from models import make_tiny_gpt2, make_tiny_llama, make_tiny_qwen2
+from models import make_tiny
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -22,14 +22,21 @@ def engine_store(tmp_path_factory):
     return open_store(str(location))
 
 
+class _TinyModels(dict):
+    """family -> model directory, each built the first time a test asks for it."""
+
+    def __init__(self, root):
+        super().__init__()
+        self.root = root
+
+    def __missing__(self, family: str) -> str:
+        self[family] = make_tiny(family, self.root / family)
+        return self[family]
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory):
-    root = tmp_path_factory.mktemp("tiny-models")
-    return {
-        "llama": make_tiny_llama(root / "llama"),
-        "qwen2": make_tiny_qwen2(root / "qwen2"),
-        "gpt2": make_tiny_gpt2(root / "gpt2"),
-    }
+    return _TinyModels(tmp_path_factory.mktemp("tiny-models"))
 
 
 def start_llm(model_dir: str, **overrides):

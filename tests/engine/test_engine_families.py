@@ -1,5 +1,5 @@
-"""Every supported family steers exactly as the reference does: Qwen2 and GPT-2 (the
-paper's family) eager, and Llama on the compiled path (torch.compile, vLLM's default)."""
+"""Every supported family steers exactly as the reference does, on a tiny random model of
+its own: eager, and Llama and Gemma 3 on the compiled path (torch.compile, vLLM's default)."""
 import pytest
 import torch
 
@@ -10,11 +10,13 @@ from reference.hf_actadd import greedy_with_logprobs, residual_stream
 LOGPROB_ATOL = 2e-3
 
 
-@pytest.mark.parametrize(
-    "family, compiled",
-    [("qwen2", False), ("gpt2", False), ("llama", True)],
-    ids=["qwen2-eager", "gpt2-eager", "llama-compiled"],
-)
+FAMILY_RUNS = [("qwen2", False), ("gpt2", False), ("llama", True), ("qwen3", False), ("qwen3_moe", False),
+               ("mixtral", False), ("gemma2", False), ("gemma3", True), ("phi3", False), ("olmo2", False),
+               ("granite", False)]
+
+
+@pytest.mark.parametrize("family, compiled", FAMILY_RUNS,
+                         ids=[f"{family}-{'compiled' if compiled else 'eager'}" for family, compiled in FAMILY_RUNS])
 def test_family_matches_reference(tiny_models, engine_store, family, compiled):
     model_dir = tiny_models[family]
     hf = hf_model(model_dir)

@@ -36,7 +36,7 @@ def test_preempted_requests_keep_exact_steering(tiny_models, engine_store):
         assert lp == pytest.approx(want_lp, abs=2e-3)
 
 
-def test_unsupported_architecture_refuses_to_start(tmp_path, capfd):
+def test_unsupported_architecture_refuses_to_start(tmp_path, capfd, monkeypatch):
     import shutil
     from pathlib import Path
 
@@ -53,4 +53,11 @@ def test_unsupported_architecture_refuses_to_start(tmp_path, capfd):
     with pytest.raises(Exception):
         start_llm(str(tmp_path))
     logs = capfd.readouterr()
-    assert "steer-server cannot steer OPTForCausalLM" in logs.out + logs.err
+    said = logs.out + logs.err
+    assert "steer-server has not verified steering on OPTForCausalLM" in said and "steer-server check" in said
+    # Allowed by the user, it is still refused: its blocks are not where the plugin looks.
+    monkeypatch.setenv("STEER_ALLOW_ARCHITECTURES", "OPTForCausalLM")
+    with pytest.raises(Exception):
+        start_llm(str(tmp_path))
+    logs = capfd.readouterr()
+    assert "steer-server cannot steer OPTForCausalLM: its decoder blocks were not found" in logs.out + logs.err
