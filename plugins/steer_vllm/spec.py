@@ -139,8 +139,8 @@ def _decode(raw: Any, model: type[BaseModel], key: str) -> Any:
 def _describe(exc: ValidationError, key: str) -> str:
     parts = []
     for error in exc.errors():
-        where = ".".join([key, *(str(p) for p in error["loc"])])
-        parts.append(f"{where}: {error['msg']}")
+        where = key + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 
 

@@ -60,7 +60,7 @@ def test_compare_prints_both_columns(server):
     steering = json.dumps({"additions": [{"prompt": "Love", "coeff": 8, "layer": 4},
                                          {"prompt": "Hate", "coeff": -8, "layer": 4}]})
     result = cli(server, "compare", "--prompt", "I hate you because", "--steering", steering, "--n", "2",
-                 "--max-tokens", "8", "--temperature", "1", "--top-p", "0.3", "--seed", "0")
+                 "--max-tokens", "8", "--temperature", "1", "--top-p", "0.3")
     assert "unsteered" in result.stdout and "steered" in result.stdout
     assert "Love" in result.stdout  # this strong steering makes the model say it
     refused = cli(server, "compare", "--prompt", "Hi", "--steering", '{"additions": []}', check=False)

@@ -77,11 +77,15 @@ def test_bad_steering(server, http, path, steering, status, param, words):
 
 
 def test_chat_prompt_too_short(server, http):
-    """The length check uses the templated chat prompt (31 tokens for 'Hi')."""
-    steering = {"additions": [add(prompt=" one" * 40)]}
-    response = http.post("/v1/chat/completions", json=body(server, steering, "/v1/chat/completions"))
-    assert response.status_code == 400
-    assert "the steering sequence has 40 tokens but the request's prompt has only 31" in error_of(response)["message"]
+    """The length check counts from the anchor in the templated chat prompt: 'Hi' starts at
+    position 24 of 31 tokens, so 7 remain from the user anchor, 31 from the template's."""
+    for anchor, remaining in (("user", "7 from its anchor at position 24"), ("template", "31")):
+        steering = {"additions": [add(prompt=" one" * 40)], "anchor": anchor}
+        response = http.post("/v1/chat/completions", json=body(server, steering, "/v1/chat/completions"))
+        assert response.status_code == 400
+        message = error_of(response)["message"]
+        assert message.startswith("steering.additions[0].prompt: ") and (
+            f"the steering sequence has 40 tokens but the request's prompt has only {remaining}") in message, message
 
 
 def test_streaming_request_is_refused_before_the_stream(server, http):
@@ -126,12 +130,6 @@ def test_server_keeps_serving(server, client):
     assert httpx.get(server.url + "/health").status_code == 200
     response = client.completions.create(model=server.model, prompt="The capital of France is", max_tokens=3, temperature=0)
     assert "Paris" in response.choices[0].text
-
-
-def test_steering_on_other_endpoints_is_refused(server, http):
-    response = http.post("/v1/responses", json={"model": server.model, "input": "Hi", "steering": {"additions": [add()]}})
-    assert response.status_code == 400
-    assert error_of(response)["message"].startswith("steering: not supported on /v1/responses")
 
 
 def test_vector_of_another_model_is_refused(server, http):

@@ -34,7 +34,7 @@ def test_counters_move(server, client, http):
     assert delta(before, first, "steer_capture_seconds_count") == 1  # one capture for both
     assert delta(before, first, "steer_capture_seconds_sum") > 0
 
-    client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi"}],
+    client.chat.completions.create(model=server.model, messages=[{"role": "user", "content": "Hi, how are you today?"}],
                                    max_tokens=2, extra_body={"steering": steering})
     second = metrics(server)
     assert delta(first, second, 'steer_requests_total{endpoint="chat",mode="actadd"}') == 1
@@ -43,7 +43,7 @@ def test_counters_move(server, client, http):
     assert delta(first, second, "steer_capture_seconds_count") == 0
 
     http.post("/v1/completions", json={"model": server.model, "prompt": "x", "steering": {"additions": []}})
-    assert delta(second, metrics(server), 'steer_rejected_requests_total{status="400",reason="invalid"}') == 1
+    assert delta(second, metrics(server), 'steer_rejected_requests_total{reason="invalid",status="400"}') == 1
 
 
 def test_steered_kv_is_never_reused_unsteered(server, client):

@@ -54,22 +54,25 @@ def _templated(messages) -> str:
 
 
 def test_chat_positions_fall_on_the_templated_sequence(client, server):
-    """Decision: actadd rows land on positions 0..k-1 of the token sequence after the chat
-    template, so a steered chat request equals a steered completion of the templated text."""
+    """With ``"anchor": "template"`` actadd rows land on positions 0..k-1 of the token
+    sequence after the chat template, so a steered chat request equals a steered completion
+    of the templated text."""
     text = _templated(MESSAGES)
     assert text.startswith("<|im_start|>system")  # the template's tokens come first
-    steered_chat = chat(client, server, steering=LOVE_HATE)
+    steered_chat = chat(client, server, steering={**LOVE_HATE, "anchor": "template"})
     steered_text = complete(client, server, prompt=text, steering=LOVE_HATE, extra_body={"add_special_tokens": False})
     assert steered_chat == steered_text
     assert chat(client, server) == complete(client, server, prompt=text, extra_body={"add_special_tokens": False})
 
 
 def test_chat_prompt_length_counts_the_template(client, server, http):
-    """A 12-token steering prompt fits a chat request whose user text is 1 token (the
-    template adds ~30), but not a completion of that 1-token text."""
-    long_prompt = {"additions": [{"prompt": " one two three four five six seven eight nine ten eleven twelve", "coeff": 1.0, "layer": 3}]}
+    """Anchored at the template, a 12-token steering prompt fits a chat request whose user
+    text is 1 token (the template adds ~30), but not a completion of that 1-token text."""
+    long_prompt = {"additions": [{"prompt": " one two three four five six seven eight nine ten eleven twelve",
+                                  "coeff": 1.0, "layer": 3}], "anchor": "template"}
     assert chat(client, server, messages=[{"role": "user", "content": "Hi"}], steering=long_prompt, max_tokens=2)
-    response = http.post("/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 2, "steering": long_prompt})
+    response = http.post("/v1/completions", json={"model": server.model, "prompt": "Hi", "max_tokens": 2,
+                                                   "steering": {"additions": long_prompt["additions"]}})
     assert response.status_code == 400
     assert "steering.additions[0].prompt" in response.json()["error"]["message"]
 

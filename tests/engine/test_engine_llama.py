@@ -7,7 +7,7 @@ import torch
 
 from conftest import hf_model, start_llm, stop_llm
 from helpers import STREAM_TOLERANCE, engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
-from reference.hf_actadd import greedy_with_logprobs, prompt_logprobs, residual_stream
+from steer_server.reference import greedy_with_logprobs, prompt_logprobs, residual_stream
 
 LOGPROB_ATOL = 2e-3  # fp32 engine vs fp32 transformers: observed differences are ~1e-5
 CHUNK = 16
@@ -140,8 +140,8 @@ def test_bad_payloads_fail_alone_with_clear_errors(setup):
         ({"vector": "v-" + "0" * 40, "layer": 1, "coeff": 1.0}, "unknown vector id"),
         ({"vector": s["ids"]["love"], "layer": 4, "coeff": 1.0}, r"layer: 4 is outside 0\.\.3"),
         ({"vector": s["ids"]["seq20"], "layer": 1, "coeff": 1.0}, "20 positions but the prompt has only 5 tokens"),
-        ({"vector": s["ids"]["love"], "layer": 1, "coeff": math.nan}, "coeff must be a finite number"),
-        ({"vector": s["ids"]["love"], "layer": 1, "coeff": math.inf}, "coeff must be a finite number"),
+        ({"vector": s["ids"]["love"], "layer": 1, "coeff": math.nan}, r"steering.additions\[0\].coeff: must be a finite number"),
+        ({"vector": s["ids"]["love"], "layer": 1, "coeff": math.inf}, r"steering.additions\[0\].coeff: must be a finite number"),
         ({"vector": s["ids"]["love"], "layer": 1, "coeff": 1e39}, "overflows"),
         ({"vector": put_vector(store, model_dir, 1, s["tensors"]["wide"], "constant"), "layer": 1, "coeff": 1.0}, "hidden size 64"),
         ({"vector": s["ids"]["love"], "layer": 2, "coeff": 1.0}, "has no direction for layer 2"),
@@ -179,7 +179,7 @@ def test_store_computes_paper_vectors_through_the_engine_once(setup, tmp_path):
     from vector_store.cache import VectorCache
     from vector_store.compute import ModelInfo, VectorComputer
     from vector_store.keys import model_fingerprint
-    from reference.hf_actadd import actadd_vector
+    from steer_server.reference import actadd_vector
 
     s = setup
     store = open_store(str(tmp_path / "store"))

@@ -149,14 +149,15 @@ def test_steering_counters_sum_over_both_api_processes(fleet):
     operation_key = 'steer_operation_requests_total{endpoint="completions",operation="add"}'
     refused_key = 'steer_rejected_requests_total{reason="needs_admin_role",status="403"}'
     before = _metrics(fleet)
-    clients, requests_per_client = 4, 3
+    clients, requests_per_client = 6, 3
     steered_requests = clients * requests_per_client
 
     def client_session(index: int) -> None:
-        # Each client keeps its own connection; vLLM accepts a new connection on the API
-        # process with the fewest open ones, so concurrent clients land on both.
-        with _http(fleet, INFERENCE_KEY) as user:
-            for i in range(requests_per_client):
+        # Every request opens its own connection: the API processes share the listening
+        # socket, and which one accepts a connection is the kernel's choice, so many
+        # concurrent connections land on both.
+        for i in range(requests_per_client):
+            with _http(fleet, INFERENCE_KEY) as user:
                 response = user.post("/v1/completions", headers={"X-Request-Id": f"{marker}-{index}-{i}"}, json={
                     "model": "tiny", "prompt": "The river", "max_tokens": 8,
                     "steering": {"mode": "constant", "additions": [{"vector": vector, "coeff": 1.0}]}})

@@ -204,13 +204,13 @@ def test_projections_and_norm_follow_their_formulas_and_leave_others_bit_identic
 @pytest.mark.parametrize(
     "payload, message",
     [
-        ('{"additions": []}', "steering: Value error, at least one addition or projection is needed"),
-        ({"additions": [{"vector": "v-1", "layer": -1, "coeff": 1}]}, "steering.additions.0.layer"),
-        ({"additions": [{"vector": "v-1", "layer": 1, "coeff": float("nan")}]}, "coeff: Value error, must be a finite number"),
+        ('{"additions": []}', "steering: at least one addition or projection is needed"),
+        ({"additions": [{"vector": "v-1", "layer": -1, "coeff": 1}]}, "steering.additions[0].layer"),
+        ({"additions": [{"vector": "v-1", "layer": 1, "coeff": float("nan")}]}, "steering.additions[0].coeff: must be a finite number"),
         ({"projections": [{"vector": "v-1", "layer": 1, "op": "ablate"}, {"vector": "v-2", "layer": 1, "op": "clamp"}]},
          "at most one projection (ablate or clamp) per layer"),
-        ({"additions": [{"vector": "v-1", "layer": 1, "coeff": 1, "mode": "sideways"}]}, "steering.additions.0.mode"),
-        ({"additions": [{"vector": "v-1", "layer": 1, "coeff": 1, "colour": 3}]}, "steering.additions.0.colour"),
+        ({"additions": [{"vector": "v-1", "layer": 1, "coeff": 1, "mode": "sideways"}]}, "steering.additions[0].mode"),
+        ({"additions": [{"vector": "v-1", "layer": 1, "coeff": 1, "colour": 3}]}, "steering.additions[0].colour"),
         ("{not json", "steering: not valid JSON"),
     ],
 )

@@ -1,1 +1,0 @@
-"""Independent reference implementations that the steering engine is checked against."""
