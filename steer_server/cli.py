@@ -365,7 +365,7 @@ def compare(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer-server", description="Activation steering on vLLM's OpenAI server.")
-    sub = parser.add_subparsers(dest="command", metavar="{serve,vectors,compare,bench,eval}")
+    sub = parser.add_subparsers(dest="command", metavar="{serve,vectors,compare,check,bench,eval}")
     sub.add_parser("serve", help="serve a model (see `steer-server serve --help`)", add_help=False)
     sub.add_parser("bench", help="load benchmarks (steer_server.bench)", add_help=False)
     sub.add_parser("eval", help="measure steering: layer x coefficient sweeps, the ActAdd paper's experiments",
@@ -414,10 +414,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="per-request seed (a GPU server; vLLM's CPU build refuses it)")
     _client_args(p)
     p.set_defaults(func=compare)
+
+    p = sub.add_parser("check", help="is steering exact on a model? vLLM against plain transformers, in fp32")
+    p.add_argument("--model", help="a Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--tokens", type=int, default=16, help="greedy tokens per request")
+    p.add_argument("--tolerance", type=float, default=None,
+                   help="largest per-token log-probability difference that passes (default 5e-3)")
+    p.add_argument("--compiled", action="store_true", help="run vLLM compiled (torch.compile) instead of eagerly")
+    p.set_defaults(func=check)
     return parser
+
+
+def check(args) -> None:
+    """Steer one prompt through vLLM and through plain transformers; print the verdict."""
+    from steer_server.check import DEFAULT_TOLERANCE, check_model, print_report
+    from steer_server.default_model import default_model_dir
+
+    model_dir = args.model or default_model_dir()
+    if not Path(model_dir, "config.json").is_file():
+        raise ClientError(f"--model {model_dir}: not a Hugging Face model directory (no config.json)")
+    report = check_model(model_dir, tokens=args.tokens, tolerance=DEFAULT_TOLERANCE if args.tolerance is None else args.tolerance,
+                         enforce_eager=not args.compiled)
+    print_report(report, model_dir)
+    if not report.passed:
+        raise ClientError(f"steering is not exact on {report.architecture}")
 
 
 def main(argv: list[str] | None = None) -> int | None:
