@@ -28,7 +28,7 @@ median 0.38 (Llama), 0.39 (Qwen2), 0.50 (GPT-2). Gaussian logits keep an exponen
 small gaps whatever the scale (gap/std is scale-free): the minima were 5e-3, 1e-2 and 3e-4, still
 >10x fp32 noise (~1e-5 on logits of this size), but a cross-engine comparison of long greedy runs
 should tolerate a different token where the reference's gap is tiny (see ``margins=`` in
-``reference.hf_actadd.greedy_with_logprobs``). The softmax is not peaked: chosen-token
+``steer_server.reference.greedy_with_logprobs``). The softmax is not peaked: chosen-token
 probabilities are a few percent.
 """
 
@@ -135,6 +135,12 @@ def _qwen3_config():
                        **_rmsnorm_decoder_shape(1e-6))
 
 
+def _mistral_config():
+    from transformers import MistralConfig
+
+    return MistralConfig(head_dim=HIDDEN // HEADS, sliding_window=None, **_rmsnorm_decoder_shape(1e-5))
+
+
 def _moe_shape() -> dict:
     # 4 experts, 2 per token: every token mixes experts, so routing is exercised.
     return dict(num_local_experts=4, num_experts_per_tok=2)
@@ -205,6 +211,7 @@ _FAMILIES = {
     "llama": ("LlamaForCausalLM", _llama_config),
     "qwen2": ("Qwen2ForCausalLM", _qwen2_config),
     "gpt2": ("GPT2LMHeadModel", _gpt2_config),
+    "mistral": ("MistralForCausalLM", _mistral_config),
     "qwen3": ("Qwen3ForCausalLM", _qwen3_config),
     "qwen3_moe": ("Qwen3MoeForCausalLM", _qwen3_moe_config),
     "mixtral": ("MixtralForCausalLM", _mixtral_config),

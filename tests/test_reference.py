@@ -1,4 +1,4 @@
-"""Tests of the reference ActAdd implementation (tests/reference/hf_actadd.py) itself:
+"""Tests of the reference ActAdd implementation (steer_server/reference.py) itself:
 tiny random models of three families plus one sanity check on the default model. No vLLM."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from models import MAKERS  # noqa: E402
-from reference.hf_actadd import (  # noqa: E402
+from steer_server.reference import (  # noqa: E402
     actadd_vector,
     capture_residual,
     final_norm,

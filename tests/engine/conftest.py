@@ -1,6 +1,5 @@
 """Engine tests: real vLLM (offline ``LLM``) with the steer plugin, against the
-independent Hugging Face reference in tests/reference."""
-import gc
+independent Hugging Face reference in steer_server/reference.py."""
 import os
 
 import pytest
@@ -40,33 +39,19 @@ def tiny_models(tmp_path_factory):
 
 
 def start_llm(model_dir: str, **overrides):
-    from vllm import LLM
+    """An offline engine with the tests' settings, proven (``steer_server.check``)."""
+    from steer_server.check import start_offline_engine
 
-    import steer_vllm
-    from steer_vllm.self_test import prove_steering_offline
-    from vector_store.keys import model_fingerprint
-
-    settings = dict(
-        model=model_dir,
-        dtype="float32",
-        enforce_eager=True,
-        enable_prefix_caching=True,
-        max_model_len=256,
-        max_num_seqs=8,
-        seed=0,
-    )
+    settings = dict(dtype="float32", enforce_eager=True, enable_prefix_caching=True, max_model_len=256,
+                    max_num_seqs=8, seed=0)
     settings.update(overrides)
-    llm = LLM(**settings)
-    steer_vllm.check_engine(llm)
-    # Every hook in every process ran for a real steered request, and it added exactly.
-    prove_steering_offline(llm, model_fingerprint(model_dir))
-    return llm
+    return start_offline_engine(model_dir, **settings)
 
 
 def stop_llm(llm) -> None:
-    llm.llm_engine.engine_core.shutdown()
-    del llm
-    gc.collect()
+    from steer_server.check import stop_offline_engine
+
+    stop_offline_engine(llm)
 
 
 def hf_model(model_dir: str):

@@ -4,7 +4,7 @@ import pytest
 
 from conftest import hf_model, start_llm, stop_llm
 from helpers import generate, params, put_vector, tokens_and_logprobs
-from reference.hf_actadd import actadd_vector, greedy_with_logprobs, residual_stream
+from steer_server.reference import actadd_vector, greedy_with_logprobs, residual_stream
 from steer_server.default_model import default_model_dir
 
 LOGPROB_ATOL = 5e-3

@@ -5,14 +5,14 @@ import torch
 
 from conftest import hf_model, start_llm, stop_llm
 from helpers import STREAM_TOLERANCE, engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
-from reference.hf_actadd import greedy_with_logprobs, residual_stream
+from steer_server.reference import greedy_with_logprobs, residual_stream
 
 LOGPROB_ATOL = 2e-3
 
 
-FAMILY_RUNS = [("qwen2", False), ("gpt2", False), ("llama", True), ("qwen3", False), ("qwen3_moe", False),
-               ("mixtral", False), ("gemma2", False), ("gemma3", True), ("phi3", False), ("olmo2", False),
-               ("granite", False)]
+FAMILY_RUNS = [("qwen2", False), ("gpt2", False), ("llama", True), ("mistral", False), ("qwen3", False),
+               ("qwen3_moe", False), ("mixtral", False), ("gemma2", False), ("gemma3", True), ("phi3", False),
+               ("olmo2", False), ("granite", False)]
 
 
 @pytest.mark.parametrize("family, compiled", FAMILY_RUNS,

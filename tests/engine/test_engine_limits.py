@@ -5,7 +5,7 @@ import torch
 
 from conftest import hf_model, start_llm, stop_llm
 from helpers import engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
-from reference.hf_actadd import greedy_with_logprobs, residual_stream
+from steer_server.reference import greedy_with_logprobs, residual_stream
 
 
 def test_preempted_requests_keep_exact_steering(tiny_models, engine_store):

@@ -9,7 +9,7 @@ import torch
 
 from conftest import hf_model, start_llm, stop_llm
 from helpers import engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
-from reference.hf_actadd import greedy_with_logprobs, residual_stream
+from steer_server.reference import greedy_with_logprobs, residual_stream
 
 pytestmark = pytest.mark.slow
 
@@ -68,7 +68,7 @@ def test_operations_match_reference_in_a_mixed_batch(tiny_models, engine_store, 
 def test_receipt_reports_exactly_what_was_added(tiny_models, engine_store):
     """Per layer: the tokens steered and the relative dose ‖Δh‖/‖h‖, against the reference
     streams of the same tokens."""
-    from reference.hf_actadd import capture_residual, steering
+    from steer_server.reference import capture_residual, steering
 
     from steer_vllm.receipts import TAKE_RECEIPT_RPC, merge_worker_receipts
 
