@@ -67,7 +67,9 @@ class BodyMiddleware:
             return
 
         path = scope["path"].removeprefix(scope.get("root_path", ""))
-        payload = _json_object(body) if b"steering" in body else None
+        # Only bodies that can name a steering key are parsed here; a key spelled with JSON
+        # escapes ("\u0073teering") must not slip past, so escaped bodies are parsed too.
+        payload = _json_object(body) if b"steering" in body or b"\\u" in body else None
         if payload is None or path.startswith(VECTORS_PREFIX):
             return await self.app(scope, _replay(body, receive), send)
         server = self.plugin.server

@@ -154,6 +154,15 @@ def _free_request(original):
     return free_request
 
 
+def _blocks_of(scheduler, req_ids) -> set[int]:
+    blocks: set[int] = set()
+    for req_id in req_ids:
+        if req_id in scheduler.requests:
+            for group in scheduler.kv_cache_manager.get_block_ids(req_id):
+                blocks.update(group)
+    return blocks
+
+
 def _update_from_output(original):
     @functools.wraps(original)
     def update_from_output(self, scheduler_output, model_runner_output):
@@ -163,8 +172,14 @@ def _update_from_output(original):
         admission = _admission(self)
         _counted("update_from_output", admission)
         failed = getattr(model_runner_output, FAILED_REQUESTS_ATTR, None)
+        # The step computed their KV unsteered under their steered cache salt, and vLLM
+        # registers block hashes at allocation: drop those blocks from the prefix cache so
+        # no later request with the same steering reuses them.
+        stale_blocks = _blocks_of(self, failed) if failed else set()
         # Finished first, so vLLM skips the tokens computed for them in this step.
         errored = self.finish_requests(failed, RequestStatus.FINISHED_ERROR) if failed else []
+        if stale_blocks:
+            self.kv_cache_manager.evict_blocks(stale_blocks)
         outputs = original(self, scheduler_output, model_runner_output)
         for request in errored:
             logger.error("request %s ended: a worker could not place its steering", request.request_id)

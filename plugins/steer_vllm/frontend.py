@@ -81,9 +81,13 @@ class SteeringValidator:
         if vector is not None:
             return vector
         if self._store is None:
+            # Reached only by vectors the API did not pin (offline use): a server's own
+            # --store-timeout bounds the read, so a stalled store cannot hold the frontend.
+            from steer_vllm.limits import positive_env
             from vector_store import open_store
+            from vector_store.async_access import DEFAULT_TIMEOUT_S
 
-            self._store = open_store()
+            self._store = open_store(timeout_s=positive_env("STEER_STORE_TIMEOUT", DEFAULT_TIMEOUT_S, float))
         try:
             return self.vectors.load(content_id, self._store)
         except VectorNotFound:

@@ -91,6 +91,21 @@ def texts(body: dict) -> list[str]:
     return [choice.get("text") or choice["message"]["content"] for choice in body["choices"]]
 
 
+def test_keys_spelled_with_json_escapes_are_read_as_written(server, http):
+    """JSON lets a key be spelled with escapes; "\\u0073teering" is the steering field, and must
+    be validated and applied (or refused), never dropped unseen."""
+    escaped = "\\u0073teering"
+    bad = f'{{"model": "{server.model}", "prompt": "Hello there", "max_tokens": 4, "{escaped}": {{"additions": []}}}}'
+    response = http.post("/v1/completions", content=bad, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400 and error_of(response)["param"] == "steering.additions", response.text
+    capture = json.dumps(json.dumps({"id": "x", "layers": [1]}))
+    sneaked = (f'{{"model": "{server.model}", "prompt": "Hello there", "max_tokens": 4, '
+               f'"vllm_xargs": {{"{escaped}_capture": {capture}}}}}')
+    response = http.post("/v1/completions", content=sneaked, headers={"Content-Type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert "vllm_xargs.steering_capture: reserved for the server itself" in error_of(response)["message"]
+
+
 def test_every_entrypoint_refuses_the_engines_own_keys(server, http):
     routes = post_routes(http)
     assert {"/v1/completions", "/v1/chat/completions", "/v1/responses", "/tokenize"} <= set(routes)

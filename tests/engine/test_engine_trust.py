@@ -11,7 +11,7 @@ import torch
 
 from conftest import hf_model, start_llm, stop_llm
 from helpers import engine_additions, generate, params, put_vector, reference_additions, tokens_and_logprobs
-from reference.hf_actadd import greedy_with_logprobs, residual_stream
+from steer_server.reference import greedy_with_logprobs, residual_stream
 
 pytestmark = pytest.mark.slow
 
@@ -124,29 +124,42 @@ def _occupy_free_worker_rows(worker) -> None:
     steering = EngineSteering.model_validate({"additions": [{"vector": "v-filler", "layer": 1, "coeff": 1.0}]})
     (plan,) = plan_layers(steering, lambda a: rows)
     table.acquire(plan, lambda a: torch.ones(rows, 128))
+    worker.steer_test_filler_key = plan.key
+
+
+def _release_filler_rows(worker) -> None:
+    worker.model_runner._steering.table.release(worker.steer_test_filler_key)
 
 
 def test_worker_that_cannot_place_a_request_ends_it_with_an_error(llama, monkeypatch):
     """Should a worker fail to place a request's steering, the request ends with an error
-    and none of the tokens computed for it is delivered; its neighbour is served."""
+    and none of the tokens computed for it is delivered; its neighbour is served. The KV
+    computed for it (unsteered, under its steered cache salt) is never reused: the same
+    request afterwards hits no cached block and steers exactly."""
     s = llama
-    prompt = s["prompts"][7]
+    prompt = s["prompts"][6] + s["prompts"][7] + s["prompts"][8] + s["prompts"][9]  # 64 tokens: two full blocks
     tensors = {"const": torch.randn(1, 128, generator=s["gen"])}
     ids = {"const": put_vector(s["store"], s["model_dir"], 1, tensors["const"], kind="constant")}
     additions = [{"name": "const", "layer": 1, "coeff": 2.0, "mode": "constant"}]
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the worker lives in this process
     monkeypatch.setenv("STEER_TABLE_ROWS", "9")
-    llm = start_llm(s["model_dir"])
+    llm = start_llm(s["model_dir"], block_size=32)
     try:
         generate(llm, [prompt], params(1))  # the workers learn that the self-test's requests finished
         llm.collective_rpc(_occupy_free_worker_rows)
         failed, neighbour = generate(llm, [prompt, prompt], [params(4, engine_additions(additions, ids)), params(4)])
         status = llm.llm_engine.engine_core.engine_core.steer_engine_status()
+        llm.collective_rpc(_release_filler_rows)
+        again = generate(llm, [prompt], params(4, engine_additions(additions, ids)))[0]
     finally:
         stop_llm(llm)
     assert failed.outputs[0].finish_reason == "error" and failed.outputs[0].token_ids == []
     assert neighbour.outputs[0].finish_reason == "length" and len(neighbour.outputs[0].token_ids) == 4
     assert status["errors"] == 1 and status["rows_in_use"] == 0
+    assert again.num_cached_tokens == 0
+    want_tokens, want_lp = greedy_with_logprobs(s["hf"], prompt, 4, reference_additions(additions, tensors))
+    tokens, lp = tokens_and_logprobs(again)
+    assert tokens == want_tokens and lp == pytest.approx(want_lp, abs=2e-3)
 
 
 def test_captures_from_outside_are_refused(llama):
