@@ -23,6 +23,7 @@ from steer_server.server_process import free_port as free_loopback_port  # noqa:
 API_KEY = "test-key-4d1f"
 MAX_ADDITIONS = 8
 MAX_BODY_BYTES = 2_000_000
+TABLE_ROWS = 6000
 STARTUP_TIMEOUT_S = 900  # a loaded 2-core machine can take minutes
 
 
@@ -45,6 +46,7 @@ def session_args(store: Path) -> list[str]:
         "--store", str(store),
         "--max-additions", str(MAX_ADDITIONS),
         "--max-body-bytes", str(MAX_BODY_BYTES),
+        "--steering-table-rows", str(TABLE_ROWS),
         # vLLM's own flags, passed through:
         "--enable-prompt-tokens-details", "--max-model-len", "2048", "--seed", "0",
     ]

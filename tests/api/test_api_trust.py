@@ -136,7 +136,9 @@ def test_steering_is_applied_or_refused_on_every_entrypoint(server, http):
 def test_startup_log_states_what_was_proven_and_chosen(server):
     log = server.log.read_text(errors="replace")
     assert "steering proven end to end" in log and "self-test passed" in log
-    assert "steering table" in log and "(--steering-table-rows)" in log
+    assert "steering table 6000 rows (--steering-table-rows)" in log  # the session server's flag
+    # The session server runs with VLLM_CPU_KVCACHE_SPACE=1: the user's size wins, untouched.
+    assert "chosen by steer-server" not in log and "Explicitly set (1.0/" in log
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for vLLM's CPU build")

@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 
 ADMIN_KEY = "admin-" + uuid.uuid4().hex
 FILE_INFERENCE_KEY = "inference-" + uuid.uuid4().hex
+ENV_ADMIN_KEY = "env-admin-" + uuid.uuid4().hex  # $STEER_ADMIN_API_KEY, beside the keys file's
 DASHBOARD = REPO / "deploy" / "grafana" / "steer-server.json"
 SCRAPE_WAIT_S = 60
 
@@ -39,7 +40,8 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
     keys = workdir / "keys"
     keys.write_text(f"# role key\nadmin {ADMIN_KEY}\n\ninference {FILE_INFERENCE_KEY}\n")
     handle = start_tiny_server(model, workdir, str(workdir / "store"),
-                               ["--api-server-count", "2", "--api-keys-file", str(keys)])
+                               ["--api-server-count", "2", "--api-keys-file", str(keys)],
+                               env={"STEER_ADMIN_API_KEY": ENV_ADMIN_KEY})
     try:
         yield handle
     finally:
@@ -94,14 +96,16 @@ def test_inference_keys_use_vectors_but_cannot_write_them(fleet, key_source):
         assert admin.delete(f"/v1/steering/vectors/{name}").status_code == 200
 
 
-def test_admin_key_writes_vectors_and_opens_inference(fleet):
+@pytest.mark.parametrize("key_source", ["keys file", "$STEER_ADMIN_API_KEY"])
+def test_admin_key_writes_vectors_and_opens_inference(fleet, key_source):
+    admin_key = ADMIN_KEY if key_source == "keys file" else ENV_ADMIN_KEY
     name = f"admin-{uuid.uuid4().hex[:8]}"
-    with _http(fleet, ADMIN_KEY) as admin:
+    with _http(fleet, admin_key) as admin:
         created = admin.post("/v1/steering/vectors", json=_vector_body(name))
         assert created.status_code == 201, created.text
         assert admin.get(f"/v1/steering/vectors/{name}").json()["id"] == created.json()["id"]
         assert admin.delete(f"/v1/steering/vectors/{name}").status_code == 200
-    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key=ADMIN_KEY, max_retries=0, timeout=120)
+    client = openai.OpenAI(base_url=fleet.url + "/v1", api_key=admin_key, max_retries=0, timeout=120)
     assert client.completions.create(model="tiny", prompt="Hello", max_tokens=2).choices[0].text
 
 
