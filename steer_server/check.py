@@ -126,14 +126,11 @@ def check_model(model_dir: str, *, tokens: int = 16, tolerance: float = DEFAULT_
     typical = float(reference.residual_stream(hf, prompt, second_constant).norm(dim=-1).median())
     direction = torch.randn(hidden, generator=torch.Generator().manual_seed(0))
     constant = direction / direction.norm()
-    coeff_actadd = 4.0
-    coeff_constant = 0.5 * typical
+    # One list per steered request; the reference reads the tensors, the engine stored copies.
     steered_cases = {
-        "actadd": [{"mode": "actadd", "layer": actadd_layer, "vector": actadd, "coeff": coeff_actadd}],
-        "constant": [{"mode": "constant", "layer": first_constant, "vector": constant, "coeff": 1.0,
-                      "positions": "all"},
-                     {"mode": "constant", "layer": second_constant, "vector": constant, "coeff": coeff_constant,
-                      "positions": "all"}],
+        "actadd": [{"mode": "actadd", "layer": actadd_layer, "vector": actadd, "coeff": 4.0}],
+        "constant": [{"mode": "constant", "layer": layer, "vector": constant, "coeff": coeff, "positions": "all"}
+                     for layer, coeff in ((first_constant, 1.0), (second_constant, 0.5 * typical))],
     }
     with tempfile.TemporaryDirectory(prefix="steer-check-") as store_dir, \
             _environment(STEER_STORE=store_dir, **{ALLOW_ENV: architecture},
@@ -141,20 +138,14 @@ def check_model(model_dir: str, *, tokens: int = 16, tolerance: float = DEFAULT_
         store = open_store(store_dir)
         fingerprint = model_fingerprint(model_dir)
 
-        def stored(layer: int, rows: torch.Tensor, kind: str) -> str:
-            return store.put(StoredVector(VectorMeta(fingerprint, hidden, kind, "check"), {layer: rows.float()}))
+        def engine_addition(addition: dict) -> dict:
+            rows = addition["vector"].reshape(-1, hidden).float()
+            meta = VectorMeta(fingerprint, hidden, addition["mode"], "check")
+            content_id = store.put(StoredVector(meta, {addition["layer"]: rows}))
+            return {"vector": content_id, **{k: v for k, v in addition.items() if k != "vector"}}
 
-        actadd_id = stored(actadd_layer, actadd, "actadd")
-        constant_ids = {layer: stored(layer, constant[None], "constant") for layer in (first_constant, second_constant)}
-        payloads = {
-            "actadd": {"additions": [{"vector": actadd_id, "layer": actadd_layer, "coeff": coeff_actadd,
-                                      "mode": "actadd"}]},
-            "constant": {"additions": [
-                {"vector": constant_ids[first_constant], "layer": first_constant, "coeff": 1.0, "mode": "constant",
-                 "positions": "all"},
-                {"vector": constant_ids[second_constant], "layer": second_constant, "coeff": coeff_constant,
-                 "mode": "constant", "positions": "all"}]},
-        }
+        payloads = {name: {"additions": [engine_addition(a) for a in additions]}
+                    for name, additions in steered_cases.items()}
         llm = start_offline_engine(model_dir, dtype="float32", enforce_eager=enforce_eager,
                                    max_model_len=max(256, len(prompt) + tokens + 8), max_num_seqs=4, seed=0)
         try:
