@@ -257,10 +257,14 @@ def field_path(loc: tuple, root: str = "steering") -> str:
     # the name-or-inline union it names the branch (str / InlineVector): drop that too.
     if len(parts) >= 3 and parts[0] == "additions" and isinstance(parts[1], int):
         del parts[2]
-    parts = [p for p in parts if p not in ("name", "inline")]
+    return dotted_path([p for p in parts if p not in ("name", "inline")], root)
+
+
+def dotted_path(parts, root: str = "") -> str:
+    """``("additions", 0, "coeff")`` -> ``additions[0].coeff`` (after ``root`` when one is given)."""
     path = root
     for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else f".{part}"
+        path += f"[{part}]" if isinstance(part, int) else f".{part}" if path else str(part)
     return path
 
 

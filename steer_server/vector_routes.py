@@ -5,27 +5,40 @@ given directions or a safetensors file; list; describe; delete; GGUF import and 
 built by ``vector_router`` and included by ``steer_server.api.SteerApiPlugin.attach_router``.
 The routes live on the same app as vLLM's handlers, so vLLM's ``--api-key`` middleware
 guards them (it guards every path under ``/v1``).
+
+Request bodies are typed (pydantic), so the routes and their body schemas are in the
+server's ``/openapi.json``. Errors are answered by ``VectorRoute``, this router's route
+class, in the steering error format (``{"error": {"message", "type", "param", "code"}}``),
+request validation included (400, never FastAPI's 422). The app-wide alternative,
+``app.exception_handler``, would not do: vLLM registers its own handlers for
+``RequestValidationError``, ``ValueError`` (which ``VectorStoreError`` is) and
+``Exception`` after endpoint plugins attach (``vllm/entrypoints/launchers/app.py``), so ours
+would be replaced, and would change the errors of vLLM's own routes if they were not.
 """
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import json
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Annotated, Any, Union
 
 import torch
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Body, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, TypeAdapter, ValidationError, WithJsonSchema
 
-from steer_server.steering import FiniteCoeff, SteeringError, bad_request, field_path, store_failure
+from steer_server.steering import FiniteCoeff, SteeringError, bad_request, dotted_path, store_failure
 from vector_store import StoredDataDamaged, StoredVector, StoreUnavailable, VectorMeta, VectorNotFound, VectorStoreError
 
 if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin, SteerServer
 
 VECTORS_PREFIX = "/v1/steering/vectors"
+SAFETENSORS_TYPES = ("application/octet-stream", "application/x-safetensors", "application/safetensors")
+CREATE_SHAPES = 'expected "additions" (actadd), "pairs" (constant) or "layers" (upload)'
 
 
 class _Strict(BaseModel):
@@ -66,71 +79,135 @@ class UploadVectorCreate(_Strict):
     kind: str | None = None  # "actadd" | "constant"; default: constant if every layer has one row
 
 
-def _validate(model: type[BaseModel], payload: dict):
-    try:
-        return model.model_validate(payload)
-    except ValidationError as exc:
-        error = exc.errors()[0]
-        param = field_path(error["loc"], root="").lstrip(".") or "body"
-        message = error["msg"].removeprefix("Value error, ")
-        if error["type"] == "extra_forbidden":
-            message = "unknown field"
-        raise bad_request(param, message) from None
+# The JSON body's key that picks its shape, checked in this order (a body with several is
+# read as the first one's shape, whose strict model then names the extra keys).
+_JSON_SHAPES: dict[str, type[BaseModel]] = {
+    "additions": ActAddVectorCreate, "pairs": ConstantVectorCreate, "layers": UploadVectorCreate,
+}
+_SAFETENSORS_TAG = "safetensors"
+
+
+def _create_shape(value: Any) -> str | None:
+    if isinstance(value, bytes):
+        return _SAFETENSORS_TAG
+    if isinstance(value, dict):
+        return next((key for key in _JSON_SHAPES if key in value), None)
+    return next((key for key, model in _JSON_SHAPES.items() if type(value) is model), None)
+
+
+def _shape_union(*members) -> Any:
+    return Annotated[Union[members], Discriminator(_create_shape, custom_error_type="vector_shape",
+                                                   custom_error_message=CREATE_SHAPES)]
+
+
+_JSON_MEMBERS = tuple(Annotated[model, Tag(key)] for key, model in _JSON_SHAPES.items())
+SafetensorsFile = Annotated[bytes, Strict(), WithJsonSchema({
+    "type": "string", "format": "binary",
+    "description": "a safetensors file (tensors layer.N, [k, hidden]), sent as the raw body with "
+                   "Content-Type application/octet-stream and the name in ?name=",
+})]
+# What POST /v1/steering/vectors takes: FastAPI hands the model a dict for a JSON content
+# type and the raw bytes for any other.
+VectorCreate = _shape_union(*_JSON_MEMBERS, Annotated[SafetensorsFile, Tag(_SAFETENSORS_TAG)])
+_JSON_CREATE = TypeAdapter(_shape_union(*_JSON_MEMBERS))
+
+_BINARY_BODY = {"requestBody": {"required": True, "content": {
+    "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
+_SAFETENSORS_BODY = {"requestBody": {"content": {
+    content_type: {"schema": {"type": "string", "format": "binary"}} for content_type in SAFETENSORS_TYPES}}}
+
+
+def _validation_error(error: dict) -> SteeringError:
+    """One pydantic error (a request's first) -> the 400 naming the field, as the steering field's errors do."""
+    loc = list(error["loc"])
+    where = loc.pop(0) if loc and loc[0] in ("body", "query", "path") else "body"
+    if where == "body" and loc and loc[0] in (*_JSON_SHAPES, _SAFETENSORS_TAG):
+        loc.pop(0)  # the union member's tag
+    if error["type"] == "json_invalid":
+        return bad_request("body", f"not valid JSON ({error['ctx']['error']})")
+    if error["type"] == "vector_shape":
+        return bad_request("body", CREATE_SHAPES if isinstance(error["input"], dict) else "expected a JSON object")
+    if error["type"] == "missing" and not loc and where == "body":
+        return bad_request("body", "empty; send a JSON object (or a safetensors file as application/octet-stream)")
+    param = dotted_path(loc) or where
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    return bad_request(param, message)
+
+
+def _invalid_json(exc: RequestValidationError) -> dict | None:
+    """FastAPI's JSON decode error, with the position spelled as ``json`` spells it."""
+    error = exc.errors()[0] if exc.errors() else {}
+    if error.get("type") != "json_invalid" or not isinstance(exc.body, str):
+        return None
+    position = error["loc"][-1]
+    return {**error, "ctx": {"error": str(json.JSONDecodeError(error["ctx"]["error"], exc.body, position))}}
+
+
+def as_steering_error(exc: Exception) -> SteeringError | None:
+    """What a vector route's exception answers, or None for one that is not ours to answer."""
+    if isinstance(exc, SteeringError):
+        return exc
+    if isinstance(exc, RequestValidationError):
+        errors = exc.errors()
+        return _validation_error(_invalid_json(exc) or errors[0]) if errors else bad_request("body", "invalid")
+    if isinstance(exc, HTTPException) and isinstance(exc.__cause__, ValueError):
+        return bad_request("body", f"not valid JSON ({exc.__cause__})")  # FastAPI could not decode the body
+    if isinstance(exc, VectorNotFound):
+        return SteeringError(404, str(exc))
+    if isinstance(exc, (StoreUnavailable, StoredDataDamaged)):
+        return store_failure("store", exc)
+    if isinstance(exc, VectorStoreError):
+        return SteeringError(400, str(exc))
+    return None
+
+
+class VectorRoute(APIRoute):
+    """A route whose errors, request validation included, are steering errors (see the module docstring)."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except Exception as exc:
+                error = as_steering_error(exc)
+                if error is None:
+                    raise
+                return JSONResponse(error.body(), status_code=error.status)
+
+        return route_handler
 
 
 def vector_router(plugin: SteerApiPlugin) -> APIRouter:
-    router = APIRouter()
+    router = APIRouter(route_class=VectorRoute)
 
     def server() -> SteerServer:
         if plugin.server is None:
             raise SteeringError(503, "steering is not initialised on this server")
         return plugin.server
 
-    def errors_as_json(route):
-        async def wrapped(*args, **kwargs):
-            try:
-                return await route(*args, **kwargs)
-            except SteeringError as exc:
-                return JSONResponse(exc.body(), status_code=exc.status)
-            except VectorNotFound as exc:
-                return JSONResponse(SteeringError(404, str(exc)).body(), status_code=404)
-            except (StoreUnavailable, StoredDataDamaged) as exc:
-                return JSONResponse(store_failure("store", exc).body(), status_code=503)
-            except VectorStoreError as exc:
-                return JSONResponse(SteeringError(400, str(exc)).body(), status_code=400)
-
-        wrapped.__signature__ = inspect.signature(route)
-        wrapped.__name__ = route.__name__
-        wrapped.__doc__ = route.__doc__
-        return wrapped
-
-    @router.post(VECTORS_PREFIX, status_code=201)
-    @errors_as_json
-    async def create_vector(request: Request, name: str | None = None):
+    @router.post(VECTORS_PREFIX, status_code=201, openapi_extra=_SAFETENSORS_BODY)
+    async def create_vector(request: Request, spec: Annotated[VectorCreate, Body()], name: str | None = None):
         """Create a vector: JSON from contrast prompts (``additions`` or ``pairs``) or given
         directions (``layers``), or a safetensors file (tensors ``layer.N``, ``[k, hidden]``) as
         the raw body with ``?name=``."""
         srv = server()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        body = await request.body()
-        if content_type in ("application/octet-stream", "application/x-safetensors", "application/safetensors"):
-            vector = _vector_from_safetensors(srv, body)
-            content_id = await srv.save(vector, name)
+        if isinstance(spec, bytes) and content_type in SAFETENSORS_TYPES:
+            content_id = await srv.save(_vector_from_safetensors(srv, spec), name)
         else:
-            try:
-                payload = json.loads(body)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise bad_request("body", f"not valid JSON ({exc})") from None
-            if not isinstance(payload, dict):
-                raise bad_request("body", "expected a JSON object")
-            if name is not None and "name" not in payload:
-                payload["name"] = name
-            content_id, name = await _create_from_json(srv, payload)
+            if isinstance(spec, bytes):
+                spec = _json_body(spec)  # JSON under another content type (curl -d sends a form's)
+            if name is not None and "name" not in spec.model_fields_set:
+                spec = spec.model_copy(update={"name": name})
+            content_id = await _create_from_json(srv, spec)
         content_id, vector = await srv.lookup(content_id)
         return JSONResponse(await srv.describe(content_id, vector, await srv.names_of(content_id)), status_code=201)
 
     @router.get(VECTORS_PREFIX)
-    @errors_as_json
     async def list_vectors(all: bool = False):  # noqa: A002 - the query parameter's name
         """Named vectors (``?all=true``: also the unnamed ones computed for requests)."""
         srv = server()
@@ -155,8 +232,7 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
             })
         return {"object": "list", "data": data}
 
-    @router.post(VECTORS_PREFIX + "/import/gguf", status_code=201)
-    @errors_as_json
+    @router.post(VECTORS_PREFIX + "/import/gguf", status_code=201, openapi_extra=_BINARY_BODY)
     async def import_gguf_route(request: Request, name: str | None = None):
         """A llama.cpp control vector (the raw file as the body): ``direction.N`` becomes layer N+1."""
         from vector_store.gguf_io import import_gguf
@@ -173,7 +249,6 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         return JSONResponse(await srv.describe(content_id, vector, await srv.names_of(content_id)), status_code=201)
 
     @router.get(VECTORS_PREFIX + "/{name_or_id}")
-    @errors_as_json
     async def get_vector(name_or_id: str, norms: bool = False):
         """Metadata; ``?norms=true`` adds each row's L2 norm and a typical token's norm at that layer."""
         srv = server()
@@ -181,7 +256,6 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         return await srv.describe(content_id, vector, await srv.names_of(content_id), norms=norms)
 
     @router.delete(VECTORS_PREFIX + "/{name_or_id}")
-    @errors_as_json
     async def delete_vector(name_or_id: str):
         """By name: the name goes, and the vector too once no name points at it. By content
         id: the vector and every name pointing at it."""
@@ -202,7 +276,6 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         return {"object": "steering.vector.deleted", "names_removed": names, "deleted": content_id}
 
     @router.get(VECTORS_PREFIX + "/{name_or_id}/gguf")
-    @errors_as_json
     async def export_gguf_route(name_or_id: str):
         """The vector as a llama.cpp control vector file (constant vectors, layers 2..num_layers)."""
         import io
@@ -223,10 +296,21 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
     return router
 
 
-async def _create_from_json(srv: SteerServer, payload: dict) -> tuple[str, str | None]:
+def _json_body(body: bytes) -> ActAddVectorCreate | ConstantVectorCreate | UploadVectorCreate:
+    """A JSON body that came under a content type other than JSON's."""
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request("body", f"not valid JSON ({exc})") from None
+    try:
+        return _JSON_CREATE.validate_python(payload)
+    except ValidationError as exc:
+        raise _validation_error(exc.errors()[0]) from None
+
+
+async def _create_from_json(srv: SteerServer, spec: ActAddVectorCreate | ConstantVectorCreate | UploadVectorCreate) -> str:
     resolver = srv.resolver
-    if "additions" in payload:
-        spec = _validate(ActAddVectorCreate, payload)
+    if isinstance(spec, ActAddVectorCreate):
         resolver.check_layer(spec.layer, "layer")
         pad_id = resolver.default_pad_id
         if "pad" in spec.model_fields_set:
@@ -241,8 +325,7 @@ async def _create_from_json(srv: SteerServer, payload: dict) -> tuple[str, str |
             "parts": content_ids,
         }
         content_id = await srv.computer.combine(list(zip(content_ids, [a.coeff for a in spec.additions])), source)
-    elif "pairs" in payload:
-        spec = _validate(ConstantVectorCreate, payload)
+    elif isinstance(spec, ConstantVectorCreate):
         resolver.check_layer(spec.layer, "layer")
         pairs = [
             (resolver.prompt_ids(p.positive, f"pairs[{i}].positive", True),
@@ -250,8 +333,7 @@ async def _create_from_json(srv: SteerServer, payload: dict) -> tuple[str, str |
             for i, p in enumerate(spec.pairs)
         ]
         content_id = await srv.computer.constant(pairs, spec.layer)
-    elif "layers" in payload:
-        spec = _validate(UploadVectorCreate, payload)
+    else:
         directions = {}
         for key, rows in spec.layers.items():
             if not key.isdigit():
@@ -261,15 +343,13 @@ async def _create_from_json(srv: SteerServer, payload: dict) -> tuple[str, str |
             tensor = torch.tensor(rows, dtype=torch.float32)
             directions[layer] = _checked_rows(srv, tensor, f"layers.{key}")
         vector = StoredVector(_upload_meta(srv, directions, spec.kind, "upload"), directions)
-        return await srv.save(vector, spec.name), spec.name
-    else:
-        raise bad_request("body", 'expected "additions" (actadd), "pairs" (constant) or "layers" (upload)')
+        return await srv.save(vector, spec.name)
     if spec.name is not None:
         from vector_store.codec import check_name
 
         check_name(spec.name)
         await srv.store.set_name(spec.name, content_id)
-    return content_id, spec.name
+    return content_id
 
 
 def _checked_rows(srv: SteerServer, tensor: torch.Tensor, param: str) -> torch.Tensor:

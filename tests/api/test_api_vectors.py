@@ -10,7 +10,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from api_helpers import error_of
+from api_helpers import error_of, raw_post
 from safetensors.torch import save as save_safetensors
 
 pytestmark = pytest.mark.slow
@@ -153,3 +153,57 @@ def test_vector_route_errors(http):
     http.post(ROUTE, json={"name": "seq", "layers": {"6": rows(6, k=2).tolist()}})
     refused = http.get(f"{ROUTE}/seq/gguf")
     assert refused.status_code == 400 and "constant" in error_of(refused)["message"]
+
+
+def test_vector_route_errors_name_the_field_in_the_steering_format(http):
+    """Request validation on the vector routes answers 400 in the steering error format,
+    never FastAPI's 422, and names the field down to the key."""
+    cases = [
+        (raw_post(http, ROUTE, {"layer": 3, "additions": [{"prompt": "a", "coeff": float("nan")}]}),
+         "additions[0].coeff", "additions[0].coeff: must be a finite number"),
+        (http.post(ROUTE, json={"layer": 3, "additions": [{"prompt": "a", "coeff": 1, "extra": 2}]}),
+         "additions[0].extra", "additions[0].extra: unknown field"),
+        (http.post(ROUTE, json={"layers": {"3": rows(0)[0].tolist()}, "colour": "red"}), "colour", "colour: unknown field"),
+        (http.post(ROUTE, json={"name": "x"}), "body", 'expected "additions" (actadd), "pairs" (constant) or "layers" (upload)'),
+        (http.post(ROUTE, json=[1, 2]), "body", "body: expected a JSON object"),
+        (http.post(ROUTE, content="{", headers={"Content-Type": "application/json"}), "body", "body: not valid JSON (Expecting property name enclosed in double quotes"),
+        (http.get(ROUTE, params={"all": "maybe"}), "all", "all: Input should be a valid boolean"),
+    ]
+    for response, param, words in cases:
+        assert response.status_code == 400, (words, response.text)
+        error = error_of(response)
+        assert set(error) == {"message", "type", "param", "code"}, response.text
+        assert error["type"] == "BadRequestError" and error["code"] == 400 and error["param"] == param, response.text
+        assert words in error["message"], (words, response.text)
+
+
+def test_create_takes_json_under_any_non_safetensors_content_type(http):
+    """``curl -d`` sends a JSON body as a form; it is still read as JSON."""
+    body = '{"name": "from-form-type", "layers": {"3": %s}}' % rows(7)[0].tolist()
+    created = http.post(ROUTE, content=body, headers={"Content-Type": "application/x-www-form-urlencoded"})
+    assert created.status_code == 201, created.text
+    assert created.json()["names"] == ["from-form-type"] and created.json()["shape"] == {"3": [1, HIDDEN]}
+
+
+def test_openapi_lists_the_vector_routes_and_their_bodies(server):
+    spec = httpx.get(server.url + "/openapi.json").json()
+    paths, schemas = spec["paths"], spec["components"]["schemas"]
+    assert set(paths[ROUTE]) == {"get", "post"}
+    assert set(paths[ROUTE + "/{name_or_id}"]) == {"get", "delete"}
+    assert set(paths[ROUTE + "/{name_or_id}/gguf"]) == {"get"}
+    assert set(paths[ROUTE + "/import/gguf"]) == {"post"}
+    create = paths[ROUTE]["post"]["requestBody"]["content"]
+    refs = {member.get("$ref") for member in create["application/json"]["schema"]["oneOf"]}
+    assert {"#/components/schemas/ActAddVectorCreate", "#/components/schemas/ConstantVectorCreate",
+            "#/components/schemas/UploadVectorCreate"} <= refs
+    assert create["application/octet-stream"]["schema"] == {"type": "string", "format": "binary"}
+    assert set(schemas["ActAddVectorCreate"]["required"]) == {"layer", "additions"}
+    assert set(schemas["ActAddVectorCreate"]["properties"]) == {"name", "layer", "additions", "pad"}
+    assert set(schemas["ConstantVectorCreate"]["properties"]) == {"name", "layer", "pairs"}
+    assert set(schemas["UploadVectorCreate"]["properties"]) == {"name", "layers", "kind"}
+    assert set(schemas["PromptCoeff"]["properties"]) == {"prompt", "coeff"}
+    gguf_body = paths[ROUTE + "/import/gguf"]["post"]["requestBody"]["content"]
+    assert gguf_body["application/octet-stream"]["schema"]["format"] == "binary"
+    list_params = {p["name"] for p in paths[ROUTE]["get"]["parameters"]}
+    assert list_params == {"all"}
+
