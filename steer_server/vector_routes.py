@@ -212,22 +212,26 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         """Named vectors (``?all=true``: also the unnamed ones computed for requests)."""
         srv = server()
         data = []
-        for content_id, meta, names in await srv.store.list():
-            if not names and not all:
+        for entry in await srv.store.listing():
+            if not entry.names and not all:
                 continue
-            try:
-                vector = await srv.store.get(content_id)
-            except (VectorNotFound, VectorStoreError):
-                continue
+            shapes = entry.shapes
+            if shapes is None:  # stored before shapes were kept beside the tensors: read them
+                try:
+                    vector = await srv.store.get(entry.content_id)
+                except (VectorNotFound, VectorStoreError):
+                    continue
+                shapes = {layer: list(t.shape) for layer, t in vector.directions.items()}
+            meta = entry.meta
             data.append({
-                "id": content_id,
-                "names": names,
+                "id": entry.content_id,
+                "names": entry.names,
                 "kind": meta.kind,
                 "method": meta.method,
                 "model": meta.model_fingerprint,
                 "served_model": meta.model_fingerprint == srv.model.fingerprint,
-                "layers": vector.layers,
-                "shape": {str(layer): list(t.shape) for layer, t in sorted(vector.directions.items())},
+                "layers": sorted(shapes),
+                "shape": {str(layer): shape for layer, shape in sorted(shapes.items())},
                 "created": meta.created,
             })
         return {"object": "list", "data": data}

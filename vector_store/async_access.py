@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import cachetools
 
 from vector_store.base import (
+    ListedVector,
     StoredDataDamaged,
     StoredVector,
     StoreUnavailable,
@@ -137,6 +138,9 @@ class AsyncStore:
 
     async def list(self) -> list[tuple[str, VectorMeta, list[str]]]:
         return await self._call(self.store.list)
+
+    async def listing(self) -> list[ListedVector]:
+        return await self._call(self.store.listing)
 
     # -- computations
     async def cached_computation(self, key: str) -> str | None:

@@ -13,6 +13,7 @@ import abc
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
@@ -80,6 +81,15 @@ def content_id_of(meta: VectorMeta, directions: dict[int, torch.Tensor]) -> str:
     return "v-" + digest.hexdigest()[:40]
 
 
+class ListedVector(NamedTuple):
+    """One vector as a listing shows it, read without its tensors."""
+
+    content_id: str
+    meta: VectorMeta
+    names: list[str]
+    shapes: dict[int, list[int]] | None  # layer -> [k, hidden]; None: stored before shapes were kept
+
+
 class VectorStore(abc.ABC):
     """Content-addressed vectors, names that point at them, and a cache of computed
     contrast pairs. Writes are atomic: a reader sees a whole entry or none."""
@@ -102,8 +112,13 @@ class VectorStore(abc.ABC):
         """Remove the vector and every name pointing at it."""
 
     @abc.abstractmethod
+    def listing(self) -> list[ListedVector]:
+        """Every stored vector with its metadata, names and shapes (no tensors are read),
+        oldest first."""
+
     def list(self) -> list[tuple[str, VectorMeta, list[str]]]:
         """(content id, metadata, names) for every stored vector."""
+        return [(entry.content_id, entry.meta, entry.names) for entry in self.listing()]
 
     @abc.abstractmethod
     def set_name(self, name: str, content_id: str) -> None:

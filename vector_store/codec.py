@@ -119,6 +119,7 @@ class EncodedVector:
     created: float
     tensor_bytes: bytes
     tensor_sha256: str
+    shapes_json: str  # {"<layer>": [k, hidden]}: what a listing shows, kept beside the tensors
 
 
 def encode(vector: StoredVector) -> EncodedVector:
@@ -132,6 +133,7 @@ def encode(vector: StoredVector) -> EncodedVector:
         created=meta.created,
         tensor_bytes=tensor_bytes,
         tensor_sha256=hashlib.sha256(tensor_bytes).hexdigest(),
+        shapes_json=json.dumps({str(layer): list(directions[layer].shape) for layer in sorted(directions)}),
     )
 
 
@@ -140,6 +142,16 @@ def decode_meta(content_id: str, meta_json: str | bytes) -> VectorMeta:
         return VectorMeta(**json.loads(meta_json))
     except (TypeError, ValueError) as error:
         raise StoredDataDamaged(f"stored metadata of {content_id} is unreadable: {error}") from None
+
+
+def decode_shapes(content_id: str, shapes_json: str | bytes | None) -> dict[int, list[int]] | None:
+    """The stored ``layer -> [k, hidden]``; None for an entry stored before shapes were kept."""
+    if shapes_json is None:
+        return None
+    try:
+        return {int(layer): [int(n) for n in shape] for layer, shape in json.loads(shapes_json).items()}
+    except (TypeError, ValueError, AttributeError) as error:
+        raise StoredDataDamaged(f"stored shapes of {content_id} are unreadable: {error}") from None
 
 
 def decode(content_id: str, meta_json: str | bytes, tensor_bytes: bytes, tensor_sha256: str) -> StoredVector:

@@ -1,7 +1,8 @@
 """The shared backend: replicas that point at one Redis see the same vectors.
 
 Keys, all under ``prefix`` (default ``steer:``):
-  ``<prefix>vector:<content id>``  hash {meta: JSON, tensors: safetensors bytes, sha256}
+  ``<prefix>vector:<content id>``  hash {meta: JSON, tensors: safetensors bytes, sha256,
+                                   shapes: JSON layer -> [k, hidden] (absent in older entries)}
   ``<prefix>ids``                  set of stored content ids
   ``<prefix>names``                hash name -> content id
   ``<prefix>computations``         hash computation key -> content id
@@ -15,7 +16,7 @@ from __future__ import annotations
 import redis
 
 from vector_store import codec
-from vector_store.base import StoredDataDamaged, StoredVector, VectorMeta, VectorNotFound, VectorStore, VectorStoreError
+from vector_store.base import ListedVector, StoredDataDamaged, StoredVector, VectorNotFound, VectorStore, VectorStoreError
 
 
 class RedisVectorStore(VectorStore):
@@ -52,7 +53,8 @@ class RedisVectorStore(VectorStore):
             pipe.multi()
             pipe.delete(key)  # new, or damaged: write the entry afresh
             pipe.hset(
-                key, mapping={"meta": entry.meta_json, "tensors": entry.tensor_bytes, "sha256": entry.tensor_sha256}
+                key, mapping={"meta": entry.meta_json, "tensors": entry.tensor_bytes, "sha256": entry.tensor_sha256,
+                              "shapes": entry.shapes_json},
             )
             pipe.sadd(self._ids_key, entry.content_id)
 
@@ -100,7 +102,7 @@ class RedisVectorStore(VectorStore):
     def _keys_pointing_at(pipe: redis.client.Pipeline, hash_key: str, content_id: str) -> list[bytes]:
         return [field for field, target in pipe.hgetall(hash_key).items() if target.decode() == content_id]
 
-    def list(self) -> list[tuple[str, VectorMeta, list[str]]]:
+    def listing(self) -> list[ListedVector]:
         with self._redis.pipeline(transaction=True) as pipe:
             pipe.smembers(self._ids_key)
             pipe.hgetall(self._names_key)
@@ -111,14 +113,16 @@ class RedisVectorStore(VectorStore):
             names.setdefault(target.decode(), []).append(name.decode())
         with self._redis.pipeline(transaction=False) as pipe:
             for content_id in content_ids:
-                pipe.hget(self._vector_key(content_id), "meta")
-            meta_jsons = pipe.execute(raise_on_error=False)
+                pipe.hmget(self._vector_key(content_id), "meta", "shapes")
+            fields = pipe.execute(raise_on_error=False)
         listed = []
-        for content_id, meta_json in zip(content_ids, meta_jsons):
-            if isinstance(meta_json, redis.ResponseError):
-                raise StoredDataDamaged(f"stored vector {content_id} is corrupted ({meta_json}); delete it")
+        for content_id, stored in zip(content_ids, fields):
+            if isinstance(stored, redis.ResponseError):
+                raise StoredDataDamaged(f"stored vector {content_id} is corrupted ({stored}); delete it")
+            meta_json, shapes_json = stored
             if meta_json is not None:  # else deleted since the ids were read
-                listed.append((content_id, codec.decode_meta(content_id, meta_json), names.get(content_id, [])))
+                listed.append(ListedVector(content_id, codec.decode_meta(content_id, meta_json), names.get(content_id, []),
+                                           codec.decode_shapes(content_id, shapes_json)))
         return sorted(listed, key=lambda item: (item[1].created, item[0]))
 
     def set_name(self, name: str, content_id: str) -> None:

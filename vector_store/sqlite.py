@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vector_store import codec
-from vector_store.base import StoredDataDamaged, StoredVector, VectorMeta, VectorNotFound, VectorStore, VectorStoreError
+from vector_store.base import ListedVector, StoredDataDamaged, StoredVector, VectorNotFound, VectorStore, VectorStoreError
 
 _BUSY_TIMEOUT_S = 30.0
 _SCHEMA = """
@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS vectors (
     meta        TEXT NOT NULL,
     created     REAL NOT NULL,
     blob        TEXT NOT NULL,
-    blob_sha256 TEXT NOT NULL
+    blob_sha256 TEXT NOT NULL,
+    shapes      TEXT  -- JSON {"<layer>": [k, hidden]}; NULL in rows written before it was kept
 );
 CREATE TABLE IF NOT EXISTS names (
     name       TEXT PRIMARY KEY,
@@ -54,6 +55,7 @@ class SqliteVectorStore(VectorStore):
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
             connection.executescript(_SCHEMA)
+            _add_shapes_column(connection)
 
     def __repr__(self) -> str:
         return f"SqliteVectorStore({str(self.data_dir)!r})"
@@ -82,9 +84,9 @@ class SqliteVectorStore(VectorStore):
             # New, or its blob was lost or damaged: (re)write the blob; a row already there keeps its meta.
             _write_atomically(blob_path, entry.tensor_bytes)
             connection.execute(
-                "INSERT INTO vectors (content_id, meta, created, blob, blob_sha256) VALUES (?, ?, ?, ?, ?)"
-                " ON CONFLICT (content_id) DO UPDATE SET blob_sha256 = excluded.blob_sha256",
-                (entry.content_id, entry.meta_json, entry.created, blob_path.name, entry.tensor_sha256),
+                "INSERT INTO vectors (content_id, meta, created, blob, blob_sha256, shapes) VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (content_id) DO UPDATE SET blob_sha256 = excluded.blob_sha256, shapes = excluded.shapes",
+                (entry.content_id, entry.meta_json, entry.created, blob_path.name, entry.tensor_sha256, entry.shapes_json),
             )
         return entry.content_id
 
@@ -117,17 +119,18 @@ class SqliteVectorStore(VectorStore):
             # Still inside the write lock, so no put of the same vector can interleave.
             self._blob_path(content_id).unlink(missing_ok=True)
 
-    def list(self) -> list[tuple[str, VectorMeta, list[str]]]:
+    def listing(self) -> list[ListedVector]:
         with self._connect() as connection:
             rows = connection.execute(
-                "SELECT content_id, meta FROM vectors ORDER BY created, content_id"
+                "SELECT content_id, meta, shapes FROM vectors ORDER BY created, content_id"
             ).fetchall()
             names: dict[str, list[str]] = {}
             for name, content_id in connection.execute("SELECT name, content_id FROM names ORDER BY name"):
                 names.setdefault(content_id, []).append(name)
         return [
-            (content_id, codec.decode_meta(content_id, meta_json), names.get(content_id, []))
-            for content_id, meta_json in rows
+            ListedVector(content_id, codec.decode_meta(content_id, meta_json), names.get(content_id, []),
+                         codec.decode_shapes(content_id, shapes_json))
+            for content_id, meta_json, shapes_json in rows
         ]
 
     def set_name(self, name: str, content_id: str) -> None:
@@ -175,6 +178,18 @@ class SqliteVectorStore(VectorStore):
     def _require(connection: sqlite3.Connection, content_id: str) -> None:
         if connection.execute("SELECT 1 FROM vectors WHERE content_id = ?", (content_id,)).fetchone() is None:
             raise VectorNotFound(f"no vector with id {content_id}")
+
+
+def _add_shapes_column(connection: sqlite3.Connection) -> None:
+    """An index made before shapes were kept gains the column (its rows stay NULL there)."""
+    columns = {row[1] for row in connection.execute("PRAGMA table_info(vectors)")}
+    if "shapes" in columns:
+        return
+    try:
+        connection.execute("ALTER TABLE vectors ADD COLUMN shapes TEXT")
+    except sqlite3.OperationalError as error:
+        if "duplicate column" not in str(error):  # another process added it first
+            raise
 
 
 @contextlib.contextmanager

@@ -207,3 +207,31 @@ def test_openapi_lists_the_vector_routes_and_their_bodies(server):
     list_params = {p["name"] for p in paths[ROUTE]["get"]["parameters"]}
     assert list_params == {"all"}
 
+
+
+def test_listing_reads_shapes_from_the_store_not_the_tensors(http, server):
+    """Vectors written straight into the server's store (so not in its process cache): one
+    whose tensor file is damaged still lists with its shape (the listing reads no tensors);
+    one stored as earlier versions stored it, without shapes, lists with shapes read from its tensors."""
+    import sqlite3
+
+    from vector_store import StoredVector, VectorMeta, open_store
+
+    fingerprint = http.get(ROUTE, params={"all": "true"}).json()["data"][0]["model"]
+    store = open_store(str(server.store))
+    damaged = store.put(StoredVector(VectorMeta(fingerprint, HIDDEN, "actadd"), {7: rows(8, k=3)}))
+    old = store.put(StoredVector(VectorMeta(fingerprint, HIDDEN, "constant"), {2: rows(9), 9: rows(10)}))
+    store.set_name("listed-damaged", damaged)
+    store.set_name("listed-old", old)
+    (server.store / "blobs" / f"{damaged}.safetensors").write_bytes(b"damaged")
+    with sqlite3.connect(server.store / "index.sqlite3") as connection:
+        connection.execute("UPDATE vectors SET shapes = NULL WHERE content_id = ?", (old,))
+    try:
+        listed = {v["id"]: v for v in http.get(ROUTE).json()["data"]}
+        assert listed[damaged]["layers"] == [7] and listed[damaged]["shape"] == {"7": [3, HIDDEN]}
+        assert listed[old]["layers"] == [2, 9] and listed[old]["shape"] == {"2": [1, HIDDEN], "9": [1, HIDDEN]}
+        assert listed[old]["names"] == ["listed-old"] and listed[old]["kind"] == "constant"
+        assert http.get(f"{ROUTE}/listed-damaged").status_code == 503  # reading it is still refused
+    finally:
+        store.delete(damaged)
+        store.delete(old)

@@ -141,6 +141,50 @@ def test_list_shows_every_vector_with_its_names(store, make_vector):
     assert dataclasses.replace(listed[b][0], created=0.0) == make_vector(2).meta
 
 
+def test_listing_carries_shapes_without_reading_tensors(store, make_vector):
+    actadd = store.put(make_vector(1, kind="actadd", k=4, layers=(0, 6)))
+    constant = store.put(make_vector(2, layers=(3,)))
+    store.set_name("seq", actadd)
+    # Tensor bytes no listing could decode: the listing still answers, from what is stored beside them.
+    overwrite_tensor_bytes(store, actadd, b"not a safetensors file")
+    listed = {entry.content_id: entry for entry in store.listing()}
+    assert listed[actadd].shapes == {0: [4, 16], 6: [4, 16]} and listed[actadd].names == ["seq"]
+    assert listed[constant].shapes == {3: [1, 16]}
+    assert listed[constant].meta.kind == "constant"
+    assert store.list() == [(e.content_id, e.meta, e.names) for e in store.listing()]
+
+
+def forget_stored_shapes(store: VectorStore, content_id: str) -> None:
+    """Make an entry look as one written before shapes were stored."""
+    if isinstance(store, SqliteVectorStore):
+        with sqlite3.connect(store.index_path) as connection:
+            connection.execute("UPDATE vectors SET shapes = NULL WHERE content_id = ?", (content_id,))
+    else:
+        redis.Redis.from_url(store.url).hdel(f"{store.prefix}vector:{content_id}", "shapes")
+
+
+def test_entries_stored_without_shapes_list_as_unknown_shapes_and_still_read(store, make_vector):
+    old = store.put(make_vector(1, layers=(2,)))
+    forget_stored_shapes(store, old)
+    [entry] = store.listing()
+    assert entry.content_id == old and entry.shapes is None
+    assert_same_vector(store.get(old), make_vector(1, layers=(2,)))
+
+
+def test_sqlite_index_from_before_shapes_gains_the_column(tmp_path, make_vector):
+    """An index.sqlite3 whose vectors table has no shapes column (as written by earlier versions)."""
+    old_dir = tmp_path / "old"
+    SqliteVectorStore(old_dir).put(make_vector(1))
+    with sqlite3.connect(old_dir / "index.sqlite3") as connection:
+        connection.execute("ALTER TABLE vectors DROP COLUMN shapes")
+    reopened = SqliteVectorStore(old_dir)
+    [entry] = reopened.listing()
+    assert entry.shapes is None
+    assert_same_vector(reopened.get(entry.content_id), make_vector(1))
+    added = reopened.put(make_vector(2))
+    assert {e.content_id: e.shapes for e in reopened.listing()}[added] == {3: [1, 16], 5: [1, 16]}
+
+
 def test_delete_removes_the_vector_its_names_and_computations(store, make_vector):
     doomed, kept = store.put(make_vector(1)), store.put(make_vector(2))
     store.set_name("doomed", doomed)
