@@ -60,7 +60,15 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 import torch
 
 from steer_vllm.spec import MAX_ADDITIONS, EngineAddition, EngineProjection, EngineSteering
-from vector_store import StoredDataDamaged, StoredVector, StoreUnavailable, VectorMeta, VectorNotFound, VectorStoreError
+from vector_store import (
+    StoredDataDamaged,
+    StoredVector,
+    StoreUnavailable,
+    VectorMeta,
+    VectorNotFound,
+    VectorStoreError,
+    layer_outside,
+)
 
 
 class SteeringError(Exception):
@@ -367,11 +375,10 @@ class SteeringResolver:
         return ids[0]
 
     def check_layer(self, layer: int, param: str) -> None:
-        if not 0 <= layer <= self.model.num_layers:
+        outside = layer_outside(layer, self.model.num_layers)
+        if outside:
             raise bad_request(
-                param,
-                f"{layer} is outside 0..{self.model.num_layers} (layer L is the stream entering block L; "
-                f"this model has {self.model.num_layers} blocks)",
+                param, f"{outside} (layer L is the stream entering block L; this model has {self.model.num_layers} blocks)"
             )
 
     def prompt_ids(self, text: str, param: str, add_special_tokens: bool) -> list[int]:

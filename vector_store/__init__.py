@@ -8,6 +8,7 @@ from vector_store.base import (
     VectorStore,
     VectorStoreError,
     content_id_of,
+    layer_outside,
 )
 from vector_store.open import open_store
 
@@ -20,5 +21,6 @@ __all__ = [
     "VectorStore",
     "VectorStoreError",
     "content_id_of",
+    "layer_outside",
     "open_store",
 ]

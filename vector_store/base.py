@@ -18,6 +18,16 @@ from typing import NamedTuple
 import torch
 
 
+def layer_outside(layer: int, num_layers: int) -> str | None:
+    """None if ``layer`` is a stream of a model with ``num_layers`` blocks (0 = the
+    embeddings .. num_layers = after the last block), else why not ("L is outside 0..N"),
+    for the caller's own error. The one range check of the server, the engine plugin and
+    the vector computer."""
+    if 0 <= layer <= num_layers:
+        return None
+    return f"{layer} is outside 0..{num_layers}"
+
+
 class VectorStoreError(ValueError):
     """Bad input to the store; the message names what is wrong."""
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 
 from vector_store.async_access import AsyncStore
-from vector_store.base import StoredVector, VectorMeta, VectorStoreError
+from vector_store.base import StoredVector, VectorMeta, VectorStoreError, layer_outside
 from vector_store.keys import computation_key
 
 # (token id lists, layers) -> per prompt {layer: float32 [len, hidden]}
@@ -59,8 +59,9 @@ class VectorComputer:
             )
 
     def check_layer(self, layer: int, where: str) -> None:
-        if not 0 <= layer <= self.model.num_layers:
-            raise VectorStoreError(f"{where}: layer {layer} is outside 0..{self.model.num_layers}")
+        outside = layer_outside(layer, self.model.num_layers)
+        if outside:
+            raise VectorStoreError(f"{where}: layer {outside}")
 
     async def _streams(self, prompts: list[list[int]], layers: list[int]) -> list[dict[int, torch.Tensor]]:
         started = time.perf_counter()

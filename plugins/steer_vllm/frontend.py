@@ -29,7 +29,7 @@ from steer_vllm.limits import table_rows_for_config
 from steer_vllm.plans import plan_layers
 from steer_vllm.spec import CAPTURE_KEY, EngineSteering, SteeringSpecError, capture_of, steering_of
 from steer_vllm.support import check_request
-from vector_store import StoredVector, VectorNotFound, VectorStore
+from vector_store import StoredVector, VectorNotFound, VectorStore, layer_outside
 from vector_store.cache import VectorCache, process_cache
 
 # Longest prompt a capture may record (the server captures steering prompts and one
@@ -101,8 +101,9 @@ class SteeringValidator:
         for kind, use in kinds:
             where = f"steering.{kind}[{counters[kind]}]"
             counters[kind] += 1
-            if use.layer > self.num_layers:
-                raise SteeringSpecError(f"{where}.layer: {use.layer} is outside 0..{self.num_layers} for this model")
+            outside = layer_outside(use.layer, self.num_layers)
+            if outside:
+                raise SteeringSpecError(f"{where}.layer: {outside} for this model")
             vector = vectors.get(use.vector) or self._vector(use.vector, where)
             vectors[use.vector] = vector
             direction = self._direction(use, vector, where)
@@ -123,7 +124,7 @@ class SteeringValidator:
                 raise SteeringSpecError(f"{where}.coeff: {use.coeff} times this vector overflows the model's dtype")
         if steering.anchor and steering.anchor >= prompt_len:
             raise SteeringSpecError(f"steering.anchor: position {steering.anchor} is past the prompt's {prompt_len} tokens")
-        if any(layer > self.num_layers for layer in steering.preserve_norm):
+        if any(layer_outside(layer, self.num_layers) for layer in steering.preserve_norm):
             raise SteeringSpecError(f"steering.preserve_norm: layers are in 0..{self.num_layers}")
         rows = sum(p.num_rows for p in plan_layers(steering, lambda a: vectors[a.vector].directions[a.direction_layer].shape[0]))
         if rows > self.table_capacity:
@@ -160,7 +161,7 @@ class SteeringValidator:
     def check_capture(self, capture, prompt_len: int) -> None:
         if not hmac.compare_digest(capture.token, CAPTURE_TOKEN):
             raise SteeringSpecError(f"{CAPTURE_KEY}: reserved for the server's own residual captures")
-        if any(not 0 <= layer <= self.num_layers for layer in capture.layers) or len(set(capture.layers)) != len(capture.layers):
+        if any(layer_outside(layer, self.num_layers) for layer in capture.layers) or len(set(capture.layers)) != len(capture.layers):
             raise SteeringSpecError(f"{CAPTURE_KEY}.layers: distinct layers in 0..{self.num_layers}")
         if prompt_len > MAX_CAPTURE_TOKENS:
             raise SteeringSpecError(f"{CAPTURE_KEY}: at most {MAX_CAPTURE_TOKENS} prompt tokens")

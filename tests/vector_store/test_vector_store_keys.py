@@ -114,3 +114,11 @@ def test_computation_key_is_canonical():
 def test_computation_key_rejects_bad_input(args):
     with pytest.raises(VectorStoreError):
         computation_key(*args)
+
+
+def test_layer_outside_is_the_one_range_check():
+    from vector_store import layer_outside
+
+    assert [layer_outside(layer, 3) for layer in (0, 3)] == [None, None]  # the embeddings .. after the last block
+    assert layer_outside(4, 3) == "4 is outside 0..3"
+    assert layer_outside(-1, 3) == "-1 is outside 0..3"
