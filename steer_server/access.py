@@ -37,7 +37,7 @@ from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
 from steer_server import metrics
-from steer_server.vector_routes import VECTORS_PREFIX
+from steer_server.client import VECTORS_PATH
 
 logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
 
@@ -155,7 +155,7 @@ class AccessMiddleware:
         if scope["type"] != "http" or scope["method"] in _READ_METHODS:
             return await self.app(scope, receive, send)
         path = scope["path"].removeprefix(scope.get("root_path", ""))
-        if not path.startswith(VECTORS_PREFIX):
+        if not path.startswith(VECTORS_PATH):
             return await self.app(scope, receive, send)
         authorization = next((v.decode("latin-1") for k, v in scope["headers"] if k.lower() == b"authorization"), None)
         role = self.roles.role_of(authorization)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-VECTORS_PATH = "/v1/steering/vectors"
+VECTORS_PATH = "/v1/steering/vectors"  # the one definition: the server's routes are declared under it too
 URL_ENV = "STEER_SERVER_URL"
 
 

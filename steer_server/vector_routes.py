@@ -30,13 +30,14 @@ from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, TypeAdapter, ValidationError, WithJsonSchema
 
+from steer_server.client import VECTORS_PATH
 from steer_server.steering import FiniteCoeff, SteeringError, bad_request, dotted_path, store_failure
 from vector_store import StoredDataDamaged, StoredVector, StoreUnavailable, VectorMeta, VectorNotFound, VectorStoreError
 
 if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin, SteerServer
 
-VECTORS_PREFIX = "/v1/steering/vectors"
+VECTORS_PREFIX = VECTORS_PATH  # the name steer_server.middleware imports
 SAFETENSORS_TYPES = ("application/octet-stream", "application/x-safetensors", "application/safetensors")
 CREATE_SHAPES = 'expected "additions" (actadd), "pairs" (constant) or "layers" (upload)'
 
@@ -189,7 +190,7 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
             raise SteeringError(503, "steering is not initialised on this server")
         return plugin.server
 
-    @router.post(VECTORS_PREFIX, status_code=201, openapi_extra=_SAFETENSORS_BODY)
+    @router.post(VECTORS_PATH, status_code=201, openapi_extra=_SAFETENSORS_BODY)
     async def create_vector(request: Request, spec: Annotated[VectorCreate, Body()], name: str | None = None):
         """Create a vector: JSON from contrast prompts (``additions`` or ``pairs``) or given
         directions (``layers``), or a safetensors file (tensors ``layer.N``, ``[k, hidden]``) as
@@ -207,7 +208,7 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         content_id, vector = await srv.lookup(content_id)
         return JSONResponse(await srv.describe(content_id, vector, await srv.names_of(content_id)), status_code=201)
 
-    @router.get(VECTORS_PREFIX)
+    @router.get(VECTORS_PATH)
     async def list_vectors(all: bool = False):  # noqa: A002 - the query parameter's name
         """Named vectors (``?all=true``: also the unnamed ones computed for requests)."""
         srv = server()
@@ -236,7 +237,7 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
             })
         return {"object": "list", "data": data}
 
-    @router.post(VECTORS_PREFIX + "/import/gguf", status_code=201, openapi_extra=_BINARY_BODY)
+    @router.post(VECTORS_PATH + "/import/gguf", status_code=201, openapi_extra=_BINARY_BODY)
     async def import_gguf_route(request: Request, name: str | None = None):
         """A llama.cpp control vector (the raw file as the body): ``direction.N`` becomes layer N+1."""
         from vector_store.gguf_io import import_gguf
@@ -252,14 +253,14 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         content_id, vector = await srv.lookup(content_id)
         return JSONResponse(await srv.describe(content_id, vector, await srv.names_of(content_id)), status_code=201)
 
-    @router.get(VECTORS_PREFIX + "/{name_or_id}")
+    @router.get(VECTORS_PATH + "/{name_or_id}")
     async def get_vector(name_or_id: str, norms: bool = False):
         """Metadata; ``?norms=true`` adds each row's L2 norm and a typical token's norm at that layer."""
         srv = server()
         content_id, vector = await srv.lookup(name_or_id)
         return await srv.describe(content_id, vector, await srv.names_of(content_id), norms=norms)
 
-    @router.delete(VECTORS_PREFIX + "/{name_or_id}")
+    @router.delete(VECTORS_PATH + "/{name_or_id}")
     async def delete_vector(name_or_id: str):
         """By name: the name goes, and the vector too once no name points at it. By content
         id: the vector and every name pointing at it."""
@@ -279,7 +280,7 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         srv.store.forget(*names)
         return {"object": "steering.vector.deleted", "names_removed": names, "deleted": content_id}
 
-    @router.get(VECTORS_PREFIX + "/{name_or_id}/gguf")
+    @router.get(VECTORS_PATH + "/{name_or_id}/gguf")
     async def export_gguf_route(name_or_id: str):
         """The vector as a llama.cpp control vector file (constant vectors, layers 2..num_layers)."""
         import io

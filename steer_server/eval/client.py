@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 
-VECTORS = "/v1/steering/vectors"
+from steer_server.client import VECTORS_PATH as VECTORS
 
 
 class EvalError(Exception):
