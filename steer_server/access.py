@@ -35,6 +35,7 @@ from pathlib import Path
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
+from fastapi.security.utils import get_authorization_scheme_param
 
 from steer_server import metrics
 from steer_server.client import VECTORS_PATH
@@ -129,7 +130,8 @@ class _KeyRoles:
         self._digests = [(_digest(k), INFERENCE) for k in keys.inference] + [(_digest(k), ADMIN) for k in keys.admin]
 
     def role_of(self, authorization: str | None) -> str | None:
-        scheme, _, token = (authorization or "").partition(" ")
+        """The role of an ``Authorization`` header's value (``Bearer KEY``), None if it holds no known key."""
+        scheme, token = get_authorization_scheme_param(authorization)
         if scheme.lower() != "bearer":
             return None
         digest = _digest(token)

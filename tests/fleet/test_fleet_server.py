@@ -109,6 +109,19 @@ def test_admin_key_writes_vectors_and_opens_inference(fleet, key_source):
     assert client.completions.create(model="tiny", prompt="Hello", max_tokens=2).choices[0].text
 
 
+def test_the_role_check_reads_the_authorization_header_as_vllm_does(fleet):
+    """The scheme in any case; a key under another scheme, or none, is no key."""
+    name = f"scheme-{uuid.uuid4().hex[:8]}"
+    with httpx.Client(base_url=fleet.url, timeout=120) as http:
+        created = http.post("/v1/steering/vectors", json=_vector_body(name), headers={"Authorization": f"bearer {ADMIN_KEY}"})
+        assert created.status_code == 201, created.text
+        refused = http.delete(f"/v1/steering/vectors/{name}", headers={"Authorization": f"BEARER {FILE_INFERENCE_KEY}"})
+        assert refused.status_code == 403 and "'inference' role" in refused.json()["error"]["message"]
+        for header in (f"Basic {ADMIN_KEY}", ADMIN_KEY, "Bearer"):
+            assert http.delete(f"/v1/steering/vectors/{name}", headers={"Authorization": header}).status_code == 401, header
+        assert http.delete(f"/v1/steering/vectors/{name}", headers={"Authorization": f"Bearer {ADMIN_KEY}"}).status_code == 200
+
+
 def test_unknown_keys_get_nothing(fleet):
     with _http(fleet, "not-a-key") as stranger, _http(fleet, None) as anonymous:
         for client in (stranger, anonymous):
