@@ -23,7 +23,9 @@ VECTORS = {
 
 
 def expected_delta(additions: list[dict], layer: int, pos: int, prompt_len: int) -> torch.Tensor:
-    """What the issue says each addition adds to the stream entering ``layer`` at ``pos``."""
+    """What each addition adds to the stream entering ``layer`` at ``pos``, written out from
+    the semantics: an ActAdd sequence its row ``pos`` (front-aligned, nothing past its end), a
+    constant vector its one row at every position its ``positions`` selects."""
     delta = torch.zeros(HIDDEN)
     for a in additions:
         if a["layer"] != layer:
