@@ -123,7 +123,7 @@ def access_environment(admin_api_key: str | None, keys_file: str | None) -> dict
     return env
 
 
-class _KeyRoles:
+class KeyRoles:
     """Bearer token -> role, comparing SHA-256 digests in constant time (as vLLM's check does)."""
 
     def __init__(self, keys: ApiKeys):
@@ -151,7 +151,7 @@ class AccessMiddleware:
 
     def __init__(self, app, keys: ApiKeys):
         self.app = app
-        self.roles = _KeyRoles(keys)
+        self.roles = KeyRoles(keys)
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or scope["method"] in _READ_METHODS:

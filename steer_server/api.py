@@ -41,9 +41,10 @@ from argparse import Namespace
 from fastapi import FastAPI
 
 from steer_server import metrics
-from steer_server.access import install_access_control
+from steer_server.access import configured_keys, install_access_control
 from steer_server.anchor import last_user_text, user_anchor
 from steer_server.middleware import STEERED_PATHS, BodyMiddleware
+from steer_server.playground import playground_router
 from steer_server.receipts import receipt_body
 from steer_server.settings import Settings
 from steer_server.steering import (
@@ -54,6 +55,7 @@ from steer_server.steering import (
     bad_request,
     parse_steering,
 )
+from steer_server.sweep_route import sweep_router
 from steer_server.vector_routes import vector_router
 from steer_vllm.self_test import SelfTestFailed, prove_steering
 from steer_vllm.spec import STEERING_KEY
@@ -82,6 +84,9 @@ class SteerApiPlugin:
 
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(vector_router(self))
+        app.include_router(sweep_router(self))
+        # read before install_access_control merges the role keys into vLLM's list
+        app.include_router(playground_router(self, configured_keys(getattr(getattr(app.state, "args", None), "api_key", None))))
         app.add_middleware(BodyMiddleware, plugin=self)
         install_access_control(app)  # added last: outside the body middleware, inside vLLM's key check
 

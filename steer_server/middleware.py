@@ -18,9 +18,10 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
 from steer_server import metrics
+from steer_server.client import VECTORS_PATH
 from steer_server.receipts import ReceiptAttacher
 from steer_server.steering import SteeringError, bad_request
-from steer_server.vector_routes import VECTORS_PREFIX
+from steer_server.sweep_route import SWEEPS_PATH
 from steer_vllm.content import VECTORS_KEY
 from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY, SteeringSpecError
 
@@ -70,7 +71,7 @@ class BodyMiddleware:
         # Only bodies that can name a steering key are parsed here; a key spelled with JSON
         # escapes ("\u0073teering") must not slip past, so escaped bodies are parsed too.
         payload = _json_object(body) if b"steering" in body or b"\\u" in body else None
-        if payload is None or path.startswith(VECTORS_PREFIX):
+        if payload is None or path.startswith((VECTORS_PATH, SWEEPS_PATH)):  # their own "steering" fields
             return await self.app(scope, _replay(body, receive), send)
         server = self.plugin.server
         steering = payload.get("steering")

@@ -7,37 +7,29 @@ The routes live on the same app as vLLM's handlers, so vLLM's ``--api-key`` midd
 guards them (it guards every path under ``/v1``).
 
 Request bodies are typed (pydantic), so the routes and their body schemas are in the
-server's ``/openapi.json``. Errors are answered by ``VectorRoute``, this router's route
-class, in the steering error format (``{"error": {"message", "type", "param", "code"}}``),
-request validation included (400, never FastAPI's 422). The app-wide alternative,
-``app.exception_handler``, would not do: vLLM registers its own handlers for
-``RequestValidationError``, ``ValueError`` (which ``VectorStoreError`` is) and
-``Exception`` after endpoint plugins attach (``vllm/entrypoints/launchers/app.py``), so ours
-would be replaced, and would change the errors of vLLM's own routes if they were not.
+server's ``/openapi.json``. Errors are answered in the steering error format by
+``VectorRoute`` (``steer_server.route_errors.SteeringRoute``), request validation included.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Annotated, Any, Union
 
 import torch
-from fastapi import APIRouter, Body, HTTPException, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, TypeAdapter, ValidationError, WithJsonSchema
 
 from steer_server.client import VECTORS_PATH
-from steer_server.steering import FiniteCoeff, SteeringError, bad_request, dotted_path, store_failure
-from vector_store import StoredDataDamaged, StoredVector, StoreUnavailable, VectorMeta, VectorNotFound, VectorStoreError
+from steer_server.route_errors import SteeringRoute, validation_error
+from steer_server.steering import FiniteCoeff, SteeringError, bad_request
+from vector_store import StoredVector, VectorMeta, VectorNotFound, VectorStoreError
 
 if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin, SteerServer
 
-VECTORS_PREFIX = VECTORS_PATH  # the name steer_server.middleware imports
 SAFETENSORS_TYPES = ("application/octet-stream", "application/x-safetensors", "application/safetensors")
 CREATE_SHAPES = 'expected "additions" (actadd), "pairs" (constant) or "layers" (upload)'
 
@@ -119,67 +111,19 @@ _SAFETENSORS_BODY = {"requestBody": {"content": {
 
 
 def _validation_error(error: dict) -> SteeringError:
-    """One pydantic error (a request's first) -> the 400 naming the field, as the steering field's errors do."""
-    loc = list(error["loc"])
-    where = loc.pop(0) if loc and loc[0] in ("body", "query", "path") else "body"
-    if where == "body" and loc and loc[0] in (*_JSON_SHAPES, _SAFETENSORS_TAG):
-        loc.pop(0)  # the union member's tag
-    if error["type"] == "json_invalid":
-        return bad_request("body", f"not valid JSON ({error['ctx']['error']})")
+    """As every steering route's, plus this body's own cases: which shape, and an empty body."""
     if error["type"] == "vector_shape":
         return bad_request("body", CREATE_SHAPES if isinstance(error["input"], dict) else "expected a JSON object")
-    if error["type"] == "missing" and not loc and where == "body":
+    if error["type"] == "missing" and list(error["loc"]) in (["body"], []):
         return bad_request("body", "empty; send a JSON object (or a safetensors file as application/octet-stream)")
-    param = dotted_path(loc) or where
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        message = "unknown field"
-    return bad_request(param, message)
+    return validation_error(error, union_tags=(*_JSON_SHAPES, _SAFETENSORS_TAG))
 
 
-def _invalid_json(exc: RequestValidationError) -> dict | None:
-    """FastAPI's JSON decode error, with the position spelled as ``json`` spells it."""
-    error = exc.errors()[0] if exc.errors() else {}
-    if error.get("type") != "json_invalid" or not isinstance(exc.body, str):
-        return None
-    position = error["loc"][-1]
-    return {**error, "ctx": {"error": str(json.JSONDecodeError(error["ctx"]["error"], exc.body, position))}}
+class VectorRoute(SteeringRoute):
+    """The vector routes' route class: steering errors, with the create body's union read."""
 
-
-def as_steering_error(exc: Exception) -> SteeringError | None:
-    """What a vector route's exception answers, or None for one that is not ours to answer."""
-    if isinstance(exc, SteeringError):
-        return exc
-    if isinstance(exc, RequestValidationError):
-        errors = exc.errors()
-        return _validation_error(_invalid_json(exc) or errors[0]) if errors else bad_request("body", "invalid")
-    if isinstance(exc, HTTPException) and isinstance(exc.__cause__, ValueError):
-        return bad_request("body", f"not valid JSON ({exc.__cause__})")  # FastAPI could not decode the body
-    if isinstance(exc, VectorNotFound):
-        return SteeringError(404, str(exc))
-    if isinstance(exc, (StoreUnavailable, StoredDataDamaged)):
-        return store_failure("store", exc)
-    if isinstance(exc, VectorStoreError):
-        return SteeringError(400, str(exc))
-    return None
-
-
-class VectorRoute(APIRoute):
-    """A route whose errors, request validation included, are steering errors (see the module docstring)."""
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def route_handler(request: Request) -> Response:
-            try:
-                return await handler(request)
-            except Exception as exc:
-                error = as_steering_error(exc)
-                if error is None:
-                    raise
-                return JSONResponse(error.body(), status_code=error.status)
-
-        return route_handler
+    def validation_error(self, error: dict) -> SteeringError:
+        return _validation_error(error)
 
 
 def vector_router(plugin: SteerApiPlugin) -> APIRouter:

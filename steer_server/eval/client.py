@@ -17,7 +17,12 @@ from steer_server.client import VECTORS_PATH as VECTORS
 
 
 class EvalError(Exception):
-    """The server refused or failed a request the evaluation needs."""
+    """The server refused or failed a request the evaluation needs (``status``: the HTTP
+    status it answered, None when no answer came)."""
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,12 @@ class Completion:
 class SteerClient:
     """Async client of one server: completions, prompt log-probabilities, vector routes."""
 
-    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 900):
+    def __init__(self, url: str, api_key: str | None = None, model: str | None = None, timeout: float = 900,
+                 transport: httpx.AsyncBaseTransport | None = None):
+        """``transport``: e.g. ``httpx.ASGITransport(app)`` to drive a server's app in-process."""
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.url = url.rstrip("/")
-        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout)
+        self.http = httpx.AsyncClient(base_url=self.url, headers=headers, timeout=timeout, transport=transport)
         self.model = model
 
     async def __aenter__(self) -> SteerClient:
@@ -76,7 +83,7 @@ class SteerClient:
         except httpx.HTTPError as exc:
             raise EvalError(f"{method} {self.url}{path}: {exc!r}") from None
         if response.status_code >= 400:
-            raise EvalError(f"{method} {path}: HTTP {response.status_code}: {_message(response)}")
+            raise EvalError(f"{method} {path}: HTTP {response.status_code}: {_message(response)}", response.status_code)
         return response.json()
 
     async def complete(self, prompt: str, sampling: Sampling, seed: int | None, steering: dict | None) -> list[Completion]:

@@ -97,13 +97,23 @@ def stop_steer_server(server: RunningServer) -> None:
     server_process.stop(server)
 
 
+def sdk_client(server: Server) -> openai.OpenAI:
+    return openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=300)
+
+
+def http_client(server: Server, api_key: str | None = None) -> httpx.Client:
+    """Raw HTTP with ``api_key`` (default: the server's), for bodies the SDK will not send."""
+    return httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {api_key or server.api_key}"},
+                        timeout=300)
+
+
 @pytest.fixture(scope="session")
 def client(server: Server) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url, api_key=server.api_key, max_retries=0, timeout=300)
+    return sdk_client(server)
 
 
 @pytest.fixture(scope="session")
 def http(server: Server) -> Iterator[httpx.Client]:
     """Authenticated raw HTTP (for bodies the SDK will not send, and the vector routes)."""
-    with httpx.Client(base_url=server.url, headers={"Authorization": f"Bearer {server.api_key}"}, timeout=300) as c:
+    with http_client(server) as c:
         yield c

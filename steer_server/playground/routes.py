@@ -1,0 +1,70 @@
+"""``GET /playground`` (the page) and ``GET /playground/assets/{name}``, behind the API keys."""
+from __future__ import annotations
+
+import json
+from functools import cache
+from importlib.resources import files
+from typing import TYPE_CHECKING
+
+from fastapi import APIRouter, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+
+from steer_server.access import ApiKeys, KeyRoles
+
+if TYPE_CHECKING:
+    from steer_server.api import SteerApiPlugin
+
+PLAYGROUND_PATH = "/playground"
+PLAYGROUND_COOKIE = "steer_api_key"
+_ASSET_TYPES = {"playground.js": "text/javascript; charset=utf-8", "playground.css": "text/css; charset=utf-8"}
+_CONFIG_SLOT = "__STEER_PLAYGROUND_CONFIG__"
+_NO_STORE = {"Cache-Control": "no-store"}  # the page embeds server state; never serve it stale
+
+
+@cache
+def _static(name: str) -> str:
+    return (files("steer_server.playground") / "static" / name).read_text(encoding="utf-8")
+
+
+def playground_router(plugin: SteerApiPlugin, keys: ApiKeys) -> APIRouter:
+    """The page's routes; ``keys`` are the server's (vLLM's ``--api-key`` and the role keys)."""
+    router = APIRouter(include_in_schema=False)
+    roles = KeyRoles(keys)
+
+    def admitted(request: Request) -> bool:
+        if not keys.inference:
+            return True  # inference is open, so is the page
+        if roles.role_of(request.headers.get("authorization")) is not None:
+            return True
+        cookie = request.cookies.get(PLAYGROUND_COOKIE)
+        return bool(cookie) and roles.role_of(f"Bearer {cookie}") is not None
+
+    @router.get(PLAYGROUND_PATH)
+    async def playground_page(request: Request) -> HTMLResponse:
+        if not admitted(request):
+            return HTMLResponse(_static("login.html"), status_code=401,
+                                headers={"WWW-Authenticate": 'Bearer realm="steer-server"', **_NO_STORE})
+        server = plugin.server
+        config = {
+            "keys": bool(keys.inference),
+            "roles": bool(keys.admin),
+            "num_layers": server.model.num_layers if server else None,
+            "hidden_size": server.model.hidden_size if server else None,
+            "model_fingerprint": server.model.fingerprint if server else None,
+            "max_additions": plugin.settings.max_additions,
+        }
+        # "<" escaped so no value can close the script element it sits in
+        embedded = json.dumps(config).replace("<", "\\u003c")
+        return HTMLResponse(_static("index.html").replace(_CONFIG_SLOT, embedded), headers=_NO_STORE)
+
+    @router.get(PLAYGROUND_PATH + "/assets/{name}")
+    async def playground_asset(name: str, request: Request) -> Response:
+        if name not in _ASSET_TYPES:
+            return JSONResponse({"error": {"message": f"no playground asset {name!r}", "type": "NotFoundError",
+                                           "param": None, "code": 404}}, status_code=404)
+        if not admitted(request):
+            return JSONResponse({"error": {"message": "the playground needs an API key", "type": "AuthenticationError",
+                                           "param": None, "code": 401}}, status_code=401)
+        return Response(_static(name), media_type=_ASSET_TYPES[name], headers=_NO_STORE)
+
+    return router

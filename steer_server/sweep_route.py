@@ -1,0 +1,196 @@
+"""``POST /v1/steering/sweeps``: a small layer × coefficient sweep (``steer_server.eval``), run by
+the server against itself.
+
+This module's job: the typed body, its bounds (a sweep here shares the engine with everyone
+else's requests, so it stays small: ``MAX_CELLS`` cells, ``MAX_PROMPTS`` prompts, short
+completions), and the answer: the sweep's result JSON (``SweepResult.as_dict``), or with
+``"stream": true`` server-sent events ``progress`` ({done, total}) then ``result`` (or
+``error``).
+
+The sweep's requests go through this server's own app in-process (``httpx.ASGITransport``),
+with the caller's ``Authorization`` header: they pass the same key check, body middleware and
+validation as any client's, and a key that may not create vectors cannot upload the random
+floor here either.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from steer_server.eval.client import EvalError, Sampling, SteerClient
+from steer_server.eval.data import wedding_lexicon
+from steer_server.eval.metrics import Lexicon
+from steer_server.eval.steerings import SERVER_PAD, ContrastPairs, NamedVector, PromptAdditions, Steering
+from steer_server.eval.sweep import SweepPlan, run_sweep
+from steer_server.route_errors import SteeringRoute
+from steer_server.steering import SteeringError
+
+if TYPE_CHECKING:
+    from steer_server.api import SteerApiPlugin
+
+SWEEPS_PATH = "/v1/steering/sweeps"
+MAX_CELLS = 24  # layers × coefficients
+MAX_PROMPTS = 8
+MAX_SAMPLES = 8
+MAX_TOKENS = 64
+CONCURRENCY = 8
+_IN_PROCESS_URL = "http://steer-server.in-process"  # the app is reached through its ASGI transport
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+class WeightedPrompt(_Strict):
+    prompt: str
+    weight: float
+
+    @field_validator("weight")
+    @classmethod
+    def _weight_finite(cls, weight: float) -> float:
+        return _finite(weight)
+
+
+class ContrastPair(_Strict):
+    positive: str
+    negative: str
+
+
+class SweepSteering(_Strict):
+    """Exactly one of ``prompts`` (ActAdd prompts with weights; coefficient c adds c·weight),
+    ``pairs`` (constant: mean last-token differences) or ``vector`` (a stored vector)."""
+
+    prompts: list[WeightedPrompt] | None = Field(None, min_length=1)
+    pairs: list[ContrastPair] | None = Field(None, min_length=1)
+    vector: str | None = None
+    mode: Literal["actadd", "constant"] = "actadd"  # for ``vector``
+    positions: Literal["all", "prompt", "generated"] = "all"  # for ``pairs`` and constant ``vector``
+    pad: str | None = SERVER_PAD  # for ``prompts``; null pads with nothing
+
+    @model_validator(mode="after")
+    def _one_source(self) -> SweepSteering:
+        given = [name for name in ("prompts", "pairs", "vector") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f'give exactly one of "prompts", "pairs" or "vector" (got {len(given)})')
+        return self
+
+    def steering(self) -> Steering:
+        if self.prompts is not None:
+            return PromptAdditions(tuple((p.prompt, p.weight) for p in self.prompts), self.pad)
+        if self.pairs is not None:
+            return ContrastPairs(tuple((p.positive, p.negative) for p in self.pairs), self.positions)
+        return NamedVector(self.vector, self.mode, self.positions)
+
+
+class SweepRequest(_Strict):
+    steering: SweepSteering
+    prompts: list[str] = Field(min_length=1, max_length=MAX_PROMPTS)
+    layers: list[int] = Field(min_length=1)
+    coeffs: list[float] = Field(min_length=1)
+    lexicon: list[str] | None = Field(None, min_length=1)  # topic words; default: the shipped wedding lexicon
+    max_tokens: int = Field(24, ge=1, le=MAX_TOKENS)
+    samples: int = Field(4, ge=1, le=MAX_SAMPLES)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(0.3, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(1.2, gt=0.0, le=2.0)
+    floor: bool = False  # also the random vector of equal norm per cell
+    stream: bool = False
+
+    @field_validator("coeffs")
+    @classmethod
+    def _coeffs_finite(cls, coeffs: list[float]) -> list[float]:
+        return [_finite(c) for c in coeffs]
+
+    @model_validator(mode="after")
+    def _small(self) -> SweepRequest:
+        cells = len(set(self.layers)) * len(set(self.coeffs))
+        if cells > MAX_CELLS:
+            raise ValueError(f"{cells} layer × coefficient cells; a sweep here runs at most {MAX_CELLS} "
+                             "(run larger ones with `steer-server eval sweep`)")
+        return self
+
+    def plan(self) -> SweepPlan:
+        lexicon = wedding_lexicon() if self.lexicon is None else Lexicon(
+            "custom", frozenset(w.strip().lower() for w in self.lexicon if w.strip()))
+        sampling = Sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                            repetition_penalty=self.repetition_penalty, samples=self.samples)
+        return SweepPlan(self.steering.steering(), tuple(self.prompts), tuple(dict.fromkeys(self.layers)),
+                         tuple(dict.fromkeys(self.coeffs)), lexicon, sampling, floor=self.floor)
+
+
+def sweep_router(plugin: SteerApiPlugin) -> APIRouter:
+    router = APIRouter(route_class=SteeringRoute)
+
+    @router.post(SWEEPS_PATH)
+    async def create_sweep(body: SweepRequest, request: Request):
+        """Run a small sweep now; the answer is its result (or, with ``stream``, its progress)."""
+        server = plugin.server
+        if server is None:
+            raise SteeringError(503, "steering is not initialised on this server")
+        for i, layer in enumerate(body.layers):
+            server.resolver.check_layer(layer, f"layers[{i}]")
+        if body.lexicon is not None and not any(w.strip() for w in body.lexicon):
+            raise SteeringError(400, "lexicon: holds no words", "lexicon")
+        plan = body.plan()
+        _, token = get_authorization_scheme_param(request.headers.get("authorization"))
+        client = SteerClient(_IN_PROCESS_URL, token or None, transport=httpx.ASGITransport(app=request.app))
+        if not body.stream:
+            try:
+                return (await _run(client, plan, None)).as_dict()
+            except EvalError as exc:
+                return JSONResponse(_failure(exc), status_code=exc.status or 502)
+        return StreamingResponse(_events(client, plan), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-store"})
+
+    return router
+
+
+async def _run(client: SteerClient, plan: SweepPlan, on_progress):
+    with tempfile.TemporaryDirectory(prefix="steer-sweep-") as out_dir:
+        async with client:
+            return await run_sweep(client, plan, Path(out_dir), concurrency=CONCURRENCY, on_progress=on_progress)
+
+
+async def _events(client: SteerClient, plan: SweepPlan):
+    progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
+    task = asyncio.create_task(_run(client, plan, lambda done, total: progress.put_nowait((done, total))))
+    try:
+        while not task.done() or not progress.empty():
+            getter = asyncio.ensure_future(progress.get())
+            await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                done, total = getter.result()
+                yield _event("progress", {"done": done, "total": total})
+            else:
+                getter.cancel()
+        try:
+            yield _event("result", task.result().as_dict())
+        except EvalError as exc:
+            yield _event("error", _failure(exc))
+    finally:
+        task.cancel()  # the client went away: stop sending the sweep's requests
+
+
+def _event(name: str, data: dict) -> str:
+    return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+def _failure(exc: EvalError) -> dict:
+    status = exc.status or 502
+    return SteeringError(status, f"the sweep stopped: {exc}").body()
