@@ -223,7 +223,35 @@ def test_both_columns_fill_and_match_the_api(page, client, server):
     assert by_id(page, "error-plain").is_displayed() is False and by_id(page, "error-steered").is_displayed() is False
 
 
+def test_chat_columns_match_the_api(page, client, server):
+    question = "What should I do this weekend?"
+    steering = {"additions": [{"prompt": " weddings", "coeff": WEDDINGS_COEFF, "layer": WEDDINGS_LAYER},
+                              {"prompt": " ", "coeff": -WEDDINGS_COEFF, "layer": WEDDINGS_LAYER}], "receipt": True}
+    ask = dict(model=server.model, messages=[{"role": "user", "content": question}], max_tokens=MAX_TOKENS,
+               temperature=0, top_p=1)
+    expected_plain = client.chat.completions.create(**ask).choices[0].message.content
+    expected = client.chat.completions.create(**ask, extra_body={"steering": steering}).choices[0].message.content
+    from selenium.webdriver.support.select import Select
+
+    Select(by_id(page, "endpoint")).select_by_value("chat")
+    assert by_id(page, "system").is_displayed() and by_id(page, "anchor").is_displayed()
+    compose(page)
+    set_value(page, "prompt", question)
+    steer_rows(page, [{"source": "prompt", "text": " weddings", "coeff": WEDDINGS_COEFF, "layer": WEDDINGS_LAYER},
+                      {"source": "prompt", "text": " ", "coeff": -WEDDINGS_COEFF, "layer": WEDDINGS_LAYER}])
+    generate(page)
+    shot(page, "1b-chat")
+    assert text_of(page, "out-plain") == expected_plain
+    assert text_of(page, "out-steered") == expected != expected_plain
+    assert f"{server.url}/v1/chat/completions" in text_of(page, "code-curl")
+    Select(by_id(page, "endpoint")).select_by_value("completion")
+    assert not by_id(page, "system").is_displayed()
+
+
 def test_copied_curl_and_python_print_the_steered_column(page, server):
+    compose(page)
+    steer_rows(page, weddings())
+    generate(page)
     env = dict(os.environ, STEER_API_KEY=server.api_key)
     steered = text_of(page, "out-steered")
     curl = text_of(page, "code-curl")
