@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 
 import torch
 
-from steer_vllm.spec import MAX_ADDITIONS, EngineAddition, EngineProjection, EngineSteering
+from steer_vllm.spec import MAX_ADDITIONS, EngineAddition, EngineProjection, EngineSteering, steering_text
 from vector_store import (
     StoredDataDamaged,
     StoredVector,
@@ -290,7 +290,7 @@ class Resolved:
     anchor: str | None = None  # the request's "anchor" (chat and responses)
 
     def engine_json(self) -> str:
-        return self.engine.model_dump_json(exclude_defaults=True)
+        return steering_text(self.engine)
 
     def summary(self) -> str:
         """For logs: ids, coefficients, layers; never tensors or prompt text."""

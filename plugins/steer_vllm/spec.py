@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 from typing import Any, Literal
 
+import cachetools
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from vllm.exceptions import VLLMValidationError
 
@@ -144,11 +146,35 @@ def _describe(exc: ValidationError, key: str) -> str:
     return "; ".join(parts)
 
 
+# Each process parses a steering's text once: the frontend, the scheduler (which asks again
+# on every step a request waits for table rows) and the worker would otherwise each
+# re-validate the same JSON. Parsed steerings are frozen, so sharing one is safe.
+_parsed: cachetools.LRUCache[str, EngineSteering] = cachetools.LRUCache(4096)
+_parsed_lock = threading.Lock()  # the scheduler's and the frontend's threads share it
+
+
+def steering_text(steering: EngineSteering) -> str:
+    """The wire text of ``steering``; this process will not parse that text again."""
+    text = steering.model_dump_json(exclude_defaults=True)
+    with _parsed_lock:
+        _parsed[text] = steering
+    return text
+
+
 def steering_of(extra_args: dict | None) -> EngineSteering | None:
     """The request's steering, or None when it has none."""
     if not extra_args or extra_args.get(STEERING_KEY) is None:
         return None
-    return _decode(extra_args[STEERING_KEY], EngineSteering, STEERING_KEY)
+    raw = extra_args[STEERING_KEY]
+    if not isinstance(raw, str):
+        return _decode(raw, EngineSteering, STEERING_KEY)
+    with _parsed_lock:
+        steering = _parsed.get(raw)
+    if steering is None:
+        steering = _decode(raw, EngineSteering, STEERING_KEY)
+        with _parsed_lock:
+            _parsed[raw] = steering
+    return steering
 
 
 def capture_of(extra_args: dict | None) -> CaptureRequest | None:

@@ -1,4 +1,5 @@
 """Plans, rows and per-token buffers against a direct reading of the steering semantics."""
+import json
 import re
 
 import pytest
@@ -9,7 +10,7 @@ from steer_vllm.manager import layer_values
 from steer_vllm.ops import add_steering, project_and_rescale
 from steer_vllm.plans import plan_layers
 from steer_vllm.slots import RowsExhausted, RowTable
-from steer_vllm.spec import EngineSteering, SteeringSpecError, steering_of
+from steer_vllm.spec import EngineSteering, SteeringSpecError, steering_of, steering_text
 
 HIDDEN, POINTS = 8, 4
 gen = torch.Generator().manual_seed(0)
@@ -219,3 +220,20 @@ def test_projections_and_norm_follow_their_formulas_and_leave_others_bit_identic
 def test_malformed_payloads_name_the_field(payload, message):
     with pytest.raises(SteeringSpecError, match=re.escape(message)):
         steering_of({"steering": payload})
+
+
+def test_a_steering_text_is_parsed_once_per_process():
+    sent = EngineSteering.model_validate({"additions": [{"vector": "v-seq5", "layer": 2, "coeff": 4.0}], "anchor": 3})
+    text = steering_text(sent)
+    assert json.loads(text) == {"additions": [{"vector": "v-seq5", "layer": 2, "coeff": 4.0}], "anchor": 3}
+    assert steering_of({"steering": text}) is sent  # the sender's own object, not a re-parse
+    # Text this process has not seen is parsed once, then shared by every later reader.
+    other = '{"additions": [{"vector": "v-const", "layer": 1, "coeff": -2.0, "mode": "constant"}]}'
+    first = steering_of({"steering": other})
+    assert first.additions[0].coeff == -2.0 and first.additions[0].mode == "constant"
+    assert steering_of({"steering": other}) is first
+    # A bad text is refused every time it comes, never remembered as good.
+    bad = '{"additions": [{"vector": "v-const", "layer": 1, "coeff": "lots"}]}'
+    for _ in range(2):
+        with pytest.raises(SteeringSpecError, match=r"steering\.additions\[0\]\.coeff"):
+            steering_of({"steering": bad})
