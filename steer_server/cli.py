@@ -66,8 +66,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="longest wait for one vector-store call; a request that needs the store longer gets "
                         "HTTP 503 (default: %(default)s)")
     parser.add_argument("--store-cache-ttl", type=float, default=DEFAULT_FRESH_S, metavar="SECONDS",
-                        help="how long a vector name is trusted before the store is asked again; names and deletes "
-                        "made on another replica show here within it (default: %(default)s)")
+                        help="how long a vector name is trusted before the store is asked again (in the background, "
+                        "for a name seen in the last 60 s); names and deletes made on another replica show "
+                        "here within it for names in steady use (default: %(default)s)")
     parser.add_argument("--admin-api-key", metavar="KEY",
                         help="a key that may also create, import and delete vectors (vLLM's --api-key keys may only "
                         "use them); visible to `ps` like any argument: prefer $STEER_ADMIN_API_KEY or --api-keys-file")

@@ -6,12 +6,16 @@ bounded by a timeout, and what was read recently keeps working while the store i
   threads free up too). Connection errors and timeouts become ``StoreUnavailable``;
   damaged entries stay ``StoredDataDamaged``; both are the store's fault, not the caller's.
 - Vectors are cached by content id (``vector_store.cache``): immutable, so always valid.
-- Names (and content ids' existence) are cached for ``fresh_s`` seconds; after that the
-  store is asked again, and if it cannot answer the last answer it gave is used (and
-  trusted for another ``fresh_s``), so a steering that worked a moment ago keeps working
-  through a store outage, waiting on the store at most once per name and period. Renames and
-  deletes made through this process take effect here at once; other replicas see them
-  within ``fresh_s``.
+- Names (and content ids' existence) are cached for ``fresh_s`` seconds. A name used again
+  after that, but within ``stale_s`` of the store's last answer, resolves to that answer at
+  once while the store is asked in the background (stale-while-revalidate), so a steered
+  request never waits on a store round trip for a name this process knows; only a name
+  unused for longer than ``stale_s`` (or never seen) is asked for before the request goes on.
+  If the store cannot answer, the last answer it gave is used (and trusted for another
+  ``fresh_s``), so a steering that worked a moment ago keeps working through a store outage,
+  waiting on the store at most once per name and period. Renames and deletes made through
+  this process take effect here at once; made on other replicas, they show within
+  ``fresh_s`` for a name in steady use, and otherwise from the second use after ``fresh_s``.
 - Computation-cache lookups (contrast prompts -> vector) are cached the same way.
 """
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
@@ -43,6 +48,7 @@ T = TypeVar("T")
 
 DEFAULT_TIMEOUT_S = 2.0
 DEFAULT_FRESH_S = 5.0
+DEFAULT_STALE_S = 60.0
 _MAX_NAMES = 8192
 
 
@@ -53,6 +59,7 @@ class AsyncStore:
         *,
         timeout_s: float = DEFAULT_TIMEOUT_S,
         fresh_s: float = DEFAULT_FRESH_S,
+        stale_s: float = DEFAULT_STALE_S,
         vectors: VectorCache | None = None,
     ):
         self.store = store
@@ -60,7 +67,11 @@ class AsyncStore:
         self.vectors = vectors or process_cache()
         self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="steer-store")
         self._fresh: cachetools.TTLCache[str, str] = cachetools.TTLCache(_MAX_NAMES, ttl=fresh_s)
-        self._last_known: cachetools.LRUCache[str, str] = cachetools.LRUCache(_MAX_NAMES)
+        self.stale_s = max(stale_s, fresh_s)
+        # name -> (content id, monotonic time the store said so)
+        self._last_known: cachetools.LRUCache[str, tuple[str, float]] = cachetools.LRUCache(_MAX_NAMES)
+        self._refreshing: dict[str, asyncio.Task] = {}  # names being asked for in the background
+        self._generation = 0  # bumped by forget(): an answer asked for before it is not cached
         self._computations: cachetools.LRUCache[str, str] = cachetools.LRUCache(_MAX_NAMES)
 
     def __repr__(self) -> str:
@@ -86,6 +97,23 @@ class AsyncStore:
         content_id = self._fresh.get(name_or_id)
         if content_id is not None:
             return content_id
+        known = self._last_known.get(name_or_id)
+        if known is not None and time.monotonic() - known[1] <= self.stale_s:
+            if name_or_id not in self._refreshing:
+                self._refreshing[name_or_id] = asyncio.get_running_loop().create_task(self._refresh(name_or_id))
+            return known[0]
+        return await self._ask(name_or_id)
+
+    async def _refresh(self, name_or_id: str) -> None:
+        try:
+            await self._ask(name_or_id)
+        except (VectorNotFound, VectorStoreError, StoreUnavailable) as exc:  # gone, damaged or unreachable
+            logger.warning("vector store: re-checking %r failed: %s", name_or_id, exc)
+        finally:
+            self._refreshing.pop(name_or_id, None)
+
+    async def _ask(self, name_or_id: str) -> str:
+        generation = self._generation
         try:
             content_id = await self._call(self.store.resolve, name_or_id)
         except VectorNotFound:
@@ -95,14 +123,17 @@ class AsyncStore:
             known = self._last_known.get(name_or_id)
             if known is None:
                 raise
-            logger.warning("vector store unavailable; %r resolves to %s as last seen", name_or_id, known)
-            self._fresh[name_or_id] = known  # trusted again for a while: don't wait on the store per request
-            return known
-        self._fresh[name_or_id] = self._last_known[name_or_id] = content_id
+            logger.warning("vector store unavailable; %r resolves to %s as last seen", name_or_id, known[0])
+            self._fresh[name_or_id] = known[0]  # trusted again for a while: don't wait on the store per request
+            return known[0]
+        if generation == self._generation:
+            self._fresh[name_or_id] = content_id
+            self._last_known[name_or_id] = (content_id, time.monotonic())
         return content_id
 
     def forget(self, *names_or_ids: str) -> None:
         """Drop cached answers after a rename or delete through this process."""
+        self._generation += 1
         for key in names_or_ids:
             self._fresh.pop(key, None)
             self._last_known.pop(key, None)

@@ -88,6 +88,37 @@ def test_deletes_through_this_process_apply_at_once_and_damage_is_named(tmp_path
     asyncio.run(scenario())
 
 
+def test_a_known_name_resolves_without_waiting_and_changes_elsewhere_show_at_the_next_use(tmp_path):
+    """Stale-while-revalidate: past fresh_s a known name answers what the store last said (the
+    store is asked in the background), so a rename by another replica shows from the next use;
+    past stale_s the store is asked first; a delete elsewhere fails the use after the re-check."""
+    from vector_store.sqlite import SqliteVectorStore
+
+    backend = SqliteVectorStore(tmp_path / "store")  # written directly = by another replica
+    store = AsyncStore(backend, timeout_s=TIMEOUT_S, fresh_s=0.1, stale_s=1.0, vectors=VectorCache())
+    first, second = backend.put(vector(6)), backend.put(vector(7))
+
+    async def scenario():
+        backend.set_name("n", first)
+        assert await store.resolve("n") == first
+        backend.set_name("n", second)
+        await asyncio.sleep(0.15)  # past fresh_s, within stale_s
+        assert await store.resolve("n") == first  # answered without asking the store first
+        await store._refreshing["n"]  # the re-check that answer started
+        assert await store.resolve("n") == second
+        backend.set_name("n", first)
+        await asyncio.sleep(1.1)  # past stale_s: the store is asked before answering
+        assert await store.resolve("n") == first
+        backend.delete_name("n")
+        await asyncio.sleep(0.15)
+        assert await store.resolve("n") == first  # the last use of the old answer
+        await store._refreshing["n"]
+        with pytest.raises(VectorNotFound):
+            await store.resolve("n")
+
+    asyncio.run(scenario())
+
+
 def test_pinned_vectors_survive_eviction_and_the_cache_stays_bounded():
     one = vector(5, rows=64, hidden=256)  # 64 KiB of float32
     cache = VectorCache(max_bytes=100 * 1024)
