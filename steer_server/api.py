@@ -16,13 +16,13 @@ One request, in order:
    validates it (``steering.SteeringField``), resolves it (``steering.SteeringResolver``:
    names -> content ids; prompts -> stored ActAdd vectors, computed once through the
    engine's residual capture and cached by the store; every store call off the event
-   loop with a timeout, ``vector_store.async_access``), renders the prompt the way vLLM
-   will (chat template included) to check ActAdd lengths before any response starts,
-   and re-injects the result as ``vllm_xargs.steering`` (a JSON string of
-   ``steer_vllm.spec.EngineSteering``). The vectors stay pinned in the process cache
-   until vLLM has handled the request.
-3. vLLM's own handler runs unchanged; ``SamplingParams.extra_args["steering"]`` carries
-   the spec; the engine plugin's frontend hook validates it against the model, attaches
+   loop with a timeout, ``vector_store.async_access``), and re-injects the result as
+   ``vllm_xargs.steering`` (a JSON string of ``steer_vllm.spec.EngineSteering``). The
+   vectors stay pinned in the process cache until vLLM has handled the request.
+3. vLLM's own handler runs; when it renders the prompt (chat template included), the
+   render hook (``steer_server.render_hook``) finds a chat's anchor in it and checks the
+   ActAdd lengths, before any response starts. ``SamplingParams.extra_args["steering"]``
+   carries the spec; the engine plugin's frontend hook validates it against the model, attaches
    the pinned vectors' content, salts the prefix cache; the scheduler admits it when its
    table rows are free, and the workers add the vectors.
 
@@ -32,6 +32,7 @@ app, so vLLM's ``--api-key`` middleware guards them (it guards every path under 
 from __future__ import annotations
 
 import asyncio
+import functools
 import inspect
 import logging
 import time
@@ -42,10 +43,11 @@ from fastapi import FastAPI
 
 from steer_server import metrics
 from steer_server.access import configured_keys, install_access_control
-from steer_server.anchor import last_user_text, user_anchor
-from steer_server.middleware import STEERED_PATHS, BodyMiddleware
+from steer_server.anchor import last_user_text
+from steer_server.middleware import STEERED_PATHS, BodyMiddleware, note_refusal
 from steer_server.playground import playground_router
 from steer_server.receipts import receipt_body
+from steer_server.render_hook import AwaitingPrompt, install_render_hooks, render_hook_problems
 from steer_server.settings import Settings
 from steer_server.steering import (
     Resolved,
@@ -88,6 +90,7 @@ class SteerApiPlugin:
         # read before install_access_control merges the role keys into vLLM's list
         app.include_router(playground_router(self, configured_keys(getattr(getattr(app.state, "args", None), "api_key", None))))
         app.add_middleware(BodyMiddleware, plugin=self)
+        install_render_hooks()
         install_access_control(app)  # added last: outside the body middleware, inside vLLM's key check
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
@@ -148,6 +151,10 @@ class SteerServer:
             await check_engine_async(engine_client)
         except SteeringNotInstalled as exc:
             raise RuntimeError(f"steer-server cannot start: {exc}") from None
+        missing = render_hook_problems(state)
+        if missing:
+            raise RuntimeError("steer-server cannot start: ActAdd prompts could not be checked as vLLM renders them: "
+                               + "; ".join(missing))
 
         model_config = engine_client.model_config
         model_dir = model_config.model
@@ -229,9 +236,10 @@ class SteerServer:
 
     # ---------------------------------------------------------------- requests
 
-    async def rewrite_request(self, path: str, payload: dict, headers) -> Resolved:
+    async def rewrite_request(self, path: str, payload: dict, headers) -> tuple[Resolved, AwaitingPrompt | None]:
         """Resolve ``payload["steering"]`` (present) into ``vllm_xargs.steering``, in place.
-        The caller pins ``Resolved.vectors`` while vLLM handles the request."""
+        The caller pins ``Resolved.vectors`` while vLLM handles the request, and hands the
+        ``AwaitingPrompt`` (ActAdd: checks that need the rendered prompt) to the render hook."""
         xargs = payload.get("vllm_xargs")
         if xargs is not None and not isinstance(xargs, dict):
             raise bad_request("vllm_xargs", f"expected an object, got {type(xargs).__name__}")
@@ -240,61 +248,27 @@ class SteerServer:
             raise bad_request("steering.anchor", "applies to chat and responses; completions steer from the prompt's first token")
         add_special_tokens = payload.get("add_special_tokens", True) if path == "/v1/completions" else True
         resolved = await self.resolver.resolve(field, add_special_tokens=bool(add_special_tokens))
-        if resolved.actadd_lengths:
-            prompts = await self.rendered_prompts(path, payload)
-            if prompts and path != "/v1/completions" and field.anchor != "template":
-                text = last_user_text(path, payload)
-                if text is None:
-                    raise bad_request("steering.anchor", 'the request has no user message to anchor to; use "anchor": "template"')
-                anchor = user_anchor(prompts[0], text, self._decode)
-                resolved.engine = resolved.engine.model_copy(update={"anchor": anchor})
-            for prompt in prompts:
-                resolved.check_prompt_length(len(prompt))
+        if resolved.actadd_lengths:  # the lengths, and a chat's anchor, wait for the rendered prompt
+            to_user = path != "/v1/completions" and field.anchor != "template"
+            resolved.engine = resolved.engine.model_copy(update={"anchor_to": "user" if to_user else "prompt"})
         payload["vllm_xargs"] = {**(xargs or {}), STEERING_KEY: resolved.engine_json()}
         if "request_id" not in payload and headers.get("x-request-id") is None and path != "/v1/responses":
             payload["request_id"] = uuid.uuid4().hex
         request_id = headers.get("x-request-id") or payload.get("request_id", "-")
+        accepted = functools.partial(self._accepted, path, request_id, resolved)
+        if resolved.engine.anchor_to is None:
+            accepted()
+            return resolved, None
+        return resolved, AwaitingPrompt(resolved, last_user_text(path, payload), self._decode, accepted,
+                                        functools.partial(note_refusal, path))
+
+    @staticmethod
+    def _accepted(path: str, request_id: str, resolved: Resolved) -> None:
         metrics.count_steered(STEERED_PATHS[path], resolved.mode, operations=resolved.operations())
         logger.info("steered request %s on %s: %s", request_id, path, resolved.summary())
-        return resolved
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False)
-
-    async def rendered_prompts(self, path: str, payload: dict) -> list[list[int]]:
-        """The prompt token ids exactly as vLLM will render them (chat template applied);
-        [] when vLLM would refuse the request anyway (it then says why)."""
-        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
-
-        try:
-            if path == "/v1/chat/completions":
-                from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionRequest
-
-                handler = self.state.openai_serving_chat
-                result = await handler.render_chat_request(ChatCompletionRequest.model_validate(payload))
-                engine_inputs = None if isinstance(result, ErrorResponse) else result[1]
-            elif path == "/v1/responses":
-                from vllm.entrypoints.openai.responses.protocol import ResponsesRequest
-
-                handler = self.state.openai_serving_responses
-                request = ResponsesRequest.model_validate(payload)
-                previous = None
-                if request.previous_response_id is not None:
-                    async with handler.response_store_lock:
-                        previous = handler.response_store.get(request.previous_response_id)
-                result = await handler._render_resolved_response_inputs(request, previous)  # noqa: SLF001
-                engine_inputs = None if isinstance(result, ErrorResponse) else [result.engine_input]
-            else:
-                from vllm.entrypoints.openai.completion.protocol import CompletionRequest
-
-                handler = self.state.openai_serving_completion
-                result = await handler.render_completion_request(CompletionRequest.model_validate(payload))
-                engine_inputs = None if isinstance(result, ErrorResponse) else result
-        except Exception as exc:  # noqa: BLE001 - vLLM's handler meets the same problem and answers it
-            logger.debug("steer_api: vLLM will refuse this request itself: %s", exc)
-            return []
-        # Prompt embeddings carry no ids: the engine's frontend hook checks those.
-        return [list(e["prompt_token_ids"]) for e in engine_inputs or [] if e.get("prompt_token_ids") is not None]
 
     async def take_receipt(self, resolved: Resolved) -> dict:
         """What the workers applied for a finished request that asked for a receipt."""

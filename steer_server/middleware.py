@@ -20,6 +20,7 @@ from starlette.datastructures import Headers
 from steer_server import metrics
 from steer_server.client import VECTORS_PATH
 from steer_server.receipts import ReceiptAttacher
+from steer_server.render_hook import awaiting_prompt
 from steer_server.steering import SteeringError, bad_request
 from steer_server.sweep_route import SWEEPS_PATH
 from steer_vllm.content import VECTORS_KEY
@@ -87,7 +88,7 @@ class BodyMiddleware:
         if steering is None:
             return await self.app(scope, _replay(body, receive), send)
         try:
-            resolved = await server.rewrite_request(path, payload, headers)
+            resolved, awaiting = await server.rewrite_request(path, payload, headers)
         except SteeringError as exc:
             return await _refuse(scope, receive, send, path, exc)
         except SteeringSpecError as exc:
@@ -104,7 +105,8 @@ class BodyMiddleware:
         vectors = server.store.vectors
         vectors.pin(resolved.vectors)
         try:
-            return await self.app(scope, _replay(body, receive), send)
+            with awaiting_prompt(awaiting):
+                return await self.app(scope, _replay(body, receive), send)
         finally:
             vectors.unpin(resolved.vectors)
 
@@ -126,9 +128,13 @@ def _reserved_xargs(payload: dict) -> SteeringError | None:
     return None
 
 
-async def _refuse(scope, receive, send, path: str, error: SteeringError) -> None:
+def note_refusal(path: str, error: SteeringError) -> None:
     metrics.REJECTED_REQUESTS.labels(status=str(error.status), reason=error.reason).inc()
     logger.info("refused steering on %s: %s", path, error.message)
+
+
+async def _refuse(scope, receive, send, path: str, error: SteeringError) -> None:
+    note_refusal(path, error)
     await _send_error(scope, receive, send, error)
 
 

@@ -287,7 +287,6 @@ class Resolved:
     mode: str
     actadd_lengths: list[tuple[str, int]] = field(default_factory=list)  # (field, k rows)
     vectors: dict[str, StoredVector] = field(default_factory=dict)  # content id -> what was validated
-    anchor: str | None = None  # the request's "anchor" (chat and responses)
 
     def engine_json(self) -> str:
         return steering_text(self.engine)
@@ -537,7 +536,7 @@ class SteeringResolver:
             preserve_norm=sorted(preserve),
             receipt=uuid.uuid4().hex if steering.receipt else None,
         )
-        return Resolved(engine, mode, lengths, vectors, steering.anchor)
+        return Resolved(engine, mode, lengths, vectors)
 
     async def _plan_vector(self, addition: VectorAddition, mode: str, where: str, vectors: dict) -> list[dict]:
         content_id, vector = await self.vector(addition.vector, f"{where}.vector")

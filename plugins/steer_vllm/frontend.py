@@ -95,6 +95,11 @@ class SteeringValidator:
 
     def check(self, steering: EngineSteering, prompt_len: int) -> dict[str, StoredVector]:
         """Validate against the model; returns the vectors by content id."""
+        if steering.anchor_to is not None:
+            raise SteeringSpecError(
+                f"steering.anchor: the server did not check this request against the prompt vLLM rendered "
+                f"(anchor_to {steering.anchor_to!r} is still open: steer-server's render hook did not run)"
+            )
         vectors: dict[str, StoredVector] = {}
         kinds = [("additions", a) for a in steering.additions] + [("projections", p) for p in steering.projections]
         counters = {"additions": 0, "projections": 0}

@@ -89,6 +89,11 @@ class EngineSteering(BaseModel):
     preserve_norm: list[int] = Field(default_factory=list)
     # Absolute position of ActAdd row 0 (chat: the first token of the last user message).
     anchor: int = Field(default=0, ge=0)
+    # Set by the HTTP layer while ``anchor`` waits for the prompt vLLM renders: "prompt" (its
+    # first token) or "user" (the last user message). Its render hook checks the ActAdd
+    # lengths against that prompt, sets ``anchor`` and clears this; the frontend refuses a
+    # request that still carries it, so a render hook that did not run cannot skip the checks.
+    anchor_to: Literal["prompt", "user"] | None = None
     # Set when the client asked for a receipt: the workers record what they applied under it.
     receipt: str | None = None
 

@@ -17,6 +17,8 @@ PROMPT = "I went up to my friend and said"  # 8 tokens
 def body(server, steering, path="/v1/completions", **extra):
     if path == "/v1/completions":
         return {"model": server.model, "prompt": PROMPT, "max_tokens": 2, "steering": steering, **extra}
+    if path == "/v1/responses":
+        return {"model": server.model, "input": "Hi", "max_output_tokens": 2, "steering": steering, **extra}
     return {"model": server.model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2,
             "steering": steering, **extra}
 
@@ -88,11 +90,23 @@ def test_chat_prompt_too_short(server, http):
             f"the steering sequence has 40 tokens but the request's prompt has only {remaining}") in message, message
 
 
-def test_streaming_request_is_refused_before_the_stream(server, http):
-    request = body(server, {"additions": [add(layer=99)]}, stream=True)
-    response = http.post("/v1/completions", json=request)
-    assert response.status_code == 400
-    assert error_of(response)["param"] == "steering.additions[0].layer"
+@pytest.mark.parametrize("path, steering, param", [
+    ("/v1/completions", {"additions": [add(layer=99)]}, "steering.additions[0].layer"),
+    # checked on the prompt vLLM renders, inside its handler: still before the stream starts
+    ("/v1/completions", {"additions": [add(prompt=" one" * 40)]}, "steering.additions[0].prompt"),
+    ("/v1/chat/completions", {"additions": [add(prompt=" one" * 40)]}, "steering.additions[0].prompt"),
+    ("/v1/responses", {"additions": [add(prompt=" one" * 40)]}, "steering.additions[0].prompt"),
+    ("/v1/chat/completions", {"additions": [add()], "anchor": "user"}, "steering.anchor"),
+])
+def test_streaming_request_is_refused_before_the_stream(server, http, path, steering, param):
+    request = body(server, steering, path, stream=True)
+    if param == "steering.anchor":  # a chat with no user message has nothing to anchor to
+        request["messages"] = [{"role": "system", "content": "You answer in one word."}]
+    response = http.post(path, json=request)
+    assert response.status_code == 400, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = error_of(response)
+    assert error["param"] == param and error["code"] == 400 and error["message"].startswith(param + ": ")
 
 
 def test_sdk_raises_bad_request(client, server):

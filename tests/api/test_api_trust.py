@@ -151,3 +151,30 @@ def test_per_request_seed_is_refused_on_cpu_and_the_engine_lives(http, server):
     error = error_of(seeded)
     assert error["message"].startswith("seed: a per-request seed is refused on vLLM's CPU build")
     assert complete(http, server).status_code == 200
+
+
+def test_a_render_hook_vllm_would_not_call_refuses_the_server(monkeypatch):
+    """ActAdd lengths and chat anchors are checked inside vLLM's rendering; the startup
+    check names a renderer method that resolves past the hook (unwrapped, or overridden
+    by a subclass), and steer-server then refuses to start."""
+    from types import SimpleNamespace
+
+    from vllm.renderers.online_renderer import OnlineRenderer
+
+    from steer_server.render_hook import install_render_hooks, render_hook_problems
+
+    class Overriding(OnlineRenderer):
+        async def render_completion(self, request, **kwargs):
+            return await super().render_completion(request, **kwargs)
+
+    def state(renderer_class):  # vLLM's app state as far as the check reads it: handlers and their renderer
+        handler = SimpleNamespace(online_renderer=renderer_class.__new__(renderer_class))
+        return SimpleNamespace(openai_serving_completion=handler, openai_serving_chat=handler,
+                               openai_serving_responses=None)
+
+    install_render_hooks()
+    assert render_hook_problems(state(OnlineRenderer)) == []
+    assert render_hook_problems(state(Overriding)) == ["the render hook Overriding.render_completion is not installed"] * 2
+    monkeypatch.setattr(OnlineRenderer, "render_chat", OnlineRenderer.render_chat.__wrapped__)
+    assert render_hook_problems(state(OnlineRenderer)) == ["the render hook OnlineRenderer.render_chat is not installed"] * 2
+

@@ -162,10 +162,17 @@ def test_worker_that_cannot_place_a_request_ends_it_with_an_error(llama, monkeyp
     assert tokens == want_tokens and lp == pytest.approx(want_lp, abs=2e-3)
 
 
-def test_captures_from_outside_are_refused(llama):
+def test_captures_from_outside_and_unchecked_anchors_are_refused(llama):
+    """Captures the server did not make, and ActAdd whose anchor the server's render hook
+    never set (``anchor_to`` still open), end their own request with an error."""
     s = llama
+    vector = put_vector(s["store"], s["model_dir"], 1, torch.randn(2, 128, generator=s["gen"]))
     llm = start_llm(s["model_dir"])
     try:
+        for anchor_to in ("prompt", "user"):
+            unchecked = params(1, {"additions": [{"vector": vector, "layer": 1, "coeff": 1.0}], "anchor_to": anchor_to})
+            with pytest.raises(Exception, match=rf"steering.anchor: .*anchor_to '{anchor_to}' is still open"):
+                generate(llm, [s["prompts"][4]], unchecked)
         forged = params(1)
         forged.extra_args = {"steering_capture": {"id": "x", "layers": [0, 1, 2, 3]}}
         with pytest.raises(Exception, match="steering_capture: reserved for the server's own residual captures"):
