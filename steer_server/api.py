@@ -251,7 +251,8 @@ class SteerServer:
         if resolved.actadd_lengths:  # the lengths, and a chat's anchor, wait for the rendered prompt
             to_user = path != "/v1/completions" and field.anchor != "template"
             resolved.engine = resolved.engine.model_copy(update={"anchor_to": "user" if to_user else "prompt"})
-        payload["vllm_xargs"] = {**(xargs or {}), STEERING_KEY: resolved.engine_json()}
+        steering_text = resolved.engine_json()
+        payload["vllm_xargs"] = {**(xargs or {}), STEERING_KEY: steering_text}
         if "request_id" not in payload and headers.get("x-request-id") is None and path != "/v1/responses":
             payload["request_id"] = uuid.uuid4().hex
         request_id = headers.get("x-request-id") or payload.get("request_id", "-")
@@ -259,7 +260,7 @@ class SteerServer:
         if resolved.engine.anchor_to is None:
             accepted()
             return resolved, None
-        return resolved, AwaitingPrompt(resolved, last_user_text(path, payload), self._decode, accepted,
+        return resolved, AwaitingPrompt(resolved, steering_text, last_user_text(path, payload), self._decode, accepted,
                                         functools.partial(note_refusal, path))
 
     @staticmethod

@@ -41,13 +41,11 @@ class AwaitingPrompt:
     """A steered request whose ActAdd checks wait for its rendered prompt."""
 
     resolved: Resolved
+    steering_text: str  # the request's vllm_xargs.steering as sent: what identifies its render
     user_text: str | None  # anchor "user": the text of the last user message (None: there is none)
     decode: Callable[[list[int]], str]  # the tokenizer's decoding, special tokens kept
     on_checked: Callable[[], None]  # counts and logs the request as steered
     on_refused: Callable[[SteeringError], None]  # counts and logs the refusal
-
-    def __post_init__(self) -> None:
-        self.steering_text = self.resolved.engine_json()  # what identifies the request's render
 
     def check(self, prompts: list[list[int]]) -> str:
         """The request's steering text with its anchor found in ``prompts`` (token ids as
