@@ -125,7 +125,7 @@ class SteeringValidator:
                 raise SteeringSpecError(
                     f"{where}.mode: constant mode needs a single vector, {use.vector} is a sequence of {direction.shape[0]}"
                 )
-            if abs(use.coeff) * float(direction.abs().max()) > self.dtype_max:
+            if use.coeff is not None and abs(use.coeff) * float(direction.abs().max()) > self.dtype_max:
                 raise SteeringSpecError(f"{where}.coeff: {use.coeff} times this vector overflows the model's dtype")
         if steering.anchor and steering.anchor >= prompt_len:
             raise SteeringSpecError(f"steering.anchor: position {steering.anchor} is past the prompt's {prompt_len} tokens")

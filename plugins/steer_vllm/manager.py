@@ -27,20 +27,11 @@ logger = logging.getLogger("steer_vllm")
 
 
 class _Placed:
-    """A steered request's rows, and which plan key sits at each of its layers."""
+    """A steered request's rows, and the plan whose rows it holds at each of its layers."""
 
     def __init__(self, rows: RequestRows):
         self.rows = rows
-        # layer -> (plan key, scale, projection weight, projection target, preserve norm)
-        self.keys: dict[int, tuple[str, float, float, float, bool]] = {}
-
-
-def layer_values(plan: LayerPlan) -> tuple[float, float, float, bool]:
-    """What a request's tokens read at this layer besides the rows."""
-    projection = plan.projection
-    if projection is None:
-        return plan.scale, 0.0, 0.0, plan.preserve_norm
-    return plan.scale, 1.0, projection.value if projection.op == "clamp" else 0.0, plan.preserve_norm
+        self.plans: list[LayerPlan] = []
 
 
 class SteeringManager:
@@ -103,7 +94,7 @@ class SteeringManager:
                 if not owns_point(plan.layer, self.first_block, self.end_block):
                     continue  # another pipeline rank owns this point
                 self.table.acquire(plan, vectors.direction)
-                placed.keys[plan.layer] = (plan.key, *layer_values(plan))
+                placed.plans.append(plan)
         except BaseException:
             self._release(placed)
             raise
@@ -112,8 +103,8 @@ class SteeringManager:
         return placed
 
     def _set_rows(self, placed: _Placed) -> None:
-        for layer, (key, *values) in placed.keys.items():
-            placed.rows.set_layer(layer, self.table.placed(key), *values)
+        for plan in placed.plans:
+            placed.rows.set_layer(plan, self.table.placed(plan.key).start)
 
     def _refresh_after_moves(self) -> None:
         """The table closed gaps by moving plans: re-read where every request's rows sit."""
@@ -123,8 +114,8 @@ class SteeringManager:
                 self._set_rows(placed)
 
     def _release(self, placed: _Placed) -> None:
-        for key, *_ in placed.keys.values():
-            self.table.release(key)
+        for plan in placed.plans:
+            self.table.release(plan.key)
 
     def finish_request(self, req_id: str) -> None:
         self.recorder.forget(req_id)

@@ -40,12 +40,18 @@ class SteeringPoints:
             steered = stream
         else:
             batch = self.batch
-            steered = add_steering(stream, self.vector_table, batch.row_of_token[point], batch.scale_of_token[point])
-            if not eager or batch.projections_in_use[point]:
-                whole = full_stream or (lambda part: part)
+            whole = full_stream or (lambda part: part)
+            doses = not eager or batch.doses_in_use[point]
+            projects = not eager or batch.projections_in_use[point]
+            # The whole stream's norm before steering: what a dose is relative to, and what
+            # norm preservation restores.
+            norm = whole(stream).float().norm(dim=-1) if doses or projects else None
+            steered = add_steering(stream, self.vector_table, batch.row_of_token[point], batch.scale_of_token[point],
+                                   batch.dose_of_token[point], norm if doses else None)
+            if projects:
                 added = whole(steered)
                 projected = project_and_rescale(
-                    whole(stream), added, self.vector_table, batch.direction_row_of_token[point],
+                    norm, added, self.vector_table, batch.direction_row_of_token[point],
                     batch.projection_of_token[point], batch.target_of_token[point], batch.preserve_of_token[point],
                 )
                 steered = projected if full_stream is None else steered + (projected - added)

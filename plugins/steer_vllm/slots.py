@@ -24,13 +24,9 @@ class RowsExhausted(RuntimeError):
 
 @dataclass(frozen=True)
 class PlanRows:
-    """Where a plan's rows sit in the table."""
+    """Where a plan's rows sit in the table: ``start`` + the plan's relative row."""
 
-    front_start: int
-    front_len: int
-    prompt_rest_row: int
-    generated_row: int
-    direction_row: int  # the projection's unit vector (the zero row when none)
+    start: int
 
 
 @dataclass
@@ -72,13 +68,10 @@ class RowTable:
             held.refs += 1
             return held.rows
         start = self._take(plan.num_rows)
-        built = plan.build_rows(direction_of)
-        parts = (built.front, _row(built.prompt_rest), _row(built.generated), _row(built.unit_direction))
-        blocks = [t for t in parts if t is not None]
-        if blocks:
-            block = torch.cat(blocks).to(self.vector_table.dtype)
-            self.vector_table[start : start + plan.num_rows].copy_(block, non_blocking=True)
-        placed = _layout(start, plan)
+        if plan.num_rows:
+            rows = plan.build_rows(direction_of).to(self.vector_table.dtype)
+            self.vector_table[start : start + plan.num_rows].copy_(rows, non_blocking=True)
+        placed = PlanRows(start)
         self._held[plan.key] = _Holding(start, plan.num_rows, placed, 1)
         return placed
 
@@ -122,7 +115,7 @@ class RowTable:
                 old = holding.start
                 self.vector_table[cursor : cursor + holding.count] = self.vector_table[old : old + holding.count].clone()
                 holding.start = cursor
-                holding.rows = _moved(holding.rows, cursor - old)
+                holding.rows = PlanRows(cursor)
             cursor += holding.count
         self._free = [(cursor, self.vector_table.shape[0] - cursor)] if cursor < self.vector_table.shape[0] else []
         self.generation += 1
@@ -140,25 +133,3 @@ class RowTable:
                 merged.append((s, c))
         self._free = merged
 
-
-def _row(vector: torch.Tensor | None) -> torch.Tensor | None:
-    return None if vector is None else vector[None]
-
-
-def _layout(start: int, plan: LayerPlan) -> PlanRows:
-    """Front rows first, then the prompt-rest row, the generated row and the unit
-    direction, each only if the plan has it (else the zero row)."""
-    cursor = start + plan.front_len
-    singles = []
-    for present in (plan.has_prompt_rest, plan.has_generated, plan.projection is not None):
-        singles.append(cursor if present else ZERO_ROW)
-        cursor += present
-    return PlanRows(start, plan.front_len, *singles)
-
-
-def _moved(rows: PlanRows, shift: int) -> PlanRows:
-    def move(row: int) -> int:
-        return row + shift if row != ZERO_ROW else ZERO_ROW
-
-    return PlanRows(rows.front_start + shift, rows.front_len, move(rows.prompt_rest_row), move(rows.generated_row),
-                    move(rows.direction_row))

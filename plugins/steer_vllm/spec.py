@@ -15,10 +15,10 @@ from __future__ import annotations
 import json
 import math
 import threading
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 import cachetools
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from vllm.exceptions import VLLMValidationError
 
 STEERING_KEY = "steering"
@@ -38,6 +38,43 @@ def _finite(value: float) -> float:
     if not math.isfinite(value):
         raise ValueError("must be a finite number")
     return value
+
+
+def _positive_finite(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a finite number above 0, got {value}")
+    return value
+
+
+class PositionWindow(BaseModel):
+    """Generated tokens ``start <= g < end`` (g = 0 is the first generated token; ``end``
+    absent: no end). Generated token g sits at absolute position prompt_len + g; steering
+    there first changes token g + 1, as for ``"generated"``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    start: int = Field(ge=0)
+    end: int | None = None
+
+    @field_validator("end")
+    @classmethod
+    def _after_start(cls, end: int | None, info) -> int | None:
+        start = info.data.get("start")
+        if end is not None and start is not None and end <= start:
+            raise ValueError(f"must be greater than start ({start}), got {end}")
+        return end
+
+
+# Which positions an operation acts on: every one, the prompt's, the generated tokens',
+# those from the anchor on (chat: from the last user message), or a window of generated tokens.
+POSITION_TAGS = ("named", "window")
+Positions = Annotated[
+    Union[Annotated[Literal["all", "prompt", "generated", "after_anchor"], Tag("named")],
+          Annotated[PositionWindow, Tag("window")]],
+    Discriminator(lambda value: "named" if isinstance(value, str) else "window",
+                  custom_error_type="positions", custom_error_message=(
+                      'expected "all", "prompt", "generated", "after_anchor" or {"start": i, "end": j}')),
+]
 
 
 class EngineDirection(BaseModel):
@@ -60,13 +97,31 @@ class EngineDirection(BaseModel):
 
 
 class EngineAddition(EngineDirection):
-    """The direction, scaled by ``coeff``, added to the stream."""
+    """The direction added to the stream, scaled by ``coeff`` or by a relative ``dose``:
+    with a dose d each steered token t gets ``d * ‖h_t‖ * r / ‖r‖`` (r the direction's row
+    for t, h_t the stream before steering), so ‖Δh‖/‖h‖ = d whatever the layer or model.
+    ActAdd rows keep their front alignment (``positions`` stays "all")."""
 
-    coeff: float
+    coeff: float | None = None
+    dose: float | None = None
     mode: Literal["actadd", "constant"] = "actadd"
-    positions: Literal["all", "prompt", "generated"] = "all"
+    positions: Positions = "all"
 
-    _coeff_finite = field_validator("coeff")(_finite)
+    _coeff_finite = field_validator("coeff")(lambda v: None if v is None else _finite(v))
+    _dose_positive = field_validator("dose")(_positive_finite)
+
+    @model_validator(mode="after")
+    def _one_strength(self) -> "EngineAddition":
+        if (self.coeff is None) == (self.dose is None):
+            raise ValueError("give exactly one of coeff and dose")
+        if self.mode == "actadd" and self.positions != "all":
+            raise ValueError("actadd rows are front-aligned from the anchor; positions applies to constant mode")
+        return self
+
+    @property
+    def strength(self) -> float:
+        """The coefficient, or the dose."""
+        return self.coeff if self.dose is None else self.dose
 
 
 class EngineProjection(EngineDirection):
@@ -76,6 +131,7 @@ class EngineProjection(EngineDirection):
 
     op: Literal["ablate", "clamp"]
     value: float = 0.0
+    positions: Positions = "all"
 
     _value_finite = field_validator("value")(_finite)
 
@@ -107,6 +163,9 @@ class EngineSteering(BaseModel):
         steered = {a.layer for a in self.additions} | set(layers)
         if not set(self.preserve_norm) <= steered:
             raise ValueError("preserve_norm names a layer nothing steers")
+        mixed = {a.layer for a in self.additions if a.dose is None} & {a.layer for a in self.additions if a.dose is not None}
+        if mixed:
+            raise ValueError(f"layer {min(mixed)} mixes coeff and dose additions; use one kind per layer")
         return self
 
     @property
@@ -146,7 +205,9 @@ def _decode(raw: Any, model: type[BaseModel], key: str) -> Any:
 def _describe(exc: ValidationError, key: str) -> str:
     parts = []
     for error in exc.errors():
-        where = key + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        # Drop the tags pydantic puts in a location inside the ``positions`` union.
+        loc = [p for p in error["loc"] if p not in POSITION_TAGS]
+        where = key + "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc)
         parts.append(f"{where}: {error['msg'].removeprefix('Value error, ')}")
     return "; ".join(parts)
 

@@ -6,7 +6,8 @@ next has a CUDA machine.
 
 Checks: the op replayed inside a CUDA graph, with the per-token buffers refilled in
 place for a new batch before each replay, equals the formula computed directly, for
-additions, ActAdd rows from an anchor, ablation, clamping and norm preservation, and
+additions, ActAdd rows from an anchor, doses, position windows, ablation, clamping and
+norm preservation, and
 leaves unsteered tokens bit-identical. Timings (CUDA events, graphs replayed): the op
 beside a Llama-shaped decoder layer (hidden 4096, 32 heads, 8 KV heads, MLP 14336, 256
 tokens, bf16), and the per-step fill. Record the figures in BENCHMARKS.md.
@@ -21,6 +22,7 @@ import torch
 
 from steer_vllm.batch import RequestRows, SteeringBatch
 from steer_vllm.ops import add_steering, project_and_rescale
+from steer_vllm.segments import ANCHOR, FRONT_END, NO_END, PROMPT_END, START, Segment
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: replays the op in a CUDA graph")
 pytestmark = [pytest.mark.gpu, needs_cuda]
@@ -35,43 +37,63 @@ def _table(rows: int, dtype: torch.dtype, generator: torch.Generator) -> torch.T
     return table
 
 
-def _requests(table_rows: int) -> list[tuple[RequestRows | None, dict]]:
-    """Four requests at point 1: add with anchor, clamp + norm, ablate, unsteered."""
+PROMPT_LEN = 48
+
+
+def _plan(segments, *, scale=0.0, dose=0.0, front_len=0, projection=None, direction_row=None, preserve=False):
+    """A layer plan at point 1 whose rows start at table row 0 (what ``plans.LayerPlan`` gives the fill)."""
+    return SimpleNamespace(layer=1, segments=tuple(Segment(*s) for s in segments), front_len=front_len,
+                           projection=projection, direction_row=direction_row, relative=bool(dose),
+                           scale=dose or scale, preserve_norm=preserve)
+
+
+def _requests(table_rows: int) -> list[tuple[RequestRows | None, SimpleNamespace | None, int]]:
+    """Five requests at point 1: ActAdd rows from an anchor; constant rows on the prompt and
+    generated tokens with a clamp and norm; an ablation; a dose on a window of generated
+    tokens beside an ablation of the prompt; unsteered."""
     unit = table_rows - 1
+    clamp, ablate = SimpleNamespace(op="clamp", value=4.0), SimpleNamespace(op="ablate", value=0.0)
     specs = [
-        dict(front_start=1, front_len=5, prompt_rest_row=0, generated_row=0, direction_row=0, scale=2.0, projection=0.0,
-             target=0.0, preserve=False, anchor=3),
-        dict(front_start=0, front_len=0, prompt_rest_row=6, generated_row=7, direction_row=unit, scale=1.5, projection=1.0,
-             target=4.0, preserve=True, anchor=0),
-        dict(front_start=0, front_len=0, prompt_rest_row=0, generated_row=0, direction_row=unit, scale=0.0, projection=1.0,
-             target=0.0, preserve=False, anchor=0),
+        (_plan([((ANCHOR, 0), (FRONT_END, 0), 1, 1, False)], scale=2.0, front_len=5), 3),
+        (_plan([((START, 0), (PROMPT_END, 0), 6, 0, True), ((PROMPT_END, 0), (NO_END, 0), 7, 0, True)], scale=1.5,
+               projection=clamp, direction_row=unit, preserve=True), 0),
+        (_plan([((START, 0), (NO_END, 0), None, 0, True)], projection=ablate, direction_row=unit), 0),
+        (_plan([((START, 0), (PROMPT_END, 0), None, 0, True), ((PROMPT_END, 2), (PROMPT_END, 6), 8, 0, False)], dose=0.3,
+               projection=ablate, direction_row=unit), 0),
     ]
     requests = []
-    for spec in specs:
-        rows = RequestRows(POINTS, prompt_len=48, anchor=spec["anchor"])
-        rows.set_layer(1, SimpleNamespace(**spec), spec["scale"], spec["projection"], spec["target"], spec["preserve"])
-        requests.append((rows, spec))
-    return [*requests, (None, {})]
+    for plan, anchor in specs:
+        rows = RequestRows(POINTS, prompt_len=PROMPT_LEN, anchor=anchor)
+        rows.set_layer(plan, 0)
+        requests.append((rows, plan, anchor))
+    return [*requests, (None, None, 0)]
 
 
-def _expected(stream: torch.Tensor, table: torch.Tensor, spec: dict, position: int) -> torch.Tensor:
+def _expected(stream: torch.Tensor, table: torch.Tensor, plan, anchor: int, position: int) -> torch.Tensor:
+    """float64, from the plan read directly: the segment holding the position, then the formula."""
     h = stream.double()
-    if not spec:
+    if plan is None:
         return h
-    rel = position - spec["anchor"]
-    if 0 <= rel < spec["front_len"]:
-        row = spec["front_start"] + rel
-    else:
-        row = spec["prompt_rest_row"] if position < 48 else spec["generated_row"]
-    y = h + spec["scale"] * table[row].double()
-    u = table[spec["direction_row"]].double()
-    y = y - spec["projection"] * ((y @ u) - spec["target"]) * u
-    return y * (h.norm() / y.norm()) if spec["preserve"] else y
+    where = {START: 0, ANCHOR: anchor, FRONT_END: anchor + plan.front_len, PROMPT_END: PROMPT_LEN, NO_END: 1 << 40}
+    held = [s for s in plan.segments if where[s.lo[0]] + s.lo[1] <= position < where[s.hi[0]] + s.hi[1]]
+    if not held:
+        return h
+    (segment,) = held
+    y = h
+    if segment.row is not None:
+        row = table[segment.row + segment.stride * (position - where[segment.lo[0]] - segment.lo[1])].double()
+        y = h + (plan.scale * h.norm() if plan.relative else plan.scale) * row
+    if segment.project:
+        u = table[plan.direction_row].double()
+        y = y - ((y @ u) - (plan.projection.value if plan.projection.op == "clamp" else 0.0)) * u
+    return y * (h.norm() / y.norm()) if plan.preserve_norm else y
 
 
 def _op(stream, table, batch, point=1):
-    added = add_steering(stream, table, batch.row_of_token[point], batch.scale_of_token[point])
-    return project_and_rescale(stream, added, table, batch.direction_row_of_token[point], batch.projection_of_token[point],
+    norm = stream.float().norm(dim=-1)
+    added = add_steering(stream, table, batch.row_of_token[point], batch.scale_of_token[point], batch.dose_of_token[point],
+                         norm)
+    return project_and_rescale(norm, added, table, batch.direction_row_of_token[point], batch.projection_of_token[point],
                                batch.target_of_token[point], batch.preserve_of_token[point])
 
 
@@ -92,7 +114,7 @@ def test_op_replays_in_a_cuda_graph_with_refilled_buffers(dtype):
         out = _op(stream, table, batch)
     requests = _requests(64)
     tol = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=2e-2, atol=8e-2)
-    for order in ([0, 1, 2, 3], [3, 2, 1, 0], [1, 3, 0, 0]):  # each replay: a new batch, same addresses
+    for order in ([0, 1, 2, 4], [4, 3, 1, 0], [1, 3, 0, 4]):  # each replay: a new batch, same addresses
         # even slots start at position 0 (ActAdd rows from the anchor), odd ones cross the prompt's end
         positions = [p for slot in range(len(order)) for p in (range(0, 16) if slot % 2 == 0 else range(40, 56))]
         req_index = [slot for slot in range(len(order)) for _ in range(16)]
@@ -101,12 +123,12 @@ def test_op_replays_in_a_cuda_graph_with_refilled_buffers(dtype):
         stream.copy_((torch.randn(64, HIDDEN, generator=gen) * 3).to(dtype))
         graph.replay()
         for t, (slot, position) in enumerate(zip(req_index, positions)):
-            spec = requests[order[slot]][1]
-            if not spec:
+            _, plan, anchor = requests[order[slot]]
+            if plan is None:
                 assert torch.equal(out[t], stream[t])
             else:
-                torch.testing.assert_close(out[t].double().cpu(), _expected(stream[t].cpu(), table.cpu(), spec, position),
-                                           **tol)
+                want = _expected(stream[t].cpu(), table.cpu(), plan, anchor, position)
+                torch.testing.assert_close(out[t].double().cpu(), want, **tol)
 
 
 class LlamaDecoderLayer(torch.nn.Module):
@@ -157,12 +179,12 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA device: nothing to check", file=sys.stderr)
         return 1
-    exit_code = pytest.main([__file__, "-q"])
+    exit_code = pytest.main([__file__, "-q", "--noconftest"])  # the suite's conftest needs the whole server
     device, dtype = torch.device("cuda"), torch.bfloat16
     gen = torch.Generator().manual_seed(1)
     table = _table(4096, dtype, gen).to(device)
     batch = SteeringBatch(POINTS, max_tokens=TOKENS, max_reqs=64, dtype=dtype, device=device)
-    requests = [r for r, _ in _requests(4096)[:3]] * 16  # 48 steered requests
+    requests = [r for r, _, _ in _requests(4096)[:4]] * 12  # 48 steered requests
     req_index = torch.arange(TOKENS, device=device) % len(requests)
     positions = torch.arange(TOKENS, device=device) % 64
     batch.fill(requests, req_index, positions)
@@ -171,7 +193,11 @@ def main() -> int:
     with torch.no_grad():
         layer_us = _graph_time_us(lambda: layer(stream))
         add_us = _graph_time_us(lambda: add_steering(stream, table, batch.row_of_token[1], batch.scale_of_token[1]))
+        dose_us = _graph_time_us(lambda: add_steering(stream, table, batch.row_of_token[1], batch.scale_of_token[1],
+                                                      batch.dose_of_token[1], stream.float().norm(dim=-1)))
         full_us = _graph_time_us(lambda: _op(stream, table, batch))
+        fused = torch.compile(_op)  # as vLLM's compiled path runs it: inductor fuses the op's steps
+        fused_us = _graph_time_us(lambda: fused(stream, table, batch))
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
     start.record()
     for _ in range(50):
@@ -182,7 +208,9 @@ def main() -> int:
     print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}, {TOKENS} tokens, hidden {HIDDEN}, bf16")
     print(f"Llama-shaped decoder layer   {layer_us:9.1f} us")
     print(f"op, add only                 {add_us:9.1f} us  ({100 * add_us / layer_us:.2f} % of a layer)")
-    print(f"op, add + project + norm     {full_us:9.1f} us  ({100 * full_us / layer_us:.2f} % of a layer)")
+    print(f"op, add with doses           {dose_us:9.1f} us  ({100 * dose_us / layer_us:.2f} % of a layer)")
+    print(f"op, add + dose + project + norm {full_us:6.1f} us  ({100 * full_us / layer_us:.2f} % of a layer)")
+    print(f"the same, torch.compile'd     {fused_us:9.1f} us  ({100 * fused_us / layer_us:.2f} % of a layer)")
     print(f"fill, {len(requests)} steered requests, one point steered  {fill_us:9.1f} us per step")
     return int(exit_code)
 
