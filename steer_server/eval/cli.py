@@ -34,6 +34,20 @@ def _numbers(kind):
     return parse
 
 
+def _positions(text: str):
+    """A named schedule, or ``START:END`` -> a window over generated tokens."""
+    if text in ("all", "prompt", "generated", "after_anchor"):
+        return text
+    start, colon, end = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        return {"start": int(start), **({"end": int(end)} if end.strip() else {})}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected all, prompt, generated, after_anchor or START:END, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer-server eval",
                                      description="Measure steering on a running steer-server over HTTP.")
@@ -41,8 +55,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("sweep", help="layers × coefficients for one steering, with a random-vector floor",
                        description="Each cell: topic share (lexicon), sentiment (VADER), fluency (NLL under the "
-                       "unsteered model) and repetition (distinct-2), for the steering and for a random vector of "
-                       "equal norm, beside the unsteered baseline.")
+                       "unsteered model), relevance (PMI of prompt and completion under the unsteered model) and "
+                       "repetition (distinct-2), for the steering and for a random vector of equal norm, beside the "
+                       "unsteered baseline; and the fluency and relevance scores against unsteered, with their "
+                       "harmonic mean with the topic share.")
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--add", nargs=2, action="append", metavar=("PROMPT", "WEIGHT"),
                       help="ActAdd prompt and its weight; the cell's coefficient multiplies the weights "
@@ -51,13 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
                       help="constant mode: last-token difference (repeat to average)")
     what.add_argument("--vector", help="a stored vector (name or id)")
     p.add_argument("--mode", choices=("actadd", "constant"), default="actadd", help="mode for --vector")
-    p.add_argument("--positions", choices=("all", "prompt", "generated"), default="all",
-                   help="constant mode's positions (--pair, --vector --mode constant)")
+    p.add_argument("--positions", type=_positions, default="all",
+                   help="constant mode's schedule (--pair, --vector --mode constant): all, prompt, generated, "
+                   "after_anchor, or a window of generated tokens START:END (END may be empty: no end)")
     p.add_argument("--pad", metavar="TEXT|none", help="ActAdd pad (default: the server's)")
     p.add_argument("--bos", default="", metavar="TEXT",
                    help="written in front of every prompt and steering prompt (e.g. '<|endoftext|>' for SmolLM2)")
     p.add_argument("--layers", type=_numbers(int), help="comma-separated (required unless --vector: its own layers)")
-    p.add_argument("--coeffs", type=_numbers(float), required=True, help="comma-separated coefficients")
+    strength = p.add_mutually_exclusive_group(required=True)
+    strength.add_argument("--coeffs", type=_numbers(float), help="comma-separated coefficients")
+    strength.add_argument("--doses", type=_numbers(float),
+                          help="comma-separated relative doses ‖Δh‖/‖h‖ (--vector only: a dose scales one vector)")
     p.add_argument("--prompts", type=Path, help="prompt file, one a line (default: the shipped neutral openings)")
     p.add_argument("--lexicon", type=Path, help="topic words, one a line (default: the shipped wedding lexicon)")
     p.add_argument("--samples", type=int, default=8, help="completions per prompt and cell (default: %(default)s)")
@@ -131,8 +151,8 @@ async def _sweep(args) -> int:
                         repetition_penalty=args.repetition_penalty or None, samples=args.samples,
                         seeded=args.seeded)
     plan = SweepPlan(steering_from_args(args), tuple(args.bos + p for p in prompts),
-                     tuple(args.layers) if args.layers else (None,), tuple(args.coeffs), lexicon, sampling,
-                     floor=not args.no_floor, seed=args.seed)
+                     tuple(args.layers) if args.layers else (None,), tuple(args.coeffs or args.doses), lexicon,
+                     sampling, floor=not args.no_floor, seed=args.seed, strength="coeff" if args.coeffs else "dose")
     async with SteerClient(args.url, args.api_key, args.model) as client:
         with _progress() as factory:
             result = await run_sweep(client, plan, args.out, concurrency=args.concurrency, on_progress=factory("sweep"))
@@ -155,7 +175,7 @@ async def _paper(args) -> int:
                                      progress=factory)
     command = "steer-server eval " + shlex.join(sys.argv[2:] if sys.argv[1:2] == ["eval"] else sys.argv[1:])
     report = write_report(result, args.out, command)
-    print(f"wrote {report} ({result.seconds / 60:.1f} min); layer {result.best_layer}, coefficient {result.coeff:g}")
+    print(f"wrote {report} ({result.seconds / 60:.1f} min); layer {result.layer}, coefficient {result.coeff:g}")
     return 0
 
 

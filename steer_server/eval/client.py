@@ -48,6 +48,15 @@ class Sampling:
         return body
 
 
+DOCUMENT_SEPARATOR = "<|endoftext|>"
+
+
+@dataclass(frozen=True)
+class DocumentStart:
+    ids: tuple[int, ...]  # what a text's first token is predicted from (empty: nothing)
+    text: str  # what to write in front of a prompt to start it there ("" when the tokenizer adds ``ids``)
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -115,10 +124,21 @@ class SteerClient:
             out.append([positions[i][str(token)]["logprob"] for i, token in enumerate(ids) if i > 0])
         return out
 
-    async def token_count(self, text: str, add_special_tokens: bool) -> int:
-        """How many tokens the served tokenizer makes of ``text`` (vLLM's ``/tokenize``)."""
+    async def tokenize(self, text: str, add_special_tokens: bool) -> list[int]:
+        """The served tokenizer's ids for ``text`` (vLLM's ``/tokenize``)."""
         body = {"model": self.model, "prompt": text, "add_special_tokens": add_special_tokens}
-        return (await self._json("POST", "/tokenize", json=body))["count"]
+        return (await self._json("POST", "/tokenize", json=body))["tokens"]
+
+    async def document_start(self) -> DocumentStart:
+        """Where a text starts when nothing precedes it: the tokens the tokenizer puts in front
+        of any text itself (a BOS), else the one-token document separator ``<|endoftext|>``
+        where the vocabulary has one (GPT-2, SmolLM2 and Qwen2 add no BOS; they saw that token
+        between pre-training documents), else nothing."""
+        plain, special = await self.tokenize("Hello", False), await self.tokenize("Hello", True)
+        if len(special) > len(plain):  # what a causal LM's tokenizer adds goes in front
+            return DocumentStart(tuple(special[:len(special) - len(plain)]), "")
+        separator = await self.tokenize(DOCUMENT_SEPARATOR, False)
+        return DocumentStart(tuple(separator), DOCUMENT_SEPARATOR) if len(separator) == 1 else DocumentStart((), "")
 
     # -- vector routes
     async def create_vector(self, body: dict) -> dict:

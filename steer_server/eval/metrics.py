@@ -1,5 +1,7 @@
-"""What a completion scores: topic (lexicon), sentiment (VADER), fluency (NLL), repetition
-(distinct-2); and the intervals the summaries report.
+"""What a completion scores: topic (lexicon), sentiment (VADER), fluency (NLL), relevance to
+its prompt (PMI), repetition (distinct-2); the intervals the summaries report; and the [0, 1]
+scores a cell gets against the unsteered cell, with their harmonic mean (as AxBench combines
+concept, instruction relevance and fluency).
 
 Intervals are 95% by default: Wilson for shares, the normal approximation (mean ± z·s/√n)
 for means, which is close enough at the sample sizes an evaluation cell holds (≥ 16).
@@ -74,6 +76,46 @@ def sentiment(text: str) -> float:
 def mean_nll(token_logprobs: Sequence[float]) -> float | None:
     """Mean negative log-likelihood (nats per token); None for no tokens."""
     return -statistics.fmean(token_logprobs) if token_logprobs else None
+
+
+def pmi(conditional: Sequence[float], unprompted: Sequence[float]) -> float | None:
+    """Per-token pointwise mutual information between a prompt and an answer (nats): the mean over
+    the answer's tokens of log p(token | prompt, earlier tokens) − log p(token | earlier tokens).
+
+    ``conditional``: the answer tokens' log-probabilities after the prompt; ``unprompted``: the
+    same tokens' after nothing but the document start. Without a start token the first answer
+    token has nothing to be conditioned on and ``unprompted`` lacks it, so both are read over
+    the last ``len(unprompted)`` tokens. None when no token is scored by both."""
+    if not unprompted or len(unprompted) > len(conditional):
+        return None
+    return statistics.fmean(conditional[len(conditional) - len(unprompted):]) - statistics.fmean(unprompted)
+
+
+def fluency_score(nll: float | None, unsteered_nll: float | None) -> float | None:
+    """exp(−(NLL − unsteered NLL)) capped at 1: 1 when steering costs nothing, 0.37 at one
+    nat/token more; a steered text likelier than the plain one is not better than fluent."""
+    if nll is None or unsteered_nll is None:
+        return None
+    return min(1.0, math.exp(unsteered_nll - nll))
+
+
+def relevance_score(value: float | None, unsteered: float | None) -> float | None:
+    """PMI / unsteered PMI clamped to [0, 1]: the share of the plain answers' dependence on the
+    prompt that the steered answers keep. None when the plain answers do not depend on their
+    prompts (PMI ≤ 0), where there is nothing to keep."""
+    if value is None or unsteered is None or unsteered <= 0:
+        return None
+    return min(1.0, max(0.0, value / unsteered))
+
+
+def harmonic_mean(values: Sequence[float | None]) -> float | None:
+    """Harmonic mean of scores in [0, 1]; 0 when any is 0 (failing one criterion fails the cell),
+    None when any is unknown."""
+    if not values or any(v is None for v in values):
+        return None
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1 / v for v in values)
 
 
 def _z(confidence: float) -> float:

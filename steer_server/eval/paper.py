@@ -3,7 +3,8 @@
 1. Topic: the wedding vector (``" weddings"`` − ``" "``, front-aligned) on neutral sentence
    starts; share of completions with a wedding word against the layer at a fixed
    coefficient, then against the coefficient at the best layer; beside the unsteered share
-   and a random vector of equal norm.
+   and a random vector of equal norm. The chosen setting is the best of all those cells
+   within the fluency budget.
 2. Sentiment: ``"Love"`` − ``"Hate"`` on hostile sentence starts; VADER shift per layer.
 3. Off-topic perplexity: the shipped texts, binned by the share of their words that are
    wedding words; per bin the steered/unsteered perplexity ratio at the chosen wedding
@@ -41,7 +42,7 @@ PAPER = {
 }
 # Relatedness bins: share of a text's words that are wedding words.
 BINS = ((0.0, 0.0, "none"), (0.0, 0.03, "light (≤ 3%)"), (0.03, 1.0, "heavy (> 3%)"))
-NLL_BUDGET = 1.0  # the chosen coefficient may cost at most this many nats/token of fluency
+NLL_BUDGET = 1.0  # the chosen setting may cost at most this many nats/token of fluency
 
 
 @dataclass(frozen=True)
@@ -72,15 +73,6 @@ def sampling_of(settings: PaperSettings) -> Sampling:
     return Sampling(max_tokens=settings.max_tokens, samples=settings.samples)
 
 
-async def detect_bos(client: SteerClient) -> str:
-    """What to write in front of prompts so that position 0 is a BOS token: nothing when the
-    tokenizer adds one itself, else ``<|endoftext|>`` when that is one token (GPT-2, SmolLM2,
-    Qwen2), else nothing."""
-    if await client.token_count("Hello", True) > await client.token_count("Hello", False):
-        return ""
-    return "<|endoftext|>" if await client.token_count("<|endoftext|>", False) == 1 else ""
-
-
 def wedding_steering(bos: str, minus_space: bool = True) -> PromptAdditions:
     """``" weddings"`` − ``" "`` (the paper's: its negative prompt is empty, space-padded), or
     with ``minus_space=False`` the ``" weddings"`` stream alone (less BOS, when there is one)."""
@@ -99,13 +91,20 @@ def best_layer(result: SweepResult) -> int:
     return max(steered, key=lambda c: (c.summary["topic"].value, -(c.summary["nll"].value or 0))).cell.layer
 
 
-def chosen_coeff(result: SweepResult) -> float:
-    """Highest topic share among coefficients costing at most NLL_BUDGET nats/token over
-    unsteered (the largest-share coefficient when none qualifies)."""
-    base = result.cell("unsteered").summary["nll"].value or 0.0
-    steered = [c for c in result.cells if c.cell.arm == "steered"]
-    fluent = [c for c in steered if (c.summary["nll"].value or 0.0) <= base + NLL_BUDGET] or steered
-    return max(fluent, key=lambda c: (c.summary["topic"].value, -c.cell.coeff)).cell.coeff
+def chosen_setting(*results: SweepResult) -> tuple[int, float]:
+    """(layer, coefficient) of the highest topic share among every steered cell of the sweeps
+    whose NLL costs at most NLL_BUDGET nats/token over its own sweep's unsteered cell (the
+    highest share of all when none does); ties go to the smaller coefficient. Over every cell,
+    not only the topic-maximising layer's: a layer that steers less at full strength may steer
+    more within the budget."""
+    steered, fluent = [], []
+    for result in results:
+        base = result.cell("unsteered").summary["nll"].value or 0.0
+        cells = [c for c in result.cells if c.cell.arm == "steered"]
+        steered += cells
+        fluent += [c for c in cells if (c.summary["nll"].value or 0.0) <= base + NLL_BUDGET]
+    best = max(fluent or steered, key=lambda c: (c.summary["topic"].value, -c.cell.coeff))
+    return best.cell.layer, best.cell.coeff
 
 
 def bin_of(density: float) -> str:
@@ -168,17 +167,24 @@ class PaperResult:
     sentiment: SweepResult
     perplexity: list[dict]
     treatment: dict[str, CellResult]
-    best_layer: int
+    best_layer: int  # the layer sweep's highest topic share: where the coefficients were swept
+    layer: int  # the chosen setting (``chosen_setting``)
     coeff: float
     seconds: float
 
     def as_dict(self) -> dict:
         return {"model": self.model, "settings": dataclasses.asdict(self.settings), "bos": self.bos,
-                "best_layer": self.best_layer, "coeff": self.coeff, "seconds": self.seconds,
+                "best_layer": self.best_layer, "layer": self.layer, "coeff": self.coeff, "seconds": self.seconds,
                 "topic_layers": self.topic_layers.as_dict(), "topic_coeffs": self.topic_coeffs.as_dict(),
                 "sentiment": self.sentiment.as_dict(), "perplexity": {"texts": self.perplexity,
                                                                       "bins": ratio_by_bin(self.perplexity)},
                 "treatment": {name: cell.as_dict() for name, cell in self.treatment.items()}}
+
+    def chosen(self) -> tuple[SweepResult, CellResult]:
+        """The chosen setting's cell and the sweep that measured it (the coefficient sweep's when
+        both did)."""
+        return next((sweep, c) for sweep in (self.topic_coeffs, self.topic_layers) for c in sweep.cells
+                    if c.cell.arm == "steered" and (c.cell.layer, c.cell.coeff) == (self.layer, self.coeff))
 
 
 ProgressFactory = Callable[[str], Callable[[int, int], None]]  # stage title -> progress hook
@@ -188,8 +194,8 @@ async def run_paper(client: SteerClient, settings: PaperSettings, out_dir: Path,
                     concurrency: int = 8, progress: ProgressFactory | None = None) -> PaperResult:
     started = time.monotonic()
     hook = progress or (lambda title: None)
-    if bos is None:
-        bos = await detect_bos(client)
+    if bos is None:  # position 0 a BOS: what ``document_start`` finds, written when the tokenizer adds none
+        bos = (await client.document_start()).text
     num_layers = await client.num_layers()
     layers = tuple(range(0, num_layers + 1, settings.layer_stride))
     sampling = sampling_of(settings)
@@ -203,10 +209,10 @@ async def run_paper(client: SteerClient, settings: PaperSettings, out_dir: Path,
     wedding = wedding_steering(bos)
     topic_layers = await sweep("topic_layers", SweepPlan(wedding, neutral, layers, (settings.topic_coeff,),
                                                          lexicon, sampling))
-    layer = best_layer(topic_layers)
-    topic_coeffs = await sweep("topic_coeffs", SweepPlan(wedding, neutral, (layer,), settings.topic_coeffs,
+    swept = best_layer(topic_layers)
+    topic_coeffs = await sweep("topic_coeffs", SweepPlan(wedding, neutral, (swept,), settings.topic_coeffs,
                                                          lexicon, sampling, floor=settings.floors))
-    coeff = chosen_coeff(topic_coeffs)
+    layer, coeff = chosen_setting(topic_layers, topic_coeffs)
     sentiment_layers = tuple(range(0, num_layers + 1, settings.sentiment_stride or settings.layer_stride))
     sentiment = await sweep("sentiment", SweepPlan(love_hate_steering(bos), hostile, sentiment_layers,
                                                    (settings.sentiment_coeff,), lexicon, sampling,
@@ -224,6 +230,6 @@ async def run_paper(client: SteerClient, settings: PaperSettings, out_dir: Path,
             slug = "treatment_" + "".join(ch if ch.isalnum() else "_" for ch in name).strip("_")
             treatment[name] = (await sweep(slug, plan)).cell("steered", layer, coeff)
     result = PaperResult(client.model, settings, bos, topic_layers, topic_coeffs, sentiment, perplexity, treatment,
-                         layer, coeff, time.monotonic() - started)
+                         swept, layer, coeff, time.monotonic() - started)
     (out_dir / "paper.json").write_text(json.dumps(result.as_dict(), indent=1) + "\n", encoding="utf-8")
     return result

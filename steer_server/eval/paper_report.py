@@ -6,7 +6,7 @@ from pathlib import Path
 from steer_server.eval.paper import NLL_BUDGET, PAPER, PaperResult, ratio_by_bin
 from steer_server.eval.metrics import Estimate
 from steer_server.eval.report import fmt, heatmaps
-from steer_server.eval.sweep import METRICS, SweepResult
+from steer_server.eval.sweep import METRICS, CellResult, SweepResult
 
 
 def _pct(value: float | None) -> str:
@@ -84,34 +84,51 @@ def _floor(result: SweepResult, layer: int, coeff: float) -> dict[str, Estimate]
     return {name: Estimate(None, None, None, 0) for name in METRICS}
 
 
+def _scores(summary: dict[str, Estimate]) -> str:
+    """Relevance, then the three scores against unsteered, as table cells."""
+    return " | ".join(fmt(summary[name]) for name in ("relevance", "fluency_score", "relevance_score", "harmonic"))
+
+
 def _sweep_table(result: SweepResult, axis: str) -> list[str]:
-    lines = [f"| {axis} | topic share (steered) | random floor | NLL steered | NLL random | distinct-2 steered |",
-             "|---:|---|---|---|---|---|"]
+    lines = [f"| {axis} | topic share (steered) | random floor | NLL steered | NLL random | relevance (PMI) steered | "
+             "fluency score | relevance score | harmonic mean | distinct-2 steered |", "|---:|" + "---|" * 9]
     base = result.cell("unsteered").summary
-    lines.append(f"| unsteered | {fmt(base['topic'])} | | {fmt(base['nll'])} | | {fmt(base['distinct2'])} |")
+    lines.append(f"| unsteered | {fmt(base['topic'])} | | {fmt(base['nll'])} | | {_scores(base)} | "
+                 f"{fmt(base['distinct2'])} |")
     keys = [(layer, c) for layer in result.plan.layers for c in result.plan.coeffs]
     for layer, coeff in keys:
         s, r = result.cell("steered", layer, coeff).summary, _floor(result, layer, coeff)
         x = layer if axis == "layer" else f"{coeff:g}"
         lines.append(f"| {x} | {fmt(s['topic'])} | {fmt(r['topic'])} | {fmt(s['nll'])} | {fmt(r['nll'])} | "
-                     f"{fmt(s['distinct2'])} |")
+                     f"{_scores(s)} | {fmt(s['distinct2'])} |")
     return lines
 
 
 def _sentiment_table(result: SweepResult) -> list[str]:
-    lines = ["| layer | VADER steered | random floor | NLL steered | distinct-2 steered |", "|---:|---|---|---|---|"]
+    lines = ["| layer | VADER steered | random floor | NLL steered | relevance (PMI) steered | distinct-2 steered |",
+             "|---:|---|---|---|---|---|"]
     base = result.cell("unsteered").summary
-    lines.append(f"| unsteered | {fmt(base['sentiment'])} | | {fmt(base['nll'])} | {fmt(base['distinct2'])} |")
+    lines.append(f"| unsteered | {fmt(base['sentiment'])} | | {fmt(base['nll'])} | {fmt(base['relevance'])} | "
+                 f"{fmt(base['distinct2'])} |")
     for layer in result.plan.layers:
         s = result.cell("steered", layer, result.plan.coeffs[0]).summary
         r = _floor(result, layer, result.plan.coeffs[0])
         lines.append(f"| {layer} | {fmt(s['sentiment'])} | {fmt(r['sentiment'])} | {fmt(s['nll'])} | "
-                     f"{fmt(s['distinct2'])} |")
+                     f"{fmt(s['relevance'])} | {fmt(s['distinct2'])} |")
     return lines
 
 
-def _examples(result: SweepResult, layer: int, coeff: float, count: int = 3) -> list[str]:
-    base, steered = result.cell("unsteered"), result.cell("steered", layer, coeff)
+def _setting_scores(cell: CellResult, sweep: SweepResult) -> str:
+    """A cell's topic share, NLL and relevance beside its sweep's unsteered ones, then its scores."""
+    s, base = cell.summary, sweep.cell("unsteered").summary
+    return (f"topic {fmt(s['topic'])} (unsteered {fmt(base['topic'])}), NLL {fmt(s['nll'])} (unsteered "
+            f"{fmt(base['nll'])}), relevance {fmt(s['relevance'])} (unsteered {fmt(base['relevance'])}); fluency "
+            f"score {fmt(s['fluency_score'])}, relevance score {fmt(s['relevance_score'])}, harmonic mean "
+            f"{fmt(s['harmonic'])}")
+
+
+def _examples(result: SweepResult, steered: CellResult, count: int = 3) -> list[str]:
+    base = result.cell("unsteered")
     step = max(1, len(base.texts) // count)
     lines = []
     for i in range(0, step * count, step):
@@ -134,7 +151,7 @@ def write_report(result: PaperResult, out_dir: Path, command: str) -> Path:
                f"Love − Hate on hostile openings, coefficient {senti.plan.coeffs[0]:g}")
     bins = ratio_by_bin(result.perplexity)
     _ratio_plot(bins, out_dir / "perplexity_ratio.png",
-                f"wedding vector at layer {result.best_layer}, coefficient {result.coeff:g}")
+                f"wedding vector at layer {result.layer}, coefficient {result.coeff:g}")
     for name, sweep in (("topic_layers", layers), ("topic_coeffs", coeffs), ("sentiment", senti)):
         heatmaps(sweep, out_dir / name)
 
@@ -144,6 +161,9 @@ def write_report(result: PaperResult, out_dir: Path, command: str) -> Path:
     best_senti_layer = max(senti.plan.layers, key=lambda layer: senti.cell("steered", layer, senti.plan.coeffs[0])
                            .summary["sentiment"].value or -2)
     best_senti = senti.cell("steered", best_senti_layer, senti.plan.coeffs[0]).summary["sentiment"]
+    chosen_sweep, chosen = result.chosen()
+    topic_cells = [(sweep, c) for sweep in (layers, coeffs) for c in sweep.cells if c.cell.arm == "steered"]
+    balanced_sweep, balanced = max(topic_cells, key=lambda pair: pair[1].summary["harmonic"].value or 0.0)
     lines = [
         f"# ActAdd paper experiments on {result.model}",
         "",
@@ -166,8 +186,13 @@ def write_report(result: PaperResult, out_dir: Path, command: str) -> Path:
         f"| off-topic perplexity ratio | {PAPER['perplexity']} | "
         + "; ".join(f"{label}: {_ratio(b)} ({b['texts']} texts)" for label, b in bins.items()) + " |",
         "",
-        f"Chosen setting: layer {result.best_layer}, coefficient {result.coeff:g} (the highest topic share whose "
-        f"NLL costs at most {NLL_BUDGET:g} nat/token over unsteered).",
+        f"Chosen setting: layer {result.layer}, coefficient {result.coeff:g}, the highest topic share among the "
+        f"{len(topic_cells)} steered cells of sections 1 and 2 whose NLL costs at most {NLL_BUDGET:g} nat/token over "
+        f"unsteered (the highest of all when none does): {_setting_scores(chosen, chosen_sweep)}.",
+        "",
+        f"Highest harmonic mean of topic share, fluency score and relevance score among those cells (AxBench's "
+        f"criterion): layer {balanced.cell.layer}, coefficient {balanced.cell.coeff:g}: "
+        f"{_setting_scores(balanced, balanced_sweep)}.",
         "",
         "## 1. Wedding topic against layer",
         "",
@@ -183,7 +208,7 @@ def write_report(result: PaperResult, out_dir: Path, command: str) -> Path:
         "",
         "Examples at the chosen setting:",
         "",
-        *_examples(coeffs, result.best_layer, result.coeff),
+        *_examples(chosen_sweep, chosen),
         "",
         "## 3. Love − Hate on hostile sentence starts",
         "",
@@ -202,9 +227,9 @@ def write_report(result: PaperResult, out_dir: Path, command: str) -> Path:
     ]
     if result.treatment:
         lines += ["## 5. BOS and negative prompt at the chosen setting", "",
-                  "| variant | topic share | NLL | distinct-2 |", "|---|---|---|---|"]
-        lines += [f"| {name} | {fmt(c.summary['topic'])} | {fmt(c.summary['nll'])} | {fmt(c.summary['distinct2'])} |"
-                  for name, c in result.treatment.items()]
+                  "| variant | topic share | NLL | relevance (PMI) | distinct-2 |", "|---|---|---|---|---|"]
+        lines += [f"| {name} | {fmt(c.summary['topic'])} | {fmt(c.summary['nll'])} | {fmt(c.summary['relevance'])} | "
+                  f"{fmt(c.summary['distinct2'])} |" for name, c in result.treatment.items()]
         lines.append("")
     lines += ["Per-sweep heatmaps: `topic_layers/`, `topic_coeffs/`, `sentiment/` (one PNG per metric); raw "
               "completions in each directory's `records.jsonl`; all numbers in `paper.json`.", ""]

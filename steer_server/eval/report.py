@@ -64,7 +64,8 @@ def heatmaps(result: SweepResult, out_dir: Path) -> list[Path]:
         finite = np.concatenate([g[np.isfinite(g)] for g in grids.values()])
         vmin, vmax = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
         fig, axes = plt.subplots(1, len(arms), figsize=(2.2 + 1.0 * len(plan.coeffs) * len(arms),
-                                                        1.4 + 0.35 * len(plan.layers)), squeeze=False)
+                                                        1.4 + 0.35 * len(plan.layers)), squeeze=False,
+                                 layout="constrained")  # room for the title above the panels' own
         for ax, arm in zip(axes[0], arms):
             image = ax.imshow(grids[arm], aspect="auto", cmap="viridis", vmin=vmin, vmax=vmax, origin="lower")
             ax.set_xticks(range(len(plan.coeffs)), [f"{c:g}" for c in plan.coeffs])

@@ -1,5 +1,7 @@
-"""What a sweep steers with, as the ``steering`` field of a request at (layer, coefficient),
-and its floor: a random vector with the same norm as the steering at that layer.
+"""What a sweep steers with, as the ``steering`` field of a request at (layer, coefficient)
+or (layer, relative dose), and its floor: a random vector with the same norm as the
+steering at that layer (at a dose, any vector moves the stream by exactly the dose, so the
+floor's dose is the steering's).
 
 Three kinds, as the HTTP API takes them:
 
@@ -7,7 +9,11 @@ Three kinds, as the HTTP API takes them:
   at coefficient c each prompt's ``coeff`` is c·weight.
 - ``ContrastPairs``: constant mode, the mean last-token difference of positive/negative
   prompts (each pair addition gets c/len(pairs), so the pairs average as in the vector routes).
-- ``NamedVector``: a stored vector (name or id), moved to the sweep's layer when one is given.
+- ``NamedVector``: a stored vector (name or id), moved to the sweep's layer when one is given,
+  at a coefficient or a dose, on any schedule (``positions``) in constant mode.
+
+A dose needs one vector (it scales each addition on its own): sweep doses of a stored
+vector, e.g. one created from the prompts or pairs.
 
 The floor is uploaded through the vector routes as given directions: per layer, one random
 Gaussian row per steering row, each scaled to that row's norm (ActAdd rows differ a lot in
@@ -26,11 +32,20 @@ from steer_server.eval.client import EvalError, SteerClient
 SERVER_PAD = "server default"  # leave "pad" out of the request: the server's --steering-pad
 
 
+Strength = Literal["coeff", "dose"]
+Positions = str | dict  # a named schedule, or a window {"start"[, "end"]} over generated tokens
+
+
+def _coefficient_only(strength: Strength, what: str) -> None:
+    if strength != "coeff":
+        raise EvalError(f"{what} sweep coefficients; for doses, create a vector from them and sweep that vector")
+
+
 class Steering(Protocol):
     mode: Literal["actadd", "constant"]
 
-    def request(self, layer: int | None, coeff: float) -> dict:
-        """The request's ``steering`` field."""
+    def request(self, layer: int | None, value: float, strength: Strength = "coeff") -> dict:
+        """The request's ``steering`` field at coefficient (or dose) ``value``."""
 
     async def reference_vector(self, client: SteerClient, layer: int | None) -> dict:
         """The server's description (``?norms=true``) of this steering's vector at coefficient 1."""
@@ -48,10 +63,11 @@ class PromptAdditions:
     def _pad(self) -> dict:
         return {} if self.pad == SERVER_PAD else {"pad": self.pad}
 
-    def request(self, layer: int | None, coeff: float) -> dict:
+    def request(self, layer: int | None, value: float, strength: Strength = "coeff") -> dict:
+        _coefficient_only(strength, "prompt additions")
         if layer is None:
             raise EvalError("prompt additions need a layer")
-        return {"additions": [{"prompt": p, "coeff": coeff * w, "layer": layer} for p, w in self.additions],
+        return {"additions": [{"prompt": p, "coeff": value * w, "layer": layer} for p, w in self.additions],
                 **self._pad()}
 
     async def reference_vector(self, client: SteerClient, layer: int | None) -> dict:
@@ -67,13 +83,14 @@ class PromptAdditions:
 @dataclass(frozen=True)
 class ContrastPairs:
     pairs: tuple[tuple[str, str], ...]  # (positive, negative)
-    positions: Literal["all", "prompt", "generated"] = "all"
+    positions: Positions = "all"
     mode: Literal["constant"] = field(default="constant", init=False)
 
-    def request(self, layer: int | None, coeff: float) -> dict:
+    def request(self, layer: int | None, value: float, strength: Strength = "coeff") -> dict:
+        _coefficient_only(strength, "contrast pairs")
         if layer is None:
             raise EvalError("contrast pairs need a layer")
-        each = coeff / len(self.pairs)
+        each = value / len(self.pairs)
         return {"mode": "constant", "positions": self.positions, "additions": [
             {"positive": pos, "negative": neg, "coeff": each, "layer": layer} for pos, neg in self.pairs]}
 
@@ -90,12 +107,10 @@ class ContrastPairs:
 class NamedVector:
     name: str
     mode: Literal["actadd", "constant"] = "actadd"
-    positions: Literal["all", "prompt", "generated"] = "all"
+    positions: Positions = "all"
 
-    def request(self, layer: int | None, coeff: float) -> dict:
-        addition = {"vector": self.name, "coeff": coeff, **({} if layer is None else {"layer": layer})}
-        return {"mode": self.mode, **({"positions": self.positions} if self.mode == "constant" else {}),
-                "additions": [addition]}
+    def request(self, layer: int | None, value: float, strength: Strength = "coeff") -> dict:
+        return _vector_request(self.name, self.mode, self.positions, layer, value, strength)
 
     async def reference_vector(self, client: SteerClient, layer: int | None) -> dict:
         described = await client.vector(self.name, norms=True)
@@ -116,13 +131,15 @@ class RandomFloor:
     steering: Steering
     vector_of_layer: dict[int | None, str]  # sweep layer -> content id of the uploaded random vector
 
-    def request(self, layer: int | None, coeff: float) -> dict:
-        addition = {"vector": self.vector_of_layer[layer], "coeff": coeff}
-        if layer is not None:
-            addition["layer"] = layer
-        mode = self.steering.mode
-        positions = getattr(self.steering, "positions", "all")
-        return {"mode": mode, **({"positions": positions} if mode == "constant" else {}), "additions": [addition]}
+    def request(self, layer: int | None, value: float, strength: Strength = "coeff") -> dict:
+        return _vector_request(self.vector_of_layer[layer], self.steering.mode, getattr(self.steering, "positions", "all"),
+                               layer, value, strength)
+
+
+def _vector_request(vector: str, mode: str, positions: Positions, layer: int | None, value: float,
+                    strength: Strength) -> dict:
+    addition = {"vector": vector, strength: value, **({} if layer is None else {"layer": layer})}
+    return {"mode": mode, **({"positions": positions} if mode == "constant" else {}), "additions": [addition]}
 
 
 async def random_floor(client: SteerClient, steering: Steering, layers: list[int | None], seed: int) -> RandomFloor:

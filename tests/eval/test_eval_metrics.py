@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -27,6 +28,56 @@ def test_distinct_2_counts_repeated_word_pairs():
     # bigrams: (the cat) (cat the) (the cat) (cat sat): 3 distinct of 4
     assert metrics.distinct_n("The cat, the cat sat.") == 0.75
     assert metrics.distinct_n("alone") is None
+
+
+def test_pmi_compares_the_same_answer_tokens_with_and_without_the_prompt():
+    # a 3-token answer's log-probabilities after its prompt, and after the document start alone
+    after_prompt = [-1.0, -2.0, -3.0]
+    assert metrics.pmi(after_prompt, [-2.0, -2.5, -4.5]) == pytest.approx(-2.0 - -3.0)
+    # no start token: the first answer token has no prompt-free log-probability, so it is left out
+    assert metrics.pmi(after_prompt, [-2.5, -4.5]) == pytest.approx(-2.5 - -3.5)
+    assert metrics.pmi([-1.0], []) is None
+
+
+def test_fluency_score_is_the_exponentiated_nll_cost_capped_at_one():
+    assert metrics.fluency_score(2.79, 1.79) == pytest.approx(0.367879, abs=1e-6)  # one nat/token: 1/e
+    assert metrics.fluency_score(2.29, 1.79) == pytest.approx(0.606531, abs=1e-6)
+    assert metrics.fluency_score(1.5, 1.79) == 1.0  # likelier than the plain answers is not more fluent
+    assert metrics.fluency_score(None, 1.79) is None
+
+
+def test_relevance_score_is_the_share_of_the_plain_pmi_kept():
+    assert metrics.relevance_score(0.3, 1.2) == pytest.approx(0.25)
+    assert metrics.relevance_score(-0.1, 1.2) == 0.0
+    assert metrics.relevance_score(1.5, 1.2) == 1.0
+    # plain answers that do not depend on their prompts leave nothing to keep
+    assert metrics.relevance_score(0.3, 0.0) is None and metrics.relevance_score(0.3, -0.2) is None
+
+
+def test_harmonic_mean_is_zero_when_one_score_is():
+    assert metrics.harmonic_mean([0.5, 1.0, 0.25]) == pytest.approx(3 / 7)  # 3 / (2 + 1 + 4)
+    assert metrics.harmonic_mean([0.9, 0.0, 0.8]) == 0.0
+    assert metrics.harmonic_mean([0.9, None, 0.8]) is None
+
+
+def test_cell_scores_are_measured_against_the_unsteered_cell():
+    from steer_server.eval.sweep import scores
+
+    def summary(topic: float, nll: float, pmi: float) -> dict[str, metrics.Estimate]:
+        return {"topic": metrics.Estimate(topic, None, None, 32), "nll": metrics.Estimate(nll, None, None, 32),
+                "relevance": metrics.Estimate(pmi, None, None, 30)}
+
+    unsteered, steered = summary(0.0, 1.8, 0.8), summary(0.5, 2.3, 0.4)
+    got = scores(steered, unsteered)
+    fluency = math.exp(-0.5)
+    assert got["fluency_score"].value == pytest.approx(fluency)
+    assert got["relevance_score"].value == pytest.approx(0.5)
+    assert got["harmonic"].value == pytest.approx(3 / (1 / 0.5 + 1 / fluency + 1 / 0.5))
+    assert (got["relevance_score"].n, got["harmonic"].n) == (30, 30)
+    plain = scores(unsteered, unsteered)
+    assert (plain["fluency_score"].value, plain["relevance_score"].value, plain["harmonic"].value) == (1.0, 1.0, 0.0)
+    alone = scores(steered, None)  # a sweep without the unsteered cell
+    assert alone["fluency_score"].value is alone["relevance_score"].value is alone["harmonic"].value is None
 
 
 def test_lexicon_matches_whole_words_only():

@@ -2,12 +2,13 @@
 
 The model must be a real one: the question is whether a steering that works shows up as
 working (topic share above unsteered) and a random vector of equal norm does not. Fluency
-numbers are checked against plain transformers on the same weights.
+and relevance numbers are checked against plain transformers on the same weights.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import subprocess
 import sys
@@ -89,34 +90,73 @@ def test_steering_raises_topic_share_and_random_floor_does_not(wedding_sweep):
     assert steered.low > floor.value, (floor, steered)
 
 
-def test_fluency_is_the_unsteered_models_nll_of_the_sampled_tokens(wedding_sweep):
-    """Recompute a few completions' NLL with plain transformers on the served weights."""
+@pytest.fixture(scope="module")
+def reference_model():
+    """The served weights in plain transformers (fp32, as the server runs them here)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from steer_server.default_model import default_model_dir
 
-    result, out = wedding_sweep
-    records = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()[1:]]
-    record = next(r for r in records if r["key"].startswith("steered@") and r["key"].endswith("#prompt=0"))
     model_dir = default_model_dir()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    return tokenizer, AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+
+
+def _answer_logprobs(model, context: list[int], answer: list[int]) -> list[float]:
+    """log p(each answer token | context, the answer tokens before it)."""
+    import torch
+
+    ids = torch.tensor([context + answer])
+    with torch.no_grad():
+        logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
+    targets = ids[0, 1:]
+    return logprobs[torch.arange(len(targets)), targets][len(context) - 1:].tolist()
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()[1:]]
+
+
+def test_fluency_is_the_unsteered_models_nll_of_the_sampled_tokens(wedding_sweep, reference_model):
+    """Recompute a steered unit's NLLs with plain transformers on the served weights, from the
+    sampled token ids the sweep journals."""
+    result, out = wedding_sweep
+    record = next(r for r in _records(out) if r["key"].startswith("steered@") and r["key"].endswith("#prompt=0"))
+    tokenizer, model = reference_model
     prompt_ids = tokenizer(result.plan.prompts[0], add_special_tokens=True)["input_ids"]
-    checked = 0
-    for text, nll, count in zip(record["texts"], record["nll"], record["tokens"]):
-        completion_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(completion_ids) != count or count < 4:
-            continue  # text that does not re-tokenize to the sampled tokens cannot be compared
-        ids = torch.tensor([prompt_ids + completion_ids])
-        with torch.no_grad():
-            logprobs = torch.log_softmax(model(ids).logits[0, :-1].float(), dim=-1)
-        targets = ids[0, 1:]
-        per_token = logprobs[torch.arange(len(targets)), targets][len(prompt_ids) - 1:]
+    assert record["prompt_token_ids"] == prompt_ids
+    assert [len(ids) for ids in record["token_ids"]] == record["tokens"]
+    for answer, nll in zip(record["token_ids"], record["nll"]):
+        per_token = _answer_logprobs(model, prompt_ids, answer)
         # fp32 on both sides; reading the log-probabilities one position off moves this by ~0.05
-        assert nll == pytest.approx(-per_token.mean().item(), abs=0.01)
-        checked += 1
-    assert checked >= 3
+        assert nll == pytest.approx(-sum(per_token) / len(per_token), abs=0.01)
+
+
+def test_relevance_is_the_pmi_of_prompt_and_answer_under_the_unsteered_model(wedding_sweep, reference_model):
+    """Per completion: mean log p(answer token | prompt) − mean log p(answer token | <|endoftext|>
+    alone), recomputed with plain transformers on the journaled token ids."""
+    result, out = wedding_sweep
+    tokenizer, model = reference_model
+    # SmolLM2's tokenizer adds no BOS, so a text with nothing before it starts after the
+    # one-token document separator
+    assert tokenizer("Hello")["input_ids"] == tokenizer("Hello", add_special_tokens=False)["input_ids"]
+    start = tokenizer(BOS, add_special_tokens=False)["input_ids"]
+    assert len(start) == 1
+    checked = 0
+    for record in _records(out):
+        if not record["key"].endswith(("#prompt=0", "#prompt=5")):
+            continue
+        prompt = record["prompt_token_ids"]
+        assert prompt[:1] == start  # the sweep's prompts start with it too
+        for answer, pmi in zip(record["token_ids"], record["pmi"]):
+            after_prompt = _answer_logprobs(model, prompt, answer)
+            alone = _answer_logprobs(model, start, answer)
+            assert pmi == pytest.approx(sum(after_prompt) / len(answer) - sum(alone) / len(answer), abs=0.01)
+            checked += 1
+    assert checked == 3 * 2 * SAMPLES  # unsteered, steered and random cells × 2 prompts
+    # plain answers depend on their prompts: the unsteered cell's PMI is clearly positive
+    assert result.cell("unsteered").summary["relevance"].low > 0
 
 
 def test_sweep_outputs_are_written_and_readable(wedding_sweep, tmp_path):
@@ -131,10 +171,40 @@ def test_sweep_outputs_are_written_and_readable(wedding_sweep, tmp_path):
     assert {(c["arm"], c["layer"], c["coeff"]) for c in summary["cells"]} == {
         ("unsteered", None, None), ("steered", LAYER, COEFF), ("random", LAYER, COEFF)}
     assert set(summary["cells"][0]["metrics"]) == set(METRICS)
+    cells = {c["arm"]: c["metrics"] for c in summary["cells"]}
+    plain = cells["unsteered"]
+    for arm, m in cells.items():  # the scores, from the summary's own numbers
+        fluency = min(1.0, math.exp(plain["nll"]["value"] - m["nll"]["value"]))
+        relevance = min(1.0, max(0.0, m["relevance"]["value"] / plain["relevance"]["value"]))
+        topic = m["topic"]["value"]
+        harmonic = 0.0 if 0.0 in (topic, fluency, relevance) else 3 / (1 / topic + 1 / fluency + 1 / relevance)
+        assert m["fluency_score"]["value"] == pytest.approx(fluency), arm
+        assert m["relevance_score"]["value"] == pytest.approx(relevance), arm
+        assert m["harmonic"]["value"] == pytest.approx(harmonic), arm
     for name in METRICS:
         image = matplotlib.image.imread(tmp_path / f"heatmap_{name}.png")
         assert image.shape[0] > 50 and image.shape[1] > 50
     assert len(written) == 1 + len(METRICS)
+
+
+def test_records_from_before_relevance_resume_with_it_missing(server, wedding_sweep, tmp_path):
+    """An output directory journaled without "pmi" (evaluation/ holds such) finishes without new
+    units: relevance and the scores that need it are missing, the rest as measured."""
+    result, out = wedding_sweep
+    old = tmp_path / "old"
+    old.mkdir()
+    header, *lines = (out / "records.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    kept = {"key", "texts", "nll", "tokens"}  # what a record held before token ids and relevance
+    (old / "records.jsonl").write_text("\n".join([header, *(json.dumps({k: r[k] for k in kept}) for r in records)]) + "\n")
+    resumed = run(_sweep(server, wedding_plan(), old))
+    assert len((old / "records.jsonl").read_text().splitlines()) == 1 + len(records)  # nothing redone
+    for before, after in zip(result.cells, resumed.cells):
+        assert after.summary["topic"] == before.summary["topic"]
+        assert after.summary["nll"] == before.summary["nll"]
+        assert after.summary["relevance"].value is None and after.summary["relevance"].n == 0
+        assert after.summary["relevance_score"].value is None and after.summary["harmonic"].value is None
+        assert after.summary["fluency_score"] == before.summary["fluency_score"]
 
 
 def test_random_floor_has_the_steerings_row_norms(server):
@@ -209,4 +279,18 @@ def test_paper_pipeline_writes_a_readable_report(server, tmp_path):
         assert matplotlib.image.imread(tmp_path / image).shape[0] > 50
     saved = json.loads((tmp_path / "paper.json").read_text())
     assert saved["best_layer"] in (0, 15, 30) and len(saved["perplexity"]["texts"]) == 34
+    # The setting is chosen over every topic cell, both sweeps': the highest share within one
+    # nat/token of its sweep's unsteered NLL (else of all), the smaller coefficient on a tie.
+    candidates, fluent = [], []
+    for sweep in ("topic_layers", "topic_coeffs"):
+        cells = saved[sweep]["cells"]
+        base = next(c for c in cells if c["arm"] == "unsteered")["metrics"]["nll"]["value"]
+        steered = [c for c in cells if c["arm"] == "steered"]
+        candidates += steered
+        fluent += [c for c in steered if c["metrics"]["nll"]["value"] <= base + 1.0]
+    best = max(fluent or candidates, key=lambda c: (c["metrics"]["topic"]["value"], -c["coeff"]))
+    assert (saved["layer"], saved["coeff"]) == (best["layer"], best["coeff"])
+    assert len(candidates) == 3 + 2
+    assert f"Chosen setting: layer {saved['layer']}, coefficient {saved['coeff']:g}," in text
+    assert "| relevance score | harmonic mean |" in text
     assert set(saved["treatment"]) == {"BOS, − ' '", "BOS, no negative", "no BOS, − ' '", "no BOS, no negative"}
