@@ -57,6 +57,7 @@ from steer_server.steering import (
     bad_request,
     parse_steering,
 )
+from steer_server.calibrate_route import calibrate_router
 from steer_server.sweep_route import sweep_router
 from steer_server.vector_routes import vector_router
 from steer_vllm.self_test import SelfTestFailed, prove_steering
@@ -87,6 +88,7 @@ class SteerApiPlugin:
     def attach_router(self, app: FastAPI) -> None:
         app.include_router(vector_router(self))
         app.include_router(sweep_router(self))
+        app.include_router(calibrate_router(self))
         # read before install_access_control merges the role keys into vLLM's list
         app.include_router(playground_router(self, configured_keys(getattr(getattr(app.state, "args", None), "api_key", None))))
         app.add_middleware(BodyMiddleware, plugin=self)
@@ -135,6 +137,7 @@ class SteerServer:
             default_pad_id=default_pad_id,
             max_additions=settings.max_additions,
             max_prompt_tokens=settings.max_prompt_tokens,
+            max_dose=settings.max_dose,
         )
         self._typical_norms: dict[int, float] | None = None
         self._typical_lock = asyncio.Lock()
@@ -221,6 +224,17 @@ class SteerServer:
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
+    def chat_prompt_ids(self, text: str) -> list[int]:
+        """``text`` as a chat's one user turn, rendered by the served model's own chat template
+        with the assistant's turn opened: the prompt a chat request with that message gets."""
+        try:
+            rendered = self.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
+                                                          add_generation_prompt=True)
+        except ValueError as exc:  # transformers: no chat template
+            raise bad_request("template", f"the served model's tokenizer cannot render a chat ({exc})") from None
+        # The template writes the special tokens itself, as vLLM's chat rendering assumes.
+        return self.tokenize(rendered, add_special_tokens=False)
+
     async def typical_norms(self) -> dict[int, float]:
         """Median L2 norm of a token's residual stream entering each layer, over a fixed
         English reference text (position 0 left out: its norm is an outlier in many models)."""
@@ -248,7 +262,7 @@ class SteerServer:
             raise bad_request("steering.anchor", "applies to chat and responses; completions steer from the prompt's first token")
         add_special_tokens = payload.get("add_special_tokens", True) if path == "/v1/completions" else True
         resolved = await self.resolver.resolve(field, add_special_tokens=bool(add_special_tokens))
-        if resolved.actadd_lengths:  # the lengths, and a chat's anchor, wait for the rendered prompt
+        if resolved.waits_for_prompt:  # ActAdd lengths and a chat's anchor wait for the rendered prompt
             to_user = path != "/v1/completions" and field.anchor != "template"
             resolved.engine = resolved.engine.model_copy(update={"anchor_to": "user" if to_user else "prompt"})
         steering_text = resolved.engine_json()
@@ -277,7 +291,7 @@ class SteerServer:
         from steer_vllm.receipts import TAKE_RECEIPT_RPC, merge_worker_receipts
 
         per_worker = await workers_rpc_async(self.engine_client, TAKE_RECEIPT_RPC, (resolved.engine.receipt,))
-        return receipt_body(resolved.engine, merge_worker_receipts(per_worker))
+        return receipt_body(resolved.engine, merge_worker_receipts(per_worker), resolved.calibrated)
 
     # ---------------------------------------------------------------- vectors
 
@@ -311,6 +325,8 @@ class SteerServer:
             "layers": vector.layers,
             "shape": {str(layer): list(t.shape) for layer, t in sorted(vector.directions.items())},
             "norm": {str(layer): float(t.norm()) for layer, t in sorted(vector.directions.items())},
+            "stats": meta.stats,
+            "calibration": await self.store.calibration(content_id),
             "source": source,
             "created": meta.created,
         }

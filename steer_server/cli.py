@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -22,10 +23,12 @@ from steer_server.client import (
     default_api_key,
     default_url,
     error_message,
+    positions_arg,
 )
 from steer_server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_PAD, Settings
 from steer_vllm.limits import DEFAULT_MAX_ADDITIONS, DEFAULT_MAX_PROMPT_TOKENS
 from vector_store.async_access import DEFAULT_FRESH_S, DEFAULT_TIMEOUT_S
+from vector_store.compute import METHODS, POSITIONS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 
@@ -55,6 +58,9 @@ def serve_parser() -> argparse.ArgumentParser:
                         help="longest steering prompt, in tokens (default: %(default)s)")
     parser.add_argument("--max-additions", type=int, default=DEFAULT_MAX_ADDITIONS, metavar="N",
                         help="most additions in one request's steering (default: %(default)s, at most 64)")
+    parser.add_argument("--max-dose", type=float, default=None, metavar="D",
+                        help="largest relative dose (‖Δh‖/‖h‖) an addition may ask for; a larger one gets HTTP 400 "
+                        "naming the field (default: no limit)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                         help="largest request body; larger gets HTTP 413 (default: %(default)s)")
     parser.add_argument("--steering-table-rows", type=int, default=None, metavar="N",
@@ -93,6 +99,8 @@ def serve(argv: list[str]) -> None:
                         ("--store-timeout", args.store_timeout), ("--store-cache-ttl", args.store_cache_ttl)):
         if not value > 0:
             parser.error(f"{flag} must be positive")
+    if args.max_dose is not None and not (math.isfinite(args.max_dose) and args.max_dose > 0):
+        parser.error("--max-dose must be a finite number above 0")
     if args.steering_table_rows is not None and args.steering_table_rows < 2:
         parser.error("--steering-table-rows must be at least 2 (row 0 is the zero row)")
     if args.max_additions > MAX_ADDITIONS:
@@ -112,6 +120,7 @@ def serve(argv: list[str]) -> None:
         table_rows=args.steering_table_rows,
         store_timeout_s=args.store_timeout,
         store_fresh_s=args.store_cache_ttl,
+        max_dose=args.max_dose,
     )
 
     model = args.model
@@ -211,17 +220,43 @@ def _check(response):
 
 
 def vectors_compute(args) -> None:
-    if bool(args.add) == bool(args.pair):
-        raise ClientError("give --add PROMPT COEFF (an actadd vector) or --pair POSITIVE NEGATIVE (a constant one)")
-    body: dict = {"name": args.name, "layer": args.layer}
-    if args.add:
-        body["additions"] = [{"prompt": prompt, "coeff": _float(coeff)} for prompt, coeff in args.add]
-        if args.pad is not None:
-            body["pad"] = None if args.pad.lower() == "none" else args.pad
-    else:
-        body["pairs"] = [{"positive": pos, "negative": neg} for pos, neg in args.pair]
+    if sum((bool(args.add), bool(args.pair), args.pairs_file is not None)) != 1:
+        raise ClientError("give --add PROMPT COEFF (an actadd vector), or --pair POSITIVE NEGATIVE or --pairs-file "
+                          "FILE (a constant one)")
+    # The pairs body's fields besides the pairs, as the server names them.
+    options = {key: value for key, value in (("layer", args.layer), ("layers", _layers_arg(args.layers)),
+                                             ("method", args.method), ("position", args.position),
+                                             ("template", args.template)) if value is not None}
     with _http(args) as http:
-        _print_vector(_check(http.post(VECTORS_PATH, json=body)).json())
+        if args.add:
+            if args.layer is None or set(options) != {"layer"}:
+                raise ClientError("--add takes --layer (and --pad); --layers, --method, --position and --template "
+                                  "are for pairs")
+            body: dict = {"name": args.name, "layer": args.layer,
+                          "additions": [{"prompt": prompt, "coeff": _float(coeff)} for prompt, coeff in args.add]}
+            if args.pad is not None:
+                body["pad"] = None if args.pad.lower() == "none" else args.pad
+            response = http.post(VECTORS_PATH, json=body)
+        elif args.pair:
+            pairs = [{"positive": pos, "negative": neg} for pos, neg in args.pair]
+            response = http.post(VECTORS_PATH, json={"name": args.name, "pairs": pairs, **options})
+        else:  # the file goes as it is: the server reads it and names the line of anything wrong
+            if isinstance(options.get("layers"), list):
+                options["layers"] = ",".join(map(str, options["layers"]))
+            response = http.post(VECTORS_PATH, params={"name": args.name, **options},
+                                 content=Path(args.pairs_file).read_bytes(),
+                                 headers={"Content-Type": "application/jsonl"})
+        _print_vector(_check(response).json())
+
+
+def _layers_arg(text: str | None) -> str | list[int] | None:
+    """``--layers``: "all" or layers separated by commas."""
+    if text is None or text == "all":
+        return text
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ClientError(f'--layers: expected "all" or layers separated by commas (4,8,12), got {text!r}') from None
 
 
 def _float(text: str) -> float:
@@ -268,25 +303,85 @@ def _print_vector(v: dict) -> None:
         console.print(f"source: {json.dumps(_short_source(v['source']), ensure_ascii=False)}")
     row_norms = v.get("row_norms")
     typical = v.get("typical_token_norm") or {}
+    stats = v.get("stats") or {}  # vectors made from pairs: measured on their own examples
     table = Table()
-    for column in ("layer", "shape", "norm", "row norms", "typical token norm"):
+    for column in ("layer", "shape", "norm", "row norms", "typical token norm", "separation", "explained variance"):
         table.add_column(column)
     for layer in map(str, v["layers"]):
         rows = ", ".join(f"{x:.2f}" for x in row_norms[layer]) if row_norms else "-"
-        t = typical.get(layer)
+        measured = stats.get(layer, {})
         table.add_row(layer, "x".join(map(str, v["shape"][layer])), f"{v['norm'][layer]:.2f}", rows,
-                      "-" if t is None else f"{t:.2f}")
+                      *(_number(value) for value in (typical.get(layer), measured.get("separation"),
+                                                     measured.get("explained_variance"))))
     console.print(table)
 
 
-def _short_source(source: dict) -> dict:
-    return {k: v for k, v in source.items() if k not in ("token_ids", "pairs", "parts")}
+def _number(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _short_source(source: dict, shown_pairs: int = 3) -> dict:
+    short = {k: v for k, v in source.items() if k not in ("token_ids", "pairs", "parts")}
+    pairs = short.get("pairs_text")
+    if isinstance(pairs, list) and len(pairs) > shown_pairs:  # a dataset: its first pairs say what it is
+        short["pairs_text"] = [*pairs[:shown_pairs], f"... {len(pairs)} pairs in all"]
+    return short
 
 
 def _when(created: float) -> str:
     import datetime
 
     return datetime.datetime.fromtimestamp(created).isoformat(timespec="seconds") if created else "-"
+
+
+def vectors_calibrate(args) -> None:
+    """POST .../calibrate as a stream: a progress bar while the cells run, then the table."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from steer_server.eval.data import read_prompts
+
+    body: dict = {"stream": True, "budget": args.budget, "samples": args.samples, "max_tokens": args.max_tokens}
+    for key, value in (("layers", _layers_arg(args.layers)), ("doses", args.doses and [_float(d) for d in args.doses.split(",")]),
+                       ("positions", args.positions),
+                       ("prompts", args.prompts and read_prompts(Path(args.prompts))),
+                       ("lexicon", args.lexicon and read_prompts(Path(args.lexicon)))):
+        if value:
+            body[key] = value
+    result = None
+    with _http(args) as http, http.stream("POST", f"{VECTORS_PATH}/{args.name}/calibrate", json=body) as stream, \
+            Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+        if stream.status_code >= 400:
+            stream.read()
+            _check(stream)
+        task = progress.add_task("cells", total=None)
+        event = None
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                data = json.loads(line.removeprefix("data: "))
+                if event == "progress":
+                    progress.update(task, completed=data["done"], total=data["total"])
+                elif event == "error":
+                    raise ClientError(data["error"]["message"])
+                else:
+                    result = data
+    if result is None:
+        raise ClientError("the server closed the calibration without a result")
+    table = Table(title=f"calibration of {args.name} (concept: {result['calibration']['concept']})")
+    for column in ("layer", "dose", "concept", "unsteered", "NLL cost"):
+        table.add_column(column)
+    for cell in result["cells"]:
+        table.add_row(str(cell["layer"]), f"{cell['dose']:g}", _number(cell["concept"]["value"]),
+                      _number(cell["unsteered_concept"]["value"]), _number(cell["nll_cost"]))
+    console = Console()
+    console.print(table)
+    chosen = result["calibration"]
+    console.print(f"stored (version {chosen['version']}): layer {chosen['layer']}, dose {chosen['dose']:g}, positions "
+                  f"{json.dumps(chosen['positions'])}: concept {chosen['score']:.2f} (unsteered "
+                  f"{chosen['unsteered_score']:.2f}) at {chosen['nll_cost']:+.2f} nats/token")
 
 
 def vectors_export(args) -> None:
@@ -374,13 +469,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     vectors = sub.add_parser("vectors", help="manage the server's steering vectors")
     vsub = vectors.add_subparsers(dest="vectors_command", required=True)
-    p = vsub.add_parser("compute", help="compute and name a vector from contrast prompts")
+    p = vsub.add_parser("compute", help="compute and name a vector from contrast prompts or a dataset of pairs")
     p.add_argument("name")
-    p.add_argument("--layer", type=int, required=True, help="residual stream entering this decoder block")
+    p.add_argument("--layer", type=int, help="residual stream entering this decoder block")
     p.add_argument("--add", nargs=2, action="append", metavar=("PROMPT", "COEFF"),
                    help="actadd: a prompt and its coefficient (repeat, e.g. --add Love 1 --add Hate -1)")
     p.add_argument("--pair", nargs=2, action="append", metavar=("POSITIVE", "NEGATIVE"),
-                   help="constant: last-token difference of a prompt pair (repeat to average)")
+                   help="constant: a contrast pair (repeat for several)")
+    p.add_argument("--pairs-file", metavar="JSONL", help='constant: a dataset, one {"positive": ..., "negative": ...} a line')
+    p.add_argument("--layers", metavar="all|L,L,...", help="constant: several layers in one call (instead of --layer)")
+    p.add_argument("--method", choices=METHODS,
+                   help="constant: mean_diff (default; mean of positive - negative), pca_diff or pca_center "
+                   "(repeng's first principal components)")
+    p.add_argument("--position", choices=POSITIONS,
+                   help="constant: each example's last token (default) or the mean over its tokens")
+    p.add_argument("--template", choices=("chat",),
+                   help="constant: render each example as a user turn with the served model's chat template")
     p.add_argument("--pad", metavar="TEXT|none", help="actadd pad token (default: the server's)")
     p.set_defaults(func=vectors_compute)
     p = vsub.add_parser("list", help="list named vectors")
@@ -389,6 +493,20 @@ def build_parser() -> argparse.ArgumentParser:
     p = vsub.add_parser("show", help="metadata and per-row norms next to a typical token's norm")
     p.add_argument("name")
     p.set_defaults(func=vectors_show)
+    p = vsub.add_parser("calibrate", help="find and store a vector's default layer, dose and positions")
+    p.add_argument("name")
+    p.add_argument("--layers", metavar="L,L,...", help="layers to try (default: the vector's, up to 4 of them)")
+    p.add_argument("--doses", metavar="D,D,...", help="relative doses to try (default: 0.05 to 1.6, doubling)")
+    p.add_argument("--positions", type=positions_arg,
+                   help="schedule: all (default), prompt, generated, after_anchor or START:END")
+    p.add_argument("--prompts", metavar="FILE", help="prompts, one a line (default: the shipped calibration prompts)")
+    p.add_argument("--lexicon", metavar="FILE",
+                   help="topic words, one a line, to judge the concept by (default: the stream readout of a vector "
+                   "made from pairs)")
+    p.add_argument("--budget", type=float, default=1.0, help="nats/token of fluency the setting may cost (default: 1)")
+    p.add_argument("--samples", type=int, default=4, help="completions per prompt and cell (at most 8)")
+    p.add_argument("--max-tokens", type=int, default=32, help="tokens per completion (at most 64)")
+    p.set_defaults(func=vectors_calibrate)
     p = vsub.add_parser("export", help="save as a llama.cpp control vector (GGUF)")
     p.add_argument("name")
     p.add_argument("-o", "--output", help="file to write (default: NAME.gguf)")

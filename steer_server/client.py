@@ -6,6 +6,7 @@ a default or a path is written once.
 """
 from __future__ import annotations
 
+import argparse
 import os
 
 DEFAULT_URL = "http://127.0.0.1:8000"
@@ -33,3 +34,17 @@ def error_message(response) -> str:
     except (ValueError, AttributeError):
         return response.text[:500]
     return error.get("message") if isinstance(error, dict) else str(error)
+
+
+def positions_arg(text: str) -> str | dict:
+    """A named schedule, or ``START:END`` -> a window over generated tokens."""
+    if text in ("all", "prompt", "generated", "after_anchor"):
+        return text
+    start, colon, end = text.partition(":")
+    try:
+        if not colon:
+            raise ValueError
+        return {"start": int(start), **({"end": int(end)} if end.strip() else {})}
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected all, prompt, generated, after_anchor or START:END, got {text!r}") from None

@@ -24,17 +24,22 @@ Conventions (shared with the engine's specification):
     passes see positions >= k and get nothing — unless the prompt is shorter than k, in which
     case the first generated positions < k are steered too.
   - ``{"mode": "constant", "layer": L, "vector": Tensor[hidden] or [1, hidden], "coeff": c,
-    "positions": "all" | "prompt" | "generated", "prompt_len": n}``: adds ``c * vector`` at every
-    position / positions ``< n`` / positions ``>= n``. ("generated" therefore first affects the
-    logits of the *second* generated token: the first one is predicted at position n - 1.)
-    ``prompt_len`` may be omitted in ``greedy_with_logprobs`` / ``prompt_logprobs``, which fill in
-    the prompt length.
+    "positions": "all" | "prompt" | "generated" | "after_anchor" | {"start": i[, "end": j]},
+    "prompt_len": n[, "anchor": a]}``: adds ``c * vector`` at every position / positions ``< n`` /
+    positions ``>= n`` / positions ``>= a`` / positions ``n + i <= p < n + j`` (generated tokens
+    i..j-1). ("generated" therefore first affects the logits of the *second* generated token: the
+    first one is predicted at position n - 1.) ``prompt_len`` may be omitted in
+    ``greedy_with_logprobs`` / ``prompt_logprobs``, which fill in the prompt length.
+  - ``"dose": d`` instead of ``coeff`` on an actadd or constant entry: at each position it covers,
+    the entry adds ``d * ‖h‖ * row / ‖row‖`` (h the stream before the layer's steering, row the
+    entry's row there; a row under 1e-4 of the vector's largest row norm adds nothing), so that
+    entry alone moves the stream by ``d`` relative to its norm.
   - ``{"mode": "ablate", "layer": L, "vector": Tensor[hidden]}`` and ``{"mode": "clamp", "layer": L,
     "vector": Tensor[hidden], "value": v}``: with u the unit vector along ``vector``, after the
     layer's additions the stream becomes ``h - (h.u) u`` (ablate) or ``h + (v - h.u) u`` (clamp)
-    at every position.
-  - any entry may carry ``"norm": "preserve"``: after everything at that layer, each position's
-    stream is rescaled to the norm it had before the layer's steering.
+    at the positions ``positions`` names (default every position; the same choices as constant).
+  - any entry may carry ``"norm": "preserve"``: after everything at that layer, each position
+    something acted on is rescaled to the norm it had before the layer's steering.
 
 Public API: ``decoder_blocks``, ``final_norm``, ``num_layers``, ``capture_residual``, ``residual_stream``,
 ``actadd_vector``, ``steering``, ``forward_logits``, ``prompt_logprobs``,
@@ -252,6 +257,25 @@ def actadd_vector(
 # Steering.
 
 
+_NAMED_POSITIONS = ("all", "prompt", "generated", "after_anchor")
+# A dose's row below this share of its vector's largest row norm counts as zero (a position
+# where a contrast pair cancels), as the engine's specification says.
+_ZERO_ROW_RATIO = 1e-4
+
+
+def _check_positions(a: dict) -> None:
+    where = a.get("positions", "all")
+    if isinstance(where, dict):
+        if set(where) - {"start", "end"} or "start" not in where:
+            raise ValueError(f"a position window is {{'start'[, 'end']}}, not {where!r}")
+    elif where not in _NAMED_POSITIONS:
+        raise ValueError(f"positions must be one of {_NAMED_POSITIONS} or a window, not {where!r}")
+    needs_prompt = isinstance(where, dict) or where in ("prompt", "generated")
+    if needs_prompt and a.get("prompt_len") is None:
+        raise ValueError(f"positions={where!r} needs prompt_len")
+    a["positions"] = where
+
+
 def _normalise(addition: dict, hidden_size: int | None) -> dict:
     a = dict(addition)
     mode = a.get("mode")
@@ -264,32 +288,48 @@ def _normalise(addition: dict, hidden_size: int | None) -> dict:
     elif mode in ("ablate", "clamp"):
         vec = vec.reshape(-1)
         a["value"] = float(a.get("value", 0.0)) if mode == "clamp" else 0.0
+        _check_positions(a)
     elif mode == "constant":
         vec = vec.reshape(-1) if vec.dim() == 2 and vec.shape[0] == 1 else vec
         if vec.dim() != 1:
             raise ValueError("constant vector must be [hidden] or [1, hidden]")
-        where = a.get("positions", "all")
-        if where not in ("all", "prompt", "generated"):
-            raise ValueError(f"positions must be all|prompt|generated, not {where!r}")
-        if where != "all" and a.get("prompt_len") is None:
-            raise ValueError(f"constant addition with positions={where!r} needs prompt_len")
-        a["positions"] = where
+        _check_positions(a)
     else:
         raise ValueError(f"unknown mode {mode!r}")
     if hidden_size is not None and vec.shape[-1] != hidden_size:
         raise ValueError(f"vector width {vec.shape[-1]} != hidden size {hidden_size}")
+    if "dose" in a:
+        a["dose"] = float(a["dose"])
+        if not a["dose"] > 0:
+            raise ValueError("a dose is above 0")
     a["vector"] = vec
     a["coeff"] = float(a.get("coeff", 1.0))
     a["layer"] = int(a["layer"])
     return a
 
 
-def _delta(additions: list[dict], pos: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """Sum of the additions at positions ``pos`` [B, S], as float32 [B, S, H]."""
-    b, s, h = hidden.shape
-    total = torch.zeros(pos.shape[0], s, h, dtype=torch.float32, device=hidden.device)
+def _position_mask(a: dict, pos: torch.Tensor) -> torch.Tensor:
+    """Which absolute positions ``pos`` an entry's ``positions`` covers."""
+    where = a["positions"]
+    if isinstance(where, dict):
+        start = int(a["prompt_len"]) + int(where["start"])
+        end = None if where.get("end") is None else int(a["prompt_len"]) + int(where["end"])
+        return (pos >= start) & (pos < end) if end is not None else pos >= start
+    if where == "all":
+        return torch.ones_like(pos, dtype=torch.bool)
+    if where == "prompt":
+        return pos < int(a["prompt_len"])
+    if where == "generated":
+        return pos >= int(a["prompt_len"])
+    return pos >= int(a.get("anchor", 0))
+
+
+def _delta(additions: list[dict], pos: torch.Tensor, before: torch.Tensor) -> torch.Tensor:
+    """Sum of the additions at positions ``pos`` [B, S] on the float32 stream ``before``
+    [B, S, H], as float32 [B, S, H]: ``coeff * row``, or with a dose ``dose * ‖h‖ * row / ‖row‖``."""
+    total = torch.zeros_like(before)
     for a in additions:
-        vec = a["vector"].to(hidden.device)
+        vec = a["vector"].to(before.device)
         if a["mode"] in ("ablate", "clamp"):
             continue
         if a["mode"] == "actadd":
@@ -297,16 +337,17 @@ def _delta(additions: list[dict], pos: torch.Tensor, hidden: torch.Tensor) -> to
             rel = pos - int(a.get("anchor", 0))
             mask = (rel >= 0) & (rel < k)
             rows = vec[rel.clamp(min=0, max=k - 1)]  # [B, S, H]
-            total += a["coeff"] * rows * mask.unsqueeze(-1)
         else:
-            if a["positions"] == "all":
-                mask = torch.ones_like(pos, dtype=torch.bool)
-            elif a["positions"] == "prompt":
-                mask = pos < int(a["prompt_len"])
-            else:
-                mask = pos >= int(a["prompt_len"])
-            total += a["coeff"] * vec * mask.unsqueeze(-1)
-    return total.expand(b, s, h)
+            mask = _position_mask(a, pos)
+            rows = vec.expand(*pos.shape, -1)
+        if "dose" in a:
+            norms = rows.norm(dim=-1, keepdim=True)
+            live = norms > _ZERO_ROW_RATIO * vec.reshape(-1, vec.shape[-1]).norm(dim=-1).max()
+            rows = torch.where(live, rows / norms.clamp_min(1e-30), 0.0) * a["dose"] * before.norm(dim=-1, keepdim=True)
+        else:
+            rows = a["coeff"] * rows
+        total += rows * mask.unsqueeze(-1)
+    return total
 
 
 @contextlib.contextmanager
@@ -330,14 +371,19 @@ def steering(model: nn.Module, additions: Iterable[dict]) -> Iterator[None]:
             def add_fn(hidden, kwargs, adds=adds):
                 pos = _positions_for(kwargs, tracker, hidden)
                 before = hidden.float()
-                steered = before + _delta(adds, pos, hidden)
+                delta = _delta(adds, pos, before)
+                steered = before + delta
+                acted = delta.ne(0).any(-1, keepdim=True)
                 for a in adds:
                     if a["mode"] in ("ablate", "clamp"):
                         unit = a["vector"].to(hidden.device) / a["vector"].norm()
                         along = (steered * unit).sum(-1, keepdim=True)
-                        steered = steered + (a["value"] - along) * unit
+                        mask = _position_mask(a, pos).unsqueeze(-1)
+                        steered = steered + mask * (a["value"] - along) * unit
+                        acted = acted | mask
                 if any(a.get("norm") == "preserve" for a in adds):
-                    steered = steered * (before.norm(dim=-1, keepdim=True) / steered.norm(dim=-1, keepdim=True))
+                    rescaled = steered * (before.norm(dim=-1, keepdim=True) / steered.norm(dim=-1, keepdim=True))
+                    steered = torch.where(acted, rescaled, steered)
                 return steered.to(hidden.dtype)
 
             handles.append(_register(model, layer, add_fn))
@@ -351,7 +397,7 @@ def steering(model: nn.Module, additions: Iterable[dict]) -> Iterator[None]:
 def _fill_prompt_len(additions: Iterable[dict], prompt_len: int) -> list[dict]:
     out = []
     for a in additions:
-        if a.get("mode") == "constant" and a.get("prompt_len") is None:
+        if a.get("mode") != "actadd" and a.get("prompt_len") is None:
             a = {**a, "prompt_len": prompt_len}
         out.append(a)
     return out
@@ -432,3 +478,95 @@ def greedy_with_logprobs(
                 use_cache=True,
             )
     return tokens, logprobs
+
+
+# ---------------------------------------------------------------------------------------------
+# Steering vectors from contrast pairs, written again from their definitions (vector_store/
+# compute.py makes them from the engine's captures; this reads transformers' hidden states and
+# finds principal components by an eigendecomposition of the scatter matrix, not an SVD).
+
+
+def hidden_state_streams(model: nn.Module, token_ids: Sequence[int], layers: Iterable[int]) -> dict[int, torch.Tensor]:
+    """The stream entering each of ``layers`` for one sequence, {layer: [len, hidden] float32}:
+    transformers' ``output_hidden_states`` entries 0..N-1; layer N from the last block's output
+    (transformers reports ``hidden_states[N]`` after the final norm)."""
+    n = num_layers(model)
+    ids = torch.tensor([list(token_ids)], dtype=torch.long)
+    with _eval(model), capture_residual(model, n) as after_last_block:
+        hidden_states = model(input_ids=ids, use_cache=False, output_hidden_states=True).hidden_states
+    streams = {}
+    for layer in layers:
+        _check_layer(model, layer)
+        streams[layer] = (after_last_block[0] if layer == n else hidden_states[layer])[0].float()
+    return streams
+
+
+def contrast_vectors(
+    model: nn.Module,
+    pairs: Sequence[tuple[Sequence[int], Sequence[int]]],
+    layers: Sequence[int],
+    method: str,
+    position: str,
+) -> dict[int, tuple[torch.Tensor, dict]]:
+    """{layer: (direction [hidden] float32, stats)} from (positive, negative) token id pairs.
+
+    Each example is its stream at ``position``: ``"last"`` token or ``"mean"`` over its tokens.
+    With P, N the [n, hidden] positives and negatives and d = mean(P) - mean(N):
+
+    * ``mean_diff``: d;
+    * ``pca_diff``: u = the top eigenvector of the scatter matrix of the differences P - N, centred
+      on their mean; ``pca_center``: the same for the 2n points P - M and N - M, M = (P + N) / 2;
+      the direction is (d . u) u: turned so positives project higher, as long as d along u (zero
+      where the points do not vary);
+
+    stats: ``norm`` of the direction; ``midpoint``, halfway between the positives' and the
+    negatives' mean projection on the unit direction (none for a zero direction);
+    ``separation``, the share of the 2n examples whose projection lies on their own side of it;
+    ``explained_variance`` (PCA), the top eigenvalue's share of their sum."""
+    import numpy as np
+
+    def read(ids: Sequence[int]) -> dict[int, np.ndarray]:
+        streams = hidden_state_streams(model, ids, layers)
+        return {layer: (stream[-1] if position == "last" else stream.mean(dim=0)).double().numpy()
+                for layer, stream in streams.items()}
+
+    if position not in ("last", "mean"):
+        raise ValueError(f"unknown position {position!r}")
+    positives = [read(p) for p, _ in pairs]
+    negatives = [read(n) for _, n in pairs]
+    result = {}
+    for layer in layers:
+        pos = np.stack([x[layer] for x in positives])
+        neg = np.stack([x[layer] for x in negatives])
+        gap = pos.mean(axis=0) - neg.mean(axis=0)
+        stats: dict = {}
+        if method == "mean_diff":
+            direction = gap
+        elif method in ("pca_diff", "pca_center"):
+            if method == "pca_diff":
+                points = pos - neg
+            else:
+                middle = (pos + neg) / 2
+                points = np.concatenate([pos - middle, neg - middle])
+            centred = points - points.mean(axis=0)
+            eigenvalues, eigenvectors = np.linalg.eigh(centred.T @ centred)  # ascending
+            if eigenvalues.sum() > 0:
+                top = eigenvectors[:, -1]
+                direction = (gap @ top) * top
+                stats["explained_variance"] = float(eigenvalues[-1] / eigenvalues.sum())
+            else:  # points that do not vary have no component: no direction
+                direction = np.zeros_like(gap)
+        else:
+            raise ValueError(f"unknown method {method!r}")
+        stats["norm"] = float(np.linalg.norm(direction))
+        unit = direction / stats["norm"] if stats["norm"] > 0 else direction
+        on_pos, on_neg = pos @ unit, neg @ unit
+        midpoint = (on_pos.mean() + on_neg.mean()) / 2
+        stats["separation"] = float(((on_pos > midpoint).sum() + (on_neg < midpoint).sum()) / (2 * len(pos)))
+        if stats["norm"] > 0:
+            stats["midpoint"] = float(midpoint)
+        result[layer] = (torch.from_numpy(direction).float(), stats)
+    return result
+
+
+__all__ += ["hidden_state_streams", "contrast_vectors"]

@@ -27,6 +27,7 @@ ENV_PAD = "STEER_PAD"  # pad text, or "none" for no padding
 ENV_MAX_BODY_BYTES = "STEER_MAX_BODY_BYTES"
 ENV_STORE_TIMEOUT = "STEER_STORE_TIMEOUT"
 ENV_STORE_FRESH = "STEER_STORE_FRESH"
+ENV_MAX_DOSE = "STEER_MAX_DOSE"
 
 DEFAULT_PAD = " "  # the paper pads with the tokenizer's token for a single space
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
@@ -41,11 +42,13 @@ class Settings:
     table_rows: int | None = None  # steering table rows; None: sized from the model (steer_vllm.limits)
     store_timeout_s: float = DEFAULT_TIMEOUT_S  # longest wait for one vector-store call
     store_fresh_s: float = DEFAULT_FRESH_S  # how long a name lookup is trusted before asking again
+    max_dose: float | None = None  # largest relative dose an addition may ask for; None: no limit
 
     @classmethod
     def from_env(cls) -> "Settings":
         pad = os.environ.get(ENV_PAD, DEFAULT_PAD)
         table_rows = os.environ.get(TABLE_ROWS_ENV)
+        max_dose = os.environ.get(ENV_MAX_DOSE)
         return cls(
             pad=None if pad.lower() == "none" else pad,
             max_prompt_tokens=positive_int_env(MAX_PROMPT_TOKENS_ENV, DEFAULT_MAX_PROMPT_TOKENS),
@@ -54,6 +57,7 @@ class Settings:
             table_rows=positive_int_env(TABLE_ROWS_ENV, 0) if table_rows else None,
             store_timeout_s=positive_env(ENV_STORE_TIMEOUT, DEFAULT_TIMEOUT_S, float),
             store_fresh_s=positive_env(ENV_STORE_FRESH, DEFAULT_FRESH_S, float),
+            max_dose=positive_env(ENV_MAX_DOSE, 0.0, float) if max_dose else None,
         )
 
     def to_env(self) -> dict[str, str]:
@@ -67,4 +71,6 @@ class Settings:
         }
         if self.table_rows is not None:
             env[TABLE_ROWS_ENV] = str(self.table_rows)
+        if self.max_dose is not None:
+            env[ENV_MAX_DOSE] = repr(self.max_dose)
         return env

@@ -6,7 +6,8 @@ The field, on /v1/completions, /v1/chat/completions and /v1/responses (openai SD
         "additions": [{"prompt": "Love", "coeff": 5, "layer": 6},
                       {"prompt": "Hate", "coeff": -5, "layer": 6}],
         "mode": "actadd",          # or "constant"
-        "positions": "all",        # constant mode only: "all" | "prompt" | "generated"
+        "positions": "all",        # constant mode's default: "all" | "prompt" | "generated" |
+                                   # "after_anchor" | {"start": i, "end": j} (generated tokens i..j-1)
         "pad": " ",                # actadd only: pad text (one token) or null; default: the server's
         "ablate": [{"vector": "refusal", "layers": "all"}],
         "clamp": [{"vector": "formal", "layers": [12], "value": 4.0, "norm": "preserve"}],
@@ -25,6 +26,11 @@ Additions, by mode:
   ``{"positive", "negative", "coeff", "layer"}``: the difference of the two prompts'
   last-token streams at ``layer`` (``VectorComputer.constant``). A ``prompt`` addition has no
   single-vector meaning and is refused in constant mode.
+
+Strength: ``coeff`` scales the vector; ``dose`` instead scales it per token so that the
+addition moves the stream by that share of its norm (‖Δh‖/‖h‖ = dose), which carries over
+between layers, models and vectors. One layer's additions use one or the other. A vector
+or pair addition (constant mode), an ablate and a clamp may name their own ``positions``.
 
 A ``vector`` is a stored vector's name or content id, or an inline vector
 ``{"data": base64, "dtype", "shape", "layer"}``. ``ablate`` and ``clamp`` project the stream
@@ -55,11 +61,19 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 import torch
 
-from steer_vllm.spec import MAX_ADDITIONS, EngineAddition, EngineProjection, EngineSteering, steering_text
+from steer_vllm.spec import (
+    MAX_ADDITIONS,
+    POSITION_TAGS,
+    EngineAddition,
+    EngineProjection,
+    EngineSteering,
+    Positions,
+    steering_text,
+)
 from vector_store import (
     StoredDataDamaged,
     StoredVector,
@@ -106,19 +120,29 @@ def store_failure(param: str, exc: StoreUnavailable | StoredDataDamaged) -> Stee
 # ---------------------------------------------------------------- the typed field
 
 
+def _finite(value: float) -> float:
+    if not math.isfinite(value):
+        raise ValueError(f"must be a finite number, got {value}")
+    return value
+
+
+def _dose(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"must be a finite number above 0 (a share of the stream's norm), got {value}")
+    return value
+
+
+# Wire numbers shared by the request field, the vector routes, sweeps and calibration.
+FiniteFloat = Annotated[float, AfterValidator(_finite)]
+Dose = Annotated[float, AfterValidator(_dose)]  # a relative dose ‖Δh‖/‖h‖
+
+
 class FiniteCoeff(BaseModel):
     """A strict wire object with a finite ``coeff`` (shared by the request field and the vector routes)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    coeff: float
-
-    @field_validator("coeff")
-    @classmethod
-    def _finite(cls, coeff: float) -> float:
-        if not math.isfinite(coeff):
-            raise ValueError(f"must be a finite number, got {coeff}")
-        return coeff
+    coeff: FiniteFloat
 
 
 Norm = Literal["preserve"]
@@ -143,54 +167,61 @@ VectorRef = Annotated[
 ]
 
 
-class PromptAddition(FiniteCoeff):
-    """ActAdd: the prompt's per-token residual stream at ``layer``, scaled by ``coeff``."""
+class Strength(BaseModel):
+    """How strongly an addition steers: ``coeff`` times the vector, or a relative ``dose``
+    (each steered token's stream moves by ``dose`` times its norm)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+    coeff: FiniteFloat | None = None
+    dose: Dose | None = None
+
+
+class PromptAddition(Strength):
+    """ActAdd: the prompt's per-token residual stream at ``layer``, scaled by ``coeff`` or ``dose``."""
 
     prompt: str
     layer: int
     norm: Norm | None = None
 
 
-class VectorAddition(FiniteCoeff):
+class VectorAddition(Strength):
     """A stored vector (name or content id) or an inline one, at its own layer(s) unless
     ``layer`` is given."""
 
     vector: VectorRef
     layer: int | None = None
     norm: Norm | None = None
+    positions: Positions | None = None  # constant mode; default: the steering's
 
 
-class PairAddition(FiniteCoeff):
+class PairAddition(Strength):
     """Constant mode: last-token(positive) - last-token(negative) at ``layer``."""
 
     positive: str
     negative: str
     layer: int
     norm: Norm | None = None
+    positions: Positions | None = None  # default: the steering's
 
 
 class Ablation(BaseModel):
     """Remove the stream's component along the vector's direction at ``layers``
-    ("all", one layer, or a list; default: the vector's own layers)."""
+    ("all", one layer, or a list; default: the vector's own layers), at ``positions``
+    (default: every position)."""
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     vector: VectorRef
     layers: Literal["all"] | int | list[int] | None = None
     norm: Norm | None = None
+    positions: Positions = "all"
 
 
 class Clamp(Ablation):
     """Set the stream's component along the vector's direction to ``value``."""
 
-    value: float
-
-    @field_validator("value")
-    @classmethod
-    def _finite(cls, value: float) -> float:
-        if not math.isfinite(value):
-            raise ValueError(f"must be a finite number, got {value}")
-        return value
+    value: FiniteFloat
 
 
 def _addition_kind(value: Any) -> str | None:
@@ -201,7 +232,7 @@ def _addition_kind(value: Any) -> str | None:
             return "pair"
         if "prompt" in value:
             return "prompt"
-    elif isinstance(value, FiniteCoeff):
+    elif isinstance(value, Strength):
         return {PromptAddition: "prompt", VectorAddition: "vector", PairAddition: "pair"}[type(value)]
     return None
 
@@ -228,7 +259,7 @@ class SteeringField(BaseModel):
     ablate: list[Ablation] = Field(default_factory=list)
     clamp: list[Clamp] = Field(default_factory=list)
     mode: Literal["actadd", "constant"] = "actadd"
-    positions: Literal["all", "prompt", "generated"] | None = None
+    positions: Positions | None = None
     pad: str | None = None  # absent: the server's --steering-pad (see `pad_given`)
     anchor: Literal["user", "template"] | None = None  # chat and responses only; default "user"
     receipt: bool = False
@@ -265,7 +296,7 @@ def field_path(loc: tuple, root: str = "steering") -> str:
     # the name-or-inline union it names the branch (str / InlineVector): drop that too.
     if len(parts) >= 3 and parts[0] == "additions" and isinstance(parts[1], int):
         del parts[2]
-    return dotted_path([p for p in parts if p not in ("name", "inline")], root)
+    return dotted_path([p for p in parts if p not in ("name", "inline", *POSITION_TAGS)], root)
 
 
 def dotted_path(parts, root: str = "") -> str:
@@ -287,6 +318,7 @@ class Resolved:
     mode: str
     actadd_lengths: list[tuple[str, int]] = field(default_factory=list)  # (field, k rows)
     vectors: dict[str, StoredVector] = field(default_factory=dict)  # content id -> what was validated
+    calibrated: list[dict] = field(default_factory=list)  # additions that took their vector's calibrated default
 
     def engine_json(self) -> str:
         return steering_text(self.engine)
@@ -296,7 +328,8 @@ class Resolved:
         parts = []
         for a in self.engine.additions:
             source = "" if a.source_layer in (None, a.layer) else f" from layer {a.source_layer}"
-            parts.append(f"{a.vector}*{a.coeff:+g}@{a.layer}{source}")
+            strength = f"*{a.coeff:+g}" if a.dose is None else f" dose {a.dose:g}"
+            parts.append(f"{a.vector}{strength}@{a.layer}{source}")
         for p in self.engine.projections:
             parts.append(f"{p.op}({p.vector}{'=' + format(p.value, 'g') if p.op == 'clamp' else ''})@{p.layer}")
         extra = f" positions={self.engine.additions[0].positions}" if self.mode == "constant" and self.engine.additions else ""
@@ -309,6 +342,11 @@ class Resolved:
     def operations(self) -> list[str]:
         """What the request does, for metrics: "add", "ablate", "clamp"."""
         return (["add"] if self.engine.additions else []) + sorted({p.op for p in self.engine.projections})
+
+    @property
+    def waits_for_prompt(self) -> bool:
+        """ActAdd lengths and "after_anchor" positions need the anchor in the rendered prompt."""
+        return bool(self.actadd_lengths) or any(d.positions == "after_anchor" for d in self.engine.directions)
 
     def check_prompt_length(self, prompt_len: int) -> None:
         """ActAdd rows land on positions anchor..anchor+k-1: the prompt must reach that far."""
@@ -342,6 +380,9 @@ def _decode_inline(inline: InlineVector, hidden_size: int, param: str) -> torch.
     return tensor
 
 
+_POSITIONS_ACTADD = "only applies to mode 'constant' (actadd adds its rows front-aligned from the anchor)"
+
+
 def _layers_of(layers, vector: StoredVector, num_layers: int) -> list[int]:
     if layers is None:
         return vector.layers
@@ -357,7 +398,8 @@ class SteeringResolver:
     ``vector_store.compute.VectorComputer`` over a ``vector_store.async_access.AsyncStore``.
     """
 
-    def __init__(self, *, computer, tokenize, default_pad_id: int | None, max_additions: int, max_prompt_tokens: int):
+    def __init__(self, *, computer, tokenize, default_pad_id: int | None, max_additions: int, max_prompt_tokens: int,
+                 max_dose: float | None = None):
         self.computer = computer
         self.store = computer.store
         self.model = computer.model
@@ -365,6 +407,7 @@ class SteeringResolver:
         self.default_pad_id = default_pad_id
         self.max_additions = max_additions
         self.max_prompt_tokens = max_prompt_tokens
+        self.max_dose = max_dose
 
     # -- helpers
     def pad_token_id(self, pad: str, param: str = "steering.pad") -> int:
@@ -457,6 +500,7 @@ class SteeringResolver:
         preserve: set[int] = set()
         for i, addition in enumerate(steering.additions):
             where = f"steering.additions[{i}]"
+            self._check_strength(addition, mode, where)
             if isinstance(addition, PromptAddition):
                 if mode != "actadd":
                     raise bad_request(
@@ -480,7 +524,7 @@ class SteeringResolver:
                 negative = self.prompt_ids(addition.negative, f"{where}.negative", add_special_tokens)
                 planned.append([{"layer": addition.layer, "pair": (positive, negative)}])
             else:
-                planned.append(await self._plan_vector(addition, mode, where, vectors))
+                planned.append(await self._plan_vector(addition, mode, where, vectors, "mode" in steering.model_fields_set))
             if addition.norm == "preserve":
                 preserve.update(step["layer"] for step in planned[-1])
 
@@ -515,19 +559,38 @@ class SteeringResolver:
             raise bad_request("steering.additions", str(exc)) from None
 
         additions, lengths = [], []
+        strength_of_layer: dict[int, tuple[str, int]] = {}  # layer -> ("coeff" | "dose", addition index)
+        calibrated = []
         for i, (addition, steps) in enumerate(zip(steering.additions, planned)):
             for step in steps:
+                calibration = step.get("calibration")
+                kind = "coeff" if addition.dose is None and calibration is None else "dose"
+                step_mode = mode if calibration is None else calibration["mode"]
+                own_positions = getattr(addition, "positions", None)
+                if calibration is not None:
+                    own_positions = own_positions or calibration["positions"]
+                    calibrated.append({"addition": i, "vector": addition.vector, "layer": step["layer"],
+                                       "dose": calibration["dose"], "positions": own_positions,
+                                       "version": calibration.get("version")})
+                other, first = strength_of_layer.setdefault(step["layer"], (kind, i))
+                if other != kind:
+                    raise bad_request(
+                        f"steering.additions[{i}].{kind}",
+                        f"layer {step['layer']} already has a {other} addition (steering.additions[{first}]); "
+                        "one layer's additions use either coeff or dose",
+                    )
                 additions.append(
                     EngineAddition(
                         vector=step["vector"],
                         layer=step["layer"],
                         source_layer=step.get("source_layer"),
                         coeff=addition.coeff,
-                        mode=mode,
-                        positions=positions if mode == "constant" else "all",
+                        dose=addition.dose if calibration is None else calibration["dose"],
+                        mode=step_mode,
+                        positions=(own_positions or positions) if step_mode == "constant" else "all",
                     )
                 )
-                if mode == "actadd":
+                if step_mode == "actadd":
                     kind = "prompt" if isinstance(addition, PromptAddition) else "vector"
                     lengths.append((f"steering.additions[{i}].{kind}", step["rows"]))
         engine = EngineSteering(
@@ -536,11 +599,52 @@ class SteeringResolver:
             preserve_norm=sorted(preserve),
             receipt=uuid.uuid4().hex if steering.receipt else None,
         )
-        return Resolved(engine, mode, lengths, vectors)
+        return Resolved(engine, mode, lengths, vectors, calibrated)
 
-    async def _plan_vector(self, addition: VectorAddition, mode: str, where: str, vectors: dict) -> list[dict]:
+    def _check_strength(self, addition, mode: str, where: str) -> None:
+        if addition.coeff is not None and addition.dose is not None:
+            raise bad_request(f"{where}.coeff", "give coeff or dose (got both)")
+        if addition.coeff is None and addition.dose is None and not (
+                isinstance(addition, VectorAddition) and isinstance(addition.vector, str)):
+            raise bad_request(f"{where}.coeff", "give coeff or dose (got neither; only a stored vector "
+                                                "has a calibrated default)")
+        if addition.dose is not None and self.max_dose is not None and addition.dose > self.max_dose:
+            raise bad_request(f"{where}.dose", f"{addition.dose} is over this server's limit of {self.max_dose} (--max-dose)")
+        calibrated = addition.coeff is None and addition.dose is None  # its mode comes with its calibration
+        if getattr(addition, "positions", None) is not None and mode != "constant" and not calibrated:
+            raise bad_request(f"{where}.positions", _POSITIONS_ACTADD)
+
+    async def _calibration(self, addition: VectorAddition, content_id: str, mode_given: bool, mode: str,
+                           where: str) -> dict | None:
+        """The stored default of a vector addition that gives no coeff or dose."""
+        if addition.coeff is not None or addition.dose is not None:
+            return None
+        try:
+            calibration = await self.store.calibration(content_id)
+        except (StoreUnavailable, StoredDataDamaged) as exc:
+            raise store_failure(f"{where}.vector", exc) from None
+        if calibration is None:
+            raise bad_request(f"{where}.coeff", f"give coeff or dose (got neither; vector {addition.vector!r} has no "
+                                                f"calibrated default: POST /v1/steering/vectors/{addition.vector}/calibrate)")
+        if mode_given and calibration["mode"] != mode:
+            raise bad_request(f"{where}.vector", f"vector {addition.vector!r} is calibrated for mode "
+                                                 f"{calibration['mode']!r}, but the steering's mode is {mode!r}")
+        if calibration["mode"] != "constant" and addition.positions is not None:
+            raise bad_request(f"{where}.positions", _POSITIONS_ACTADD)
+        if self.max_dose is not None and calibration["dose"] > self.max_dose:
+            raise bad_request(f"{where}.vector", f"vector {addition.vector!r} is calibrated at dose {calibration['dose']}, "
+                                                 f"over this server's limit of {self.max_dose} (--max-dose)")
+        return calibration
+
+    async def _plan_vector(self, addition: VectorAddition, mode: str, where: str, vectors: dict,
+                           mode_given: bool = True) -> list[dict]:
         content_id, vector = await self.vector(addition.vector, f"{where}.vector")
         vectors[content_id] = vector
+        calibration = await self._calibration(addition, content_id, mode_given, mode, where)
+        if calibration is not None:
+            mode = calibration["mode"]
+            if addition.layer is None:
+                addition = addition.model_copy(update={"layer": calibration["layer"]})
         if addition.layer is None:
             steps = [{"vector": content_id, "layer": layer, "rows": vector.directions[layer].shape[0]} for layer in vector.layers]
             for step in steps:
@@ -558,6 +662,9 @@ class SteeringResolver:
                         f"constant mode needs one row per layer; this vector is an ActAdd sequence of "
                         f"{step['rows']} rows at layer {step.get('source_layer', step['layer'])}",
                     )
+        if calibration is not None:
+            for step in steps:
+                step["calibration"] = calibration
         return steps
 
     async def _projections(self, steering: SteeringField, vectors: dict, preserve: set[int]) -> list[EngineProjection]:
@@ -577,7 +684,7 @@ class SteeringResolver:
                 if layer in projections:
                     raise bad_request(f"{where}.layers", f"layer {layer} already has an ablate or clamp; one per layer")
                 projections[layer] = EngineProjection(vector=content_id, layer=layer, source_layer=source, op=op,
-                                                      value=getattr(entry, "value", 0.0))
+                                                      value=getattr(entry, "value", 0.0), positions=entry.positions)
                 if entry.norm == "preserve":
                     preserve.add(layer)
         if len(projections) > MAX_ADDITIONS:

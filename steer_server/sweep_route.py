@@ -15,9 +15,11 @@ floor here either.
 from __future__ import annotations
 
 import asyncio
+import logging
+import functools
 import json
-import math
 import tempfile
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
@@ -25,7 +27,7 @@ import httpx
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security.utils import get_authorization_scheme_param
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from steer_server.eval.client import EvalError, Sampling, SteerClient
 from steer_server.eval.data import wedding_lexicon
@@ -33,46 +35,37 @@ from steer_server.eval.metrics import Lexicon
 from steer_server.eval.steerings import SERVER_PAD, ContrastPairs, NamedVector, PromptAdditions, Steering
 from steer_server.eval.sweep import SweepPlan, run_sweep
 from steer_server.route_errors import SteeringRoute
-from steer_server.steering import SteeringError
+from steer_server.steering import Dose, FiniteFloat, SteeringError
+from steer_vllm.spec import Positions, positions_json
 
 if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin
 
+logger = logging.getLogger("steer_server")
 SWEEPS_PATH = "/v1/steering/sweeps"
 MAX_CELLS = 24  # layers × coefficients
 MAX_PROMPTS = 8
 MAX_SAMPLES = 8
 MAX_TOKENS = 64
 CONCURRENCY = 8
-_IN_PROCESS_URL = "http://steer-server.in-process"  # the app is reached through its ASGI transport
+IN_PROCESS_URL = "http://steer-server.in-process"  # the app is reached through its ASGI transport
 
 
-class _Strict(BaseModel):
+class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
 
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {value}")
-    return value
-
-
-class WeightedPrompt(_Strict):
+class WeightedPrompt(Strict):
     prompt: str
-    weight: float
-
-    @field_validator("weight")
-    @classmethod
-    def _weight_finite(cls, weight: float) -> float:
-        return _finite(weight)
+    weight: FiniteFloat
 
 
-class ContrastPair(_Strict):
+class ContrastPair(Strict):
     positive: str
     negative: str
 
 
-class SweepSteering(_Strict):
+class SweepSteering(Strict):
     """Exactly one of ``prompts`` (ActAdd prompts with weights; coefficient c adds c·weight),
     ``pairs`` (constant: mean last-token differences) or ``vector`` (a stored vector)."""
 
@@ -80,7 +73,7 @@ class SweepSteering(_Strict):
     pairs: list[ContrastPair] | None = Field(None, min_length=1)
     vector: str | None = None
     mode: Literal["actadd", "constant"] = "actadd"  # for ``vector``
-    positions: Literal["all", "prompt", "generated"] = "all"  # for ``pairs`` and constant ``vector``
+    positions: Positions = "all"  # for ``pairs`` and constant ``vector``
     pad: str | None = SERVER_PAD  # for ``prompts``; null pads with nothing
 
     @model_validator(mode="after")
@@ -94,15 +87,16 @@ class SweepSteering(_Strict):
         if self.prompts is not None:
             return PromptAdditions(tuple((p.prompt, p.weight) for p in self.prompts), self.pad)
         if self.pairs is not None:
-            return ContrastPairs(tuple((p.positive, p.negative) for p in self.pairs), self.positions)
-        return NamedVector(self.vector, self.mode, self.positions)
+            return ContrastPairs(tuple((p.positive, p.negative) for p in self.pairs), positions_json(self.positions))
+        return NamedVector(self.vector, self.mode, positions_json(self.positions))
 
 
-class SweepRequest(_Strict):
+class SweepRequest(Strict):
     steering: SweepSteering
     prompts: list[str] = Field(min_length=1, max_length=MAX_PROMPTS)
     layers: list[int] = Field(min_length=1)
-    coeffs: list[float] = Field(min_length=1)
+    coeffs: list[FiniteFloat] | None = Field(None, min_length=1)
+    doses: list[Dose] | None = Field(None, min_length=1)  # relative doses instead of coefficients (a vector)
     lexicon: list[str] | None = Field(None, min_length=1)  # topic words; default: the shipped wedding lexicon
     max_tokens: int = Field(24, ge=1, le=MAX_TOKENS)
     samples: int = Field(4, ge=1, le=MAX_SAMPLES)
@@ -112,14 +106,17 @@ class SweepRequest(_Strict):
     floor: bool = False  # also the random vector of equal norm per cell
     stream: bool = False
 
-    @field_validator("coeffs")
-    @classmethod
-    def _coeffs_finite(cls, coeffs: list[float]) -> list[float]:
-        return [_finite(c) for c in coeffs]
+    @property
+    def values(self) -> list[float]:
+        return self.coeffs if self.coeffs is not None else self.doses
 
     @model_validator(mode="after")
     def _small(self) -> SweepRequest:
-        cells = len(set(self.layers)) * len(set(self.coeffs))
+        if (self.coeffs is None) == (self.doses is None):
+            raise ValueError('give exactly one of "coeffs" and "doses"')
+        if self.doses is not None and self.steering.vector is None:
+            raise ValueError('"doses" sweep a stored vector ("steering": {"vector": ...}); create one from prompts or pairs')
+        cells = len(set(self.layers)) * len(set(self.values))
         if cells > MAX_CELLS:
             raise ValueError(f"{cells} layer × coefficient cells; a sweep here runs at most {MAX_CELLS} "
                              "(run larger ones with `steer-server eval sweep`)")
@@ -131,7 +128,8 @@ class SweepRequest(_Strict):
         sampling = Sampling(max_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
                             repetition_penalty=self.repetition_penalty, samples=self.samples)
         return SweepPlan(self.steering.steering(), tuple(self.prompts), tuple(dict.fromkeys(self.layers)),
-                         tuple(dict.fromkeys(self.coeffs)), lexicon, sampling, floor=self.floor)
+                         tuple(dict.fromkeys(self.values)), lexicon, sampling, floor=self.floor,
+                         strength="coeff" if self.coeffs is not None else "dose")
 
 
 def sweep_router(plugin: SteerApiPlugin) -> APIRouter:
@@ -149,27 +147,30 @@ def sweep_router(plugin: SteerApiPlugin) -> APIRouter:
             raise SteeringError(400, "lexicon: holds no words", "lexicon")
         plan = body.plan()
         _, token = get_authorization_scheme_param(request.headers.get("authorization"))
-        client = SteerClient(_IN_PROCESS_URL, token or None, transport=httpx.ASGITransport(app=request.app))
+        client = SteerClient(IN_PROCESS_URL, token or None, transport=httpx.ASGITransport(app=request.app))
         if not body.stream:
             try:
-                return (await _run(client, plan, None)).as_dict()
+                return await _run(client, plan, None)
             except EvalError as exc:
                 return JSONResponse(_failure(exc), status_code=exc.status or 502)
-        return StreamingResponse(_events(client, plan), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-store"})
+        return event_stream(progress_events(functools.partial(_run, client, plan),
+                                            lambda exc: _failure(exc) if isinstance(exc, EvalError) else None))
 
     return router
 
 
-async def _run(client: SteerClient, plan: SweepPlan, on_progress):
+async def _run(client: SteerClient, plan: SweepPlan, on_progress) -> dict:
     with tempfile.TemporaryDirectory(prefix="steer-sweep-") as out_dir:
         async with client:
-            return await run_sweep(client, plan, Path(out_dir), concurrency=CONCURRENCY, on_progress=on_progress)
+            return (await run_sweep(client, plan, Path(out_dir), concurrency=CONCURRENCY, on_progress=on_progress)).as_dict()
 
 
-async def _events(client: SteerClient, plan: SweepPlan):
+async def progress_events(job: Callable[[Callable[[int, int], None]], Awaitable[dict]], failure: Callable[[Exception], dict | None]):
+    """Server-sent events of ``job(on_progress)``: ``progress`` ({done, total}) as it reports,
+    then ``result`` (its answer) or ``error`` (``failure(exc)``, or a 500 for an exception
+    ``failure`` does not know). A client that goes away cancels the job."""
     progress: asyncio.Queue[tuple[int, int]] = asyncio.Queue()
-    task = asyncio.create_task(_run(client, plan, lambda done, total: progress.put_nowait((done, total))))
+    task = asyncio.create_task(job(lambda done, total: progress.put_nowait((done, total))))
     try:
         while not task.done() or not progress.empty():
             getter = asyncio.ensure_future(progress.get())
@@ -180,15 +181,23 @@ async def _events(client: SteerClient, plan: SweepPlan):
             else:
                 getter.cancel()
         try:
-            yield _event("result", task.result().as_dict())
-        except EvalError as exc:
-            yield _event("error", _failure(exc))
+            yield _event("result", task.result())
+        except Exception as exc:  # noqa: BLE001 - the stream has started: the error goes in it
+            body = failure(exc)
+            if body is None:
+                logger.exception("a streamed job failed")
+                body = SteeringError(500, f"internal error: {type(exc).__name__}: {exc}").body()
+            yield _event("error", body)
     finally:
-        task.cancel()  # the client went away: stop sending the sweep's requests
+        task.cancel()  # the client went away: stop sending the job's requests
 
 
 def _event(name: str, data: dict) -> str:
     return f"event: {name}\ndata: {json.dumps(data)}\n\n"
+
+
+def event_stream(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers={"Cache-Control": "no-store"})
 
 
 def _failure(exc: EvalError) -> dict:

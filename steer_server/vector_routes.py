@@ -1,7 +1,8 @@
 """steer_api's vector routes: ``/v1/steering/vectors`` on vLLM's app.
 
-This module's job: the HTTP API over the vector store (create from contrast prompts,
-given directions or a safetensors file; list; describe; delete; GGUF import and export),
+This module's job: the HTTP API over the vector store (create from contrast prompts, a
+dataset of contrast pairs (JSON or a JSONL file), given directions or a safetensors file;
+list; describe; delete; GGUF import and export),
 built by ``vector_router`` and included by ``steer_server.api.SteerApiPlugin.attach_router``.
 The routes live on the same app as vLLM's handlers, so vLLM's ``--api-key`` middleware
 guards them (it guards every path under ``/v1``).
@@ -15,22 +16,37 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from typing import TYPE_CHECKING, Annotated, Any, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 import torch
 from fastapi import APIRouter, Body, Request
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Strict, Tag, TypeAdapter, ValidationError, WithJsonSchema
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Strict,
+    Tag,
+    TypeAdapter,
+    ValidationError,
+    WithJsonSchema,
+    field_validator,
+)
 
 from steer_server.client import VECTORS_PATH
 from steer_server.route_errors import SteeringRoute, validation_error
 from steer_server.steering import FiniteCoeff, SteeringError, bad_request
 from vector_store import StoredVector, VectorMeta, VectorNotFound, VectorStoreError
+from vector_store.compute import PCA_METHODS
 
 if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin, SteerServer
 
 SAFETENSORS_TYPES = ("application/octet-stream", "application/x-safetensors", "application/safetensors")
+# A pairs file: one {"positive", "negative"} object a line; the other fields go in the query.
+JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/jsonlines", "application/x-jsonlines")
+LAYERS_RULE = 'a list of layers, or "all" (every stream point 0..num_layers)'
 CREATE_SHAPES = 'expected "additions" (actadd), "pairs" (constant) or "layers" (upload)'
 
 
@@ -57,11 +73,28 @@ class ActAddVectorCreate(_Strict):
 
 
 class ConstantVectorCreate(_Strict):
-    """A constant vector: mean over pairs of last-token(positive) - last-token(negative), ``[1, hidden]``."""
+    """A constant vector from contrast pairs, ``[1, hidden]`` at each of ``layer`` or ``layers``:
+    ``method`` (mean_diff: the mean of positive - negative; pca_diff, pca_center: repeng's first
+    principal components, turned so positives project higher) over each example's stream at
+    ``position`` (its last token, or the mean over its tokens); ``template: "chat"`` renders each
+    example as a user turn with the served model's chat template first."""
 
     name: str | None = None
-    layer: int
+    layer: int | None = None
+    layers: list[int] | Literal["all"] | None = None
     pairs: list[Pair] = Field(min_length=1)
+    method: Literal["mean_diff", "pca_diff", "pca_center"] = "mean_diff"
+    position: Literal["last", "mean"] = "last"
+    template: Literal["chat"] | None = None
+
+    @field_validator("layers", mode="wrap")
+    @classmethod
+    def _layers(cls, value: Any, handler) -> Any:
+        # One message for the field, instead of one per member of the union naming its type.
+        try:
+            return handler(value)
+        except ValidationError:
+            raise ValueError(f"expected {LAYERS_RULE}") from None
 
 
 class UploadVectorCreate(_Strict):
@@ -104,10 +137,13 @@ SafetensorsFile = Annotated[bytes, Strict(), WithJsonSchema({
 VectorCreate = _shape_union(*_JSON_MEMBERS, Annotated[SafetensorsFile, Tag(_SAFETENSORS_TAG)])
 _JSON_CREATE = TypeAdapter(_shape_union(*_JSON_MEMBERS))
 
+_PAIRS_CREATE = TypeAdapter(ConstantVectorCreate)
+
 _BINARY_BODY = {"requestBody": {"required": True, "content": {
     "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}}}
-_SAFETENSORS_BODY = {"requestBody": {"content": {
-    content_type: {"schema": {"type": "string", "format": "binary"}} for content_type in SAFETENSORS_TYPES}}}
+_UPLOAD_BODIES = {"requestBody": {"content": {
+    content_type: {"schema": {"type": "string", "format": "binary"}}
+    for content_type in (*SAFETENSORS_TYPES, *JSONL_TYPES)}}}
 
 
 def _validation_error(error: dict) -> SteeringError:
@@ -115,7 +151,8 @@ def _validation_error(error: dict) -> SteeringError:
     if error["type"] == "vector_shape":
         return bad_request("body", CREATE_SHAPES if isinstance(error["input"], dict) else "expected a JSON object")
     if error["type"] == "missing" and list(error["loc"]) in (["body"], []):
-        return bad_request("body", "empty; send a JSON object (or a safetensors file as application/octet-stream)")
+        return bad_request("body", "empty; send a JSON object (or a pairs file as application/jsonl, or a safetensors "
+                                   "file as application/octet-stream)")
     return validation_error(error, union_tags=(*_JSON_SHAPES, _SAFETENSORS_TAG))
 
 
@@ -134,14 +171,26 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
             raise SteeringError(503, "steering is not initialised on this server")
         return plugin.server
 
-    @router.post(VECTORS_PATH, status_code=201, openapi_extra=_SAFETENSORS_BODY)
-    async def create_vector(request: Request, spec: Annotated[VectorCreate, Body()], name: str | None = None):
+    @router.post(VECTORS_PATH, status_code=201, openapi_extra=_UPLOAD_BODIES)
+    async def create_vector(request: Request, spec: Annotated[VectorCreate, Body()], name: str | None = None,
+                            method: str | None = None, layer: int | None = None, layers: str | None = None,
+                            position: str | None = None, template: str | None = None):
         """Create a vector: JSON from contrast prompts (``additions`` or ``pairs``) or given
-        directions (``layers``), or a safetensors file (tensors ``layer.N``, ``[k, hidden]``) as
-        the raw body with ``?name=``."""
+        directions (``layers``); a JSONL pairs file (one ``{"positive", "negative"}`` a line) as
+        the raw body with the pairs body's other fields in the query (``?name=&method=&layers=all``,
+        ``layers`` comma-separated); or a safetensors file (tensors ``layer.N``, ``[k, hidden]``)
+        as the raw body with ``?name=``."""
         srv = server()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if isinstance(spec, bytes) and content_type in SAFETENSORS_TYPES:
+        options = {key: value for key, value in (("method", method), ("layer", layer), ("layers", layers),
+                                                 ("position", position), ("template", template)) if value is not None}
+        if isinstance(spec, bytes) and content_type in JSONL_TYPES:
+            pairs, lines = _pairs_file(spec)
+            content_id = await _create_from_pairs(srv, _pairs_file_spec(pairs, name, options), lines)
+        elif options:
+            raise bad_request(next(iter(options)), "a query parameter of a JSONL pairs upload (Content-Type "
+                                                   "application/jsonl); a JSON body carries it in the body")
+        elif isinstance(spec, bytes) and content_type in SAFETENSORS_TYPES:
             content_id = await srv.save(_vector_from_safetensors(srv, spec), name)
         else:
             if isinstance(spec, bytes):
@@ -177,6 +226,7 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
                 "served_model": meta.model_fingerprint == srv.model.fingerprint,
                 "layers": sorted(shapes),
                 "shape": {str(layer): shape for layer, shape in sorted(shapes.items())},
+                "stats": meta.stats,
                 "created": meta.created,
             })
         return {"object": "list", "data": data}
@@ -260,6 +310,7 @@ def _json_body(body: bytes) -> ActAddVectorCreate | ConstantVectorCreate | Uploa
 async def _create_from_json(srv: SteerServer, spec: ActAddVectorCreate | ConstantVectorCreate | UploadVectorCreate) -> str:
     resolver = srv.resolver
     if isinstance(spec, ActAddVectorCreate):
+        _check_name(spec.name)
         resolver.check_layer(spec.layer, "layer")
         pad_id = resolver.default_pad_id
         if "pad" in spec.model_fields_set:
@@ -275,13 +326,7 @@ async def _create_from_json(srv: SteerServer, spec: ActAddVectorCreate | Constan
         }
         content_id = await srv.computer.combine(list(zip(content_ids, [a.coeff for a in spec.additions])), source)
     elif isinstance(spec, ConstantVectorCreate):
-        resolver.check_layer(spec.layer, "layer")
-        pairs = [
-            (resolver.prompt_ids(p.positive, f"pairs[{i}].positive", True),
-             resolver.prompt_ids(p.negative, f"pairs[{i}].negative", True))
-            for i, p in enumerate(spec.pairs)
-        ]
-        content_id = await srv.computer.constant(pairs, spec.layer)
+        return await _create_from_pairs(srv, spec)
     else:
         directions = {}
         for key, rows in spec.layers.items():
@@ -293,12 +338,127 @@ async def _create_from_json(srv: SteerServer, spec: ActAddVectorCreate | Constan
             directions[layer] = _checked_rows(srv, tensor, f"layers.{key}")
         vector = StoredVector(_upload_meta(srv, directions, spec.kind, "upload"), directions)
         return await srv.save(vector, spec.name)
-    if spec.name is not None:
+    return await _named(srv, content_id, spec.name)
+
+
+def _check_name(name: str | None) -> None:
+    """Before any computing: a bad name must not cost a capture."""
+    if name is not None:
         from vector_store.codec import check_name
 
-        check_name(spec.name)
-        await srv.store.set_name(spec.name, content_id)
+        check_name(name)
+
+
+async def _named(srv: SteerServer, content_id: str, name: str | None) -> str:
+    if name is not None:
+        await srv.store.set_name(name, content_id)
     return content_id
+
+
+async def _create_from_pairs(srv: SteerServer, spec: ConstantVectorCreate, lines: list[int] | None = None) -> str:
+    """A vector from contrast pairs; ``lines``: the file line of each pair, for a pairs file's errors."""
+    _check_name(spec.name)
+    layers = _pairs_layers(srv, spec)
+    if spec.method in PCA_METHODS and len(spec.pairs) < 2:
+        raise bad_request("pairs", f"{spec.method} needs at least 2 pairs (a principal component of one pair is "
+                                   "not defined), got 1; mean_diff takes one")
+    pairs = []
+    for i, pair in enumerate(spec.pairs):
+        try:
+            pairs.append(tuple(_example_ids(srv, getattr(pair, side), f"pairs[{i}].{side}", spec.template)
+                               for side in ("positive", "negative")))
+        except SteeringError as exc:
+            if lines is None:
+                raise
+            reason = exc.message.removeprefix(f"{exc.param}: ")
+            raise bad_request(exc.param, f"line {lines[i]} of the file: {reason}") from None
+    content_id = await srv.computer.from_pairs(pairs, layers, spec.method, spec.position, spec.template)
+    return await _named(srv, content_id, spec.name)
+
+
+def _pairs_layers(srv: SteerServer, spec: ConstantVectorCreate) -> list[int]:
+    """The layers a pairs body asks for: ``layer``, or ``layers`` (a list or "all"), checked."""
+    if spec.layer is not None and spec.layers is not None:
+        raise bad_request("layers", f'give "layer" (one) or "layers" ({LAYERS_RULE}), not both')
+    if spec.layer is not None:
+        srv.resolver.check_layer(spec.layer, "layer")
+        return [spec.layer]
+    if spec.layers is None:
+        raise bad_request("layer", f'required: one layer, or "layers": {LAYERS_RULE}')
+    if spec.layers == "all":
+        return list(range(srv.model.num_layers + 1))
+    if not spec.layers:
+        raise bad_request("layers", f"empty; expected {LAYERS_RULE}")
+    for i, layer in enumerate(spec.layers):
+        srv.resolver.check_layer(layer, f"layers[{i}]")
+    return spec.layers
+
+
+def _example_ids(srv: SteerServer, text: str, param: str, template: str | None) -> list[int]:
+    """One example's token ids: as a prompt is tokenized, or rendered as a chat's user turn."""
+    if template is None:
+        return srv.resolver.prompt_ids(text, param, True)
+    if not text:
+        raise bad_request(param, "the prompt is empty")
+    ids = srv.chat_prompt_ids(text)
+    limit = srv.settings.max_prompt_tokens
+    if len(ids) > limit:
+        raise bad_request(param, f"the prompt has {len(ids)} tokens as the chat template renders it, over this "
+                                 f"server's limit of {limit} (--max-steering-prompt-tokens)")
+    return ids
+
+
+def _pairs_file(body: bytes) -> tuple[list[dict], list[int]]:
+    """A JSONL pairs file -> its pairs and the line each came from (blank lines are skipped);
+    anything else is a 400 naming the line."""
+    pairs, lines = [], []
+    lacking: dict[int, str] = {}  # line -> the side it lacks
+    for number, raw in enumerate(body.splitlines(), start=1):
+        try:
+            text = raw.decode("utf-8-sig" if number == 1 else "utf-8")  # an editor's BOM is not an error
+        except UnicodeDecodeError as exc:
+            raise bad_request("pairs", f"line {number} is not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        if not text.strip():
+            continue
+        try:
+            entry = json.loads(text)
+        except ValueError as exc:
+            raise bad_request("pairs", f"line {number} is not valid JSON ({exc})") from None
+        if not isinstance(entry, dict):
+            raise bad_request("pairs", f'line {number}: expected a {{"positive", "negative"}} object')
+        for side in ("positive", "negative"):
+            if side not in entry:
+                lacking.setdefault(number, side)
+            elif not isinstance(entry[side], str):
+                raise bad_request("pairs", f'line {number}: "{side}" must be a string')
+        pairs.append({side: entry.get(side) for side in ("positive", "negative")})
+        lines.append(number)
+    if lacking:
+        positives = sum(pair["positive"] is not None for pair in pairs)
+        negatives = sum(pair["negative"] is not None for pair in pairs)
+        first = min(lacking)
+        raise bad_request("pairs", f"the file has {positives} positives and {negatives} negatives on {len(pairs)} "
+                                   f'lines: line {first} has no "{lacking[first]}" (each line holds one pair)')
+    if not pairs:
+        raise bad_request("pairs", 'the file holds no pairs; expected one {"positive", "negative"} object a line')
+    return pairs, lines
+
+
+def _pairs_file_spec(pairs: list[dict], name: str | None, options: dict) -> ConstantVectorCreate:
+    """A pairs file's body: its pairs, and the fields the query gave."""
+    payload: dict[str, Any] = {"pairs": pairs, **options}
+    if name is not None:
+        payload["name"] = name
+    if isinstance(options.get("layers"), str) and options["layers"] != "all":
+        try:
+            payload["layers"] = [int(part) for part in options["layers"].split(",")]
+        except ValueError:
+            raise bad_request("layers", f'expected "all" or layers separated by commas (4,8,12), '
+                                        f"got {options['layers']!r}") from None
+    try:
+        return _PAIRS_CREATE.validate_python(payload)
+    except ValidationError as exc:
+        raise validation_error(exc.errors()[0]) from None
 
 
 def _checked_rows(srv: SteerServer, tensor: torch.Tensor, param: str) -> torch.Tensor:

@@ -73,6 +73,8 @@ class AsyncStore:
         self._refreshing: dict[str, asyncio.Task] = {}  # names being asked for in the background
         self._generation = 0  # bumped by forget(): an answer asked for before it is not cached
         self._computations: cachetools.LRUCache[str, str] = cachetools.LRUCache(_MAX_NAMES)
+        # content id -> its calibration (None: not calibrated), trusted like a name for fresh_s
+        self._calibrations: cachetools.TTLCache[str, dict | None] = cachetools.TTLCache(_MAX_NAMES, ttl=fresh_s)
 
     def __repr__(self) -> str:
         return repr(self.store)
@@ -165,6 +167,7 @@ class AsyncStore:
     async def delete(self, content_id: str) -> None:
         await self._call(self.store.delete, content_id)
         self.forget(content_id)
+        self._calibrations.pop(content_id, None)
         self._computations = cachetools.LRUCache(_MAX_NAMES)  # some may have pointed at it
 
     async def list(self) -> list[tuple[str, VectorMeta, list[str]]]:
@@ -172,6 +175,21 @@ class AsyncStore:
 
     async def listing(self) -> list[ListedVector]:
         return await self._call(self.store.listing)
+
+    # -- calibrations
+    async def calibration(self, content_id: str) -> dict | None:
+        """The vector's calibrated default; one made on another replica shows within
+        ``fresh_s`` (as a rename does)."""
+        if content_id in self._calibrations:
+            return self._calibrations[content_id]
+        calibration = await self._call(self.store.calibration, content_id)
+        self._calibrations[content_id] = calibration
+        return calibration
+
+    async def put_calibration(self, content_id: str, calibration: dict) -> dict:
+        stored = await self._call(self.store.put_calibration, content_id, calibration)
+        self._calibrations[content_id] = stored
+        return stored
 
     # -- computations
     async def cached_computation(self, key: str) -> str | None:

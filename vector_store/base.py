@@ -51,18 +51,26 @@ class VectorNotFound(KeyError):
 @dataclass(frozen=True)
 class VectorMeta:
     """What a vector is for and where it came from (hashed into the content id,
-    except ``created``)."""
+    except ``created`` and ``stats``)."""
 
     model_fingerprint: str
     hidden_size: int
     kind: str  # "actadd" (a per-position sequence) or "constant" (k = 1)
-    method: str = "upload"  # how it was made: actadd | last_token_diff | mean_diff | upload | gguf
+    # how it was made: actadd | last_token_diff | mean_diff | pca_diff | pca_center | upload | gguf
+    method: str = "upload"
     source: dict = field(default_factory=dict)  # prompts, coefficients, pad token, ...
     created: float = 0.0
+    # Per layer ("12"), what a vector made from examples measured on them: "norm", "separation",
+    # "midpoint" and, for the PCA methods, "explained_variance" (vector_store.compute.LayerStats).
+    stats: dict = field(default_factory=dict)
 
     def hashed_fields(self) -> dict:
+        """The fields that define the content. ``stats`` is left out: it describes the tensors,
+        computed from the same examples the source names, so hashing it would only have
+        changed the id of every vector stored before it existed."""
         fields = asdict(self)
         fields.pop("created")
+        fields.pop("stats")
         return fields
 
 
@@ -101,8 +109,10 @@ class ListedVector(NamedTuple):
 
 
 class VectorStore(abc.ABC):
-    """Content-addressed vectors, names that point at them, and a cache of computed
-    contrast pairs. Writes are atomic: a reader sees a whole entry or none."""
+    """Content-addressed vectors, names that point at them, a cache of computed contrast
+    pairs, and each vector's calibrated default (``steer_server.calibration``): a fact about
+    the content, so it is keyed by content id and goes when the vector goes. Writes are
+    atomic: a reader sees a whole entry or none."""
 
     @abc.abstractmethod
     def put(self, vector: StoredVector) -> str:
@@ -147,6 +157,16 @@ class VectorStore(abc.ABC):
 
     @abc.abstractmethod
     def remember_computation(self, key: str, content_id: str) -> None: ...
+
+    @abc.abstractmethod
+    def put_calibration(self, content_id: str, calibration: dict) -> dict:
+        """Store a vector's calibrated default (plain JSON) as the next version of its
+        calibration, in one atomic write; returns it with ``version`` set. VectorNotFound
+        if the vector is not stored."""
+
+    @abc.abstractmethod
+    def calibration(self, content_id: str) -> dict | None:
+        """The vector's latest calibration (with ``version``), or None."""
 
     def resolve(self, name_or_id: str) -> str:
         """A name or a content id -> content id; VectorNotFound if neither."""

@@ -75,12 +75,14 @@ def checked_directions(vector: StoredVector) -> dict[int, torch.Tensor]:
         raise VectorStoreError(f"meta.hidden_size must be a positive int, got {meta.hidden_size!r}")
     if not isinstance(meta.model_fingerprint, str) or not meta.model_fingerprint:
         raise VectorStoreError("meta.model_fingerprint must be a non-empty string")
-    if not isinstance(meta.source, dict):
-        raise VectorStoreError(f"meta.source must be a dict, got {type(meta.source).__name__}")
-    try:
-        json.dumps(meta.source, allow_nan=False)
-    except (TypeError, ValueError) as error:
-        raise VectorStoreError(f"meta.source is not plain JSON: {error}") from None
+    for name in ("source", "stats"):
+        value = getattr(meta, name)
+        if not isinstance(value, dict):
+            raise VectorStoreError(f"meta.{name} must be a dict, got {type(value).__name__}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError) as error:
+            raise VectorStoreError(f"meta.{name} is not plain JSON: {error}") from None
     if not vector.directions:
         raise VectorStoreError("the vector has no directions (expected at least one layer)")
 
@@ -142,6 +144,23 @@ def decode_meta(content_id: str, meta_json: str | bytes) -> VectorMeta:
         return VectorMeta(**json.loads(meta_json))
     except (TypeError, ValueError) as error:
         raise StoredDataDamaged(f"stored metadata of {content_id} is unreadable: {error}") from None
+
+
+def encode_calibration(calibration: dict) -> str:
+    try:
+        return json.dumps(calibration, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise VectorStoreError(f"a calibration must be plain JSON: {error}") from None
+
+
+def decode_calibration(content_id: str, body: str | bytes) -> dict:
+    try:
+        calibration = json.loads(body)
+    except ValueError as error:
+        raise StoredDataDamaged(f"stored calibration of {content_id} is unreadable: {error}") from None
+    if not isinstance(calibration, dict) or not isinstance(calibration.get("version"), int):
+        raise StoredDataDamaged(f"stored calibration of {content_id} is unreadable: not an object with a version")
+    return calibration
 
 
 def decode_shapes(content_id: str, shapes_json: str | bytes | None) -> dict[int, list[int]] | None:

@@ -81,16 +81,21 @@ def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
 
 def computation_key(
     model_fingerprint: str,
-    layer: int,
+    layer: int | list[int],
     token_ids: list[list[int]],
     coeffs: list[float],
     method: str,
     pad_token_id: int | None,
+    options: dict | None = None,
 ) -> str:
     """sha256 (hex) of the canonical JSON of everything that determines a contrast-pair
-    computation's result: the same inputs always give the same key."""
-    if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
-        raise VectorStoreError(f"layer must be a non-negative int, got {layer!r}")
+    computation's result: the same inputs always give the same key. ``layer`` is one layer or
+    the list of layers one computation makes; ``options`` (plain JSON) holds any other input
+    that changes the result, and enters the key only when given, so the keys of computations
+    without options are the ones they always were."""
+    layers = layer if isinstance(layer, list) else [layer]
+    if not layers or not all(isinstance(one, int) and not isinstance(one, bool) and one >= 0 for one in layers):
+        raise VectorStoreError(f"layer must be a non-negative int or a non-empty list of them, got {layer!r}")
     if not all(
         isinstance(prompt, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
         for prompt in token_ids
@@ -102,18 +107,20 @@ def computation_key(
     float_coeffs = [float(coeff) for coeff in coeffs]
     if not all(math.isfinite(coeff) for coeff in float_coeffs):
         raise VectorStoreError(f"coeffs must be finite numbers, got {coeffs!r}")
-    canonical = json.dumps(
-        {
-            "model_fingerprint": model_fingerprint,
-            "layer": layer,
-            "token_ids": token_ids,
-            "coeffs": float_coeffs,
-            "method": method,
-            "pad_token_id": pad_token_id,
-        },
-        sort_keys=True,
-        separators=(",", ":"),
-    )
+    inputs = {
+        "model_fingerprint": model_fingerprint,
+        "layer": layer,
+        "token_ids": token_ids,
+        "coeffs": float_coeffs,
+        "method": method,
+        "pad_token_id": pad_token_id,
+    }
+    if options is not None:
+        inputs["options"] = options
+    try:
+        canonical = json.dumps(inputs, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError) as error:
+        raise VectorStoreError(f"options must be plain JSON: {error}") from None
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -2,7 +2,8 @@
 
 Keys, all under ``prefix`` (default ``steer:``):
   ``<prefix>vector:<content id>``  hash {meta: JSON, tensors: safetensors bytes, sha256,
-                                   shapes: JSON layer -> [k, hidden] (absent in older entries)}
+                                   shapes: JSON layer -> [k, hidden] (absent in older entries),
+                                   calibration: JSON (absent until the vector is calibrated)}
   ``<prefix>ids``                  set of stored content ids
   ``<prefix>names``                hash name -> content id
   ``<prefix>computations``         hash computation key -> content id
@@ -148,6 +149,31 @@ class RedisVectorStore(VectorStore):
     def remember_computation(self, key: str, content_id: str) -> None:
         codec.check_computation_key(key)
         self._point_at(self._computations_key, key, content_id)
+
+    def put_calibration(self, content_id: str, calibration: dict) -> dict:
+        codec.check_content_id(content_id)
+        key = self._vector_key(content_id)
+        stored: dict = {}
+
+        def write(pipe: redis.client.Pipeline) -> None:
+            if not pipe.exists(key):
+                raise VectorNotFound(f"no vector with id {content_id}")
+            previous = pipe.hget(key, "calibration")
+            version = codec.decode_calibration(content_id, previous)["version"] if previous is not None else 0
+            stored.update(calibration, version=version + 1)
+            pipe.multi()
+            pipe.hset(key, "calibration", codec.encode_calibration(stored))
+
+        self._redis.transaction(write, key)
+        return stored
+
+    def calibration(self, content_id: str) -> dict | None:
+        codec.check_content_id(content_id)
+        try:
+            body = self._redis.hget(self._vector_key(content_id), "calibration")
+        except redis.ResponseError as error:  # the key was overwritten with another type
+            raise StoredDataDamaged(f"stored vector {content_id} is corrupted: {error}") from None
+        return None if body is None else codec.decode_calibration(content_id, body)
 
     def _point_at(self, hash_key: str, field: str, content_id: str) -> None:
         """Set ``hash_key[field] = content_id`` only while that vector exists."""

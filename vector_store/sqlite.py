@@ -37,6 +37,11 @@ CREATE TABLE IF NOT EXISTS computations (
     key        TEXT PRIMARY KEY,
     content_id TEXT NOT NULL REFERENCES vectors(content_id) ON DELETE CASCADE
 );
+CREATE TABLE IF NOT EXISTS calibrations (
+    content_id TEXT PRIMARY KEY REFERENCES vectors(content_id) ON DELETE CASCADE,
+    version    INTEGER NOT NULL,
+    body       TEXT NOT NULL  -- JSON, steer_server.calibration.Calibration
+);
 CREATE INDEX IF NOT EXISTS names_by_content_id ON names(content_id);
 CREATE INDEX IF NOT EXISTS computations_by_content_id ON computations(content_id);
 """
@@ -173,6 +178,25 @@ class SqliteVectorStore(VectorStore):
                 " ON CONFLICT (key) DO UPDATE SET content_id = excluded.content_id",
                 (key, content_id),
             )
+
+    def put_calibration(self, content_id: str, calibration: dict) -> dict:
+        codec.check_content_id(content_id)
+        with self._connect() as connection, _write_transaction(connection):
+            self._require(connection, content_id)
+            row = connection.execute("SELECT version FROM calibrations WHERE content_id = ?", (content_id,)).fetchone()
+            stored = {**calibration, "version": (row[0] if row else 0) + 1}
+            connection.execute(
+                "INSERT INTO calibrations (content_id, version, body) VALUES (?, ?, ?)"
+                " ON CONFLICT (content_id) DO UPDATE SET version = excluded.version, body = excluded.body",
+                (content_id, stored["version"], codec.encode_calibration(stored)),
+            )
+        return stored
+
+    def calibration(self, content_id: str) -> dict | None:
+        codec.check_content_id(content_id)
+        with self._connect() as connection:
+            row = connection.execute("SELECT body FROM calibrations WHERE content_id = ?", (content_id,)).fetchone()
+        return codec.decode_calibration(content_id, row[0]) if row else None
 
     @staticmethod
     def _require(connection: sqlite3.Connection, content_id: str) -> None:

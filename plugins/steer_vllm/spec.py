@@ -77,6 +77,11 @@ Positions = Annotated[
 ]
 
 
+def positions_json(positions: str | PositionWindow) -> str | dict:
+    """A schedule as plain JSON (a window without its absent end)."""
+    return positions if isinstance(positions, str) else positions.model_dump(exclude_none=True)
+
+
 class EngineDirection(BaseModel):
     """A stored direction used at one layer.
 

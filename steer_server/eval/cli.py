@@ -8,6 +8,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from steer_server.client import positions_arg
 from steer_server.eval import data
 from steer_server.eval.client import EvalError, Sampling, SteerClient
 from steer_server.eval.journal import JournalMismatch
@@ -34,20 +35,6 @@ def _numbers(kind):
     return parse
 
 
-def _positions(text: str):
-    """A named schedule, or ``START:END`` -> a window over generated tokens."""
-    if text in ("all", "prompt", "generated", "after_anchor"):
-        return text
-    start, colon, end = text.partition(":")
-    try:
-        if not colon:
-            raise ValueError
-        return {"start": int(start), **({"end": int(end)} if end.strip() else {})}
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"expected all, prompt, generated, after_anchor or START:END, got {text!r}") from None
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="steer-server eval",
                                      description="Measure steering on a running steer-server over HTTP.")
@@ -67,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="constant mode: last-token difference (repeat to average)")
     what.add_argument("--vector", help="a stored vector (name or id)")
     p.add_argument("--mode", choices=("actadd", "constant"), default="actadd", help="mode for --vector")
-    p.add_argument("--positions", type=_positions, default="all",
+    p.add_argument("--positions", type=positions_arg, default="all",
                    help="constant mode's schedule (--pair, --vector --mode constant): all, prompt, generated, "
                    "after_anchor, or a window of generated tokens START:END (END may be empty: no end)")
     p.add_argument("--pad", metavar="TEXT|none", help="ActAdd pad (default: the server's)")

@@ -31,8 +31,20 @@ def neutral_prompts() -> list[str]:
     return read_prompts(DATA / "neutral_prompts.txt")
 
 
+def calibration_prompts() -> list[str]:
+    """What ``calibrate`` steers on by default: none of them is an evaluation prompt."""
+    return read_prompts(DATA / "calibration_prompts.txt")
+
+
 def hostile_prompts() -> list[str]:
     return read_prompts(DATA / "hostile_prompts.txt")
+
+
+def sentiment_pairs_file() -> Path:
+    """80 contrast pairs, positive and negative sentiment, one ``{"positive", "negative"}`` a line:
+    each pair says the same thing about the same subject in the same form, so what differs is the
+    sentiment. The file is what ``POST /v1/steering/vectors`` takes as a pairs upload."""
+    return DATA / "sentiment_pairs.jsonl"
 
 
 def offtopic_texts() -> list[str]:

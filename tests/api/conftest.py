@@ -83,12 +83,13 @@ class RunningServer(ServerProcess):
         raise RuntimeError("no EngineCore process under the server")
 
 
-def start_steer_server(log: Path, args: list[str], env: dict | None = None) -> RunningServer:
-    """`steer-server serve ARGS` on a free port with the test API key, eager; waits for /health."""
+def start_steer_server(log: Path, args: list[str], env: dict | None = None, port: int | None = None) -> RunningServer:
+    """`steer-server serve ARGS` on ``port`` (default: a free one) with the test API key, eager;
+    waits for /health."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
     env.pop("VLLM_PLUGINS", None)
     started = server_process.start_steer_server(["--enforce-eager", "--api-key", API_KEY, *args],
-                                                port=free_loopback_port(), log=log, env=env,
+                                                port=port or free_loopback_port(), log=log, env=env,
                                                 timeout_s=STARTUP_TIMEOUT_S)
     return RunningServer(started.name, started.url, started.process, started.log, started.start_s)
 
@@ -117,3 +118,49 @@ def http(server: Server) -> Iterator[httpx.Client]:
     """Authenticated raw HTTP (for bodies the SDK will not send, and the vector routes)."""
     with http_client(server) as c:
         yield c
+
+
+@dataclass
+class TinyServer:
+    """The session's tiny server; ``running`` is the process now serving it (a test that
+    kills it starts another on the same port and store, and puts it here)."""
+
+    url: str
+    api_key: str
+    model: str
+    store: Path
+    log: Path
+    model_dir: str
+    running: RunningServer
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+TINY_MAX_DOSE = 3.0
+
+
+def tiny_server_args(model_dir: str, store: Path) -> list[str]:
+    """A tiny random Llama in float32 (where the engine and transformers agree to float32
+    rounding, so comparisons with the reference can be tight)."""
+    return ["--model", model_dir, "--store", str(store), "--dtype", "float32", "--max-model-len", "256",
+            "--max-dose", str(TINY_MAX_DOSE), "--seed", "0"]
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyServer]:
+    """ONE server of a tiny random Llama for the modules that compare with the transformers
+    reference (pairs, doses, schedules, calibration)."""
+    from models import make_tiny_llama
+
+    workdir = tmp_path_factory.mktemp("tiny-server")
+    model_dir = make_tiny_llama(workdir / "llama")
+    store, log = workdir / "store", workdir / "server.log"
+    running = start_steer_server(log, tiny_server_args(model_dir, store))
+    served = TinyServer(url=running.url, api_key=API_KEY, model=model_dir, store=store, log=log, model_dir=model_dir,
+                        running=running)
+    try:
+        yield served
+    finally:
+        stop_steer_server(served.running)

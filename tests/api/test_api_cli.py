@@ -6,18 +6,11 @@ import subprocess
 import sys
 
 import pytest
+from api_helpers import cli
 
 from steer_server.server_process import steer_server_command
 
 pytestmark = pytest.mark.slow
-
-
-def cli(server, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    command = steer_server_command(*args, "--url", server.url, "--api-key", server.api_key)
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, env={"COLUMNS": "200", "PATH": ""})
-    if check:
-        assert result.returncode == 0, result.stderr
-    return result
 
 
 def test_help_does_not_need_a_server():

@@ -41,7 +41,7 @@ CASES = [
     ({"additions": [add()] * (MAX_ADDITIONS + 1)}, 400, "steering.additions",
      [f"{MAX_ADDITIONS + 1} additions", f"limit of {MAX_ADDITIONS}"]),
     ({"additions": [add(layer="3")]}, 400, "steering.additions[0].layer", ["integer"]),
-    ({"additions": [{"prompt": "Love", "layer": 3}]}, 400, "steering.additions[0].coeff", ["required"]),
+    ({"additions": [{"prompt": "Love", "layer": 3}]}, 400, "steering.additions[0].coeff", ["give coeff or dose", "neither"]),
     ({"additions": [{"text": "Love"}]}, 400, "steering.additions[0]", ["an addition is an object"]),
     ({"additions": [add(extra=1)]}, 400, "steering.additions[0].extra", ["unknown field"]),
     ({"additions": [add()], "positions": "prompt"}, 400, "steering.positions", ["constant"]),

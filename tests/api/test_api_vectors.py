@@ -199,7 +199,10 @@ def test_openapi_lists_the_vector_routes_and_their_bodies(server):
     assert create["application/octet-stream"]["schema"] == {"type": "string", "format": "binary"}
     assert set(schemas["ActAddVectorCreate"]["required"]) == {"layer", "additions"}
     assert set(schemas["ActAddVectorCreate"]["properties"]) == {"name", "layer", "additions", "pad"}
-    assert set(schemas["ConstantVectorCreate"]["properties"]) == {"name", "layer", "pairs"}
+    assert set(schemas["ConstantVectorCreate"]["properties"]) == {"name", "layer", "layers", "pairs", "method",
+                                                                  "position", "template"}
+    assert schemas["ConstantVectorCreate"]["required"] == ["pairs"]
+    assert {"application/jsonl", "application/x-ndjson"} <= set(create)
     assert set(schemas["UploadVectorCreate"]["properties"]) == {"name", "layers", "kind"}
     assert set(schemas["PromptCoeff"]["properties"]) == {"prompt", "coeff"}
     gguf_body = paths[ROUTE + "/import/gguf"]["post"]["requestBody"]["content"]

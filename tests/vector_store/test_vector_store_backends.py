@@ -102,6 +102,20 @@ def test_content_id_changes_with_content_and_with_meta(store, make_vector):
         assert_same_vector(store.get(content_id), vector)
 
 
+def test_stats_are_kept_and_listed_but_do_not_make_the_id(store, make_vector):
+    """Per-layer stats describe the tensors; the id stays the one the vector had without them
+    (so vectors stored before stats existed keep theirs), and both backends give them back."""
+    plain = make_vector(1)
+    stats = {"3": {"norm": 2.5, "separation": 0.75, "explained_variance": 0.4}, "5": {"norm": 1.0, "separation": 1.0}}
+    measured = StoredVector(dataclasses.replace(plain.meta, stats=stats), plain.directions)
+    assert measured.content_id == plain.content_id
+    content_id = store.put(measured)
+    assert store.get(content_id).meta.stats == stats
+    assert [entry.meta.stats for entry in store.listing()] == [stats]
+    with pytest.raises(VectorStoreError, match="meta.stats is not plain JSON"):
+        store.put(StoredVector(dataclasses.replace(plain.meta, stats={"3": {"norm": float("nan")}}), plain.directions))
+
+
 def test_float16_input_is_stored_as_float32(store, make_vector):
     vector = make_vector(2)
     half = StoredVector(vector.meta, {layer: tensor.half() for layer, tensor in vector.directions.items()})
@@ -460,3 +474,23 @@ def test_two_sqlite_store_objects_share_data(tmp_path, make_vector):
     content_id = first.put(make_vector(1))
     second.set_name("shared", content_id)
     assert first.resolve("shared") == content_id
+
+
+def test_calibrations_are_versioned_per_vector_and_go_with_it(store, make_vector):
+    content_id = store.put(make_vector(11))
+    other = store.put(make_vector(12))
+    assert store.calibration(content_id) is None
+    first = store.put_calibration(content_id, {"layer": 5, "dose": 0.4, "positions": {"start": 1}, "mode": "constant"})
+    assert first == {"layer": 5, "dose": 0.4, "positions": {"start": 1}, "mode": "constant", "version": 1}
+    assert store.calibration(content_id) == first
+    second = store.put_calibration(content_id, {"layer": 3, "dose": 0.2, "positions": "all", "mode": "constant"})
+    assert second["version"] == 2 and store.calibration(content_id) == second
+    assert store.calibration(other) is None  # another vector's is its own
+    assert store.put(make_vector(11)) == content_id and store.calibration(content_id) == second  # a re-put keeps it
+    store.delete(content_id)
+    assert store.calibration(content_id) is None
+    with pytest.raises(VectorNotFound):
+        store.put_calibration(content_id, {"layer": 1, "dose": 0.1})
+    with pytest.raises(VectorStoreError, match="plain JSON"):
+        store.put_calibration(other, {"dose": float("nan")})
+    assert store.calibration(other) is None  # the refused write left nothing

@@ -98,8 +98,13 @@ def test_computation_key_is_canonical():
         computation_key("fp", 3, [[1, 2], [3]], [1.0, -2.0], "actadd", None),
         computation_key("fp", 3, [[1, 2], [3]], [1.0, -1.0], "mean_diff", None),
         computation_key("fp", 3, [[1, 2], [3]], [1.0, -1.0], "actadd", 0),
+        computation_key("fp", [3], [[1, 2], [3]], [1.0, -1.0], "actadd", None),
+        computation_key("fp", [3, 4], [[1, 2], [3]], [1.0, -1.0], "actadd", None),
+        computation_key("fp", 3, [[1, 2], [3]], [1.0, -1.0], "actadd", None, {"position": "mean"}),
     ]
     assert len({key, *others}) == 1 + len(others)
+    # Options enter the key only when given: the keys computed before options existed stay.
+    assert key == computation_key("fp", 3, [[1, 2], [3]], [1, -1], "actadd", None, None)
 
 
 @pytest.mark.parametrize(
@@ -109,6 +114,9 @@ def test_computation_key_is_canonical():
         ("fp", 1, [["a"]], [1.0], "actadd", None),
         ("fp", 1, [[1]], [float("nan")], "actadd", None),
         ("fp", 1, [[1]], [1.0], "actadd", "pad"),
+        ("fp", [], [[1]], [1.0], "actadd", None),
+        ("fp", [1, -2], [[1]], [1.0], "actadd", None),
+        ("fp", 1, [[1]], [1.0], "actadd", None, {"x": object()}),
     ],
 )
 def test_computation_key_rejects_bad_input(args):

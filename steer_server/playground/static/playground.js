@@ -356,6 +356,9 @@ function vectorRow(vector) {
   tr.className = "vector-row";
   tr.dataset.id = vector.id;
   const norms = vector.norm ? Object.entries(vector.norm).map(([layer, n]) => `${layer}: ${n.toFixed(2)}`).join(", ") : "";
+  // Vectors made from pairs: how well each layer's direction separates its own examples.
+  const fit = Object.entries(vector.stats ?? {}).map(([layer, s]) => `${layer}: ${s.separation.toFixed(2)}`
+    + (s.explained_variance === undefined ? "" : ` / ${s.explained_variance.toFixed(2)}`)).join(", ");
   const model = vector.served_model ? "served model" : `other model (${String(vector.model).slice(0, 12)}…)`;
   const use = document.createElement("button");
   use.textContent = "use";
@@ -384,7 +387,7 @@ function vectorRow(vector) {
   actions.append(use, " ", remove);
   tr.append(cell(vector.names.length ? vector.names.join(", ") : "(unnamed)", "vector-names"),
     cell(vector.id.slice(0, 14) + "…", "mono"), cell(vector.kind), cell(vector.layers.join(", ")),
-    cell(norms, "vector-norms"), cell(model), cell(actions));
+    cell(norms, "vector-norms"), cell(fit, "vector-fit"), cell(model), cell(actions));
   tr.children[1].title = vector.id;
   return tr;
 }
@@ -395,8 +398,12 @@ async function createFromPairs() {
     const [positive, negative] = line.split("|").map(s => s.trim());
     return {positive, negative: negative ?? ""};
   });
-  const layer = numberOrText($("pairs-layer").value);
-  const body = $("pairs-kind").value === "constant" ? {layer, pairs}
+  const layerText = $("pairs-layer").value.trim();
+  const layer = numberOrText(layerText);
+  // A constant vector may be made at several layers at once: "all", or a list with commas.
+  const layers = layerText === "all" ? {layers: "all"}
+    : layerText.includes(",") ? {layers: layerText.split(",").map(numberOrText)} : {layer};
+  const body = $("pairs-kind").value === "constant" ? {...layers, pairs, method: $("pairs-method").value}
     : {layer, additions: pairs.flatMap(p => [{prompt: p.positive, coeff: 1}, {prompt: p.negative, coeff: -1}])};
   if ($("pairs-name").value.trim()) body.name = $("pairs-name").value.trim();
   try {
@@ -557,12 +564,13 @@ async function start() {
   $("library-refresh").onclick = loadLibrary;
   $("library-all").onchange = loadLibrary;
   $("pairs-create").onclick = createFromPairs;
+  $("pairs-kind").onchange = () => { $("pairs-method-label").hidden = $("pairs-kind").value !== "constant"; };
   $("gguf-import").onclick = importGguf;
   $("sweep-run").onclick = runSweep;
   $("sweep-metric").onchange = renderHeatmap;
   $("sweep-show-floor").onchange = renderHeatmap;
   if (CONFIG.num_layers) {
-    $("pairs-layer").max = CONFIG.num_layers;
+    $("pairs-layer").placeholder = `0..${CONFIG.num_layers}, a list or all`;
     $("pairs-layer").value = middle;
   }
   $("logout").hidden = !CONFIG.keys;

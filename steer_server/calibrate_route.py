@@ -1,0 +1,177 @@
+"""``POST /v1/steering/vectors/{name}/calibrate``: find a stored vector's default layer, dose
+and positions (``steer_server.calibration``) and store them beside it.
+
+The sweep runs through this server's own app in-process with the caller's key, within the
+bounds of ``/v1/steering/sweeps`` (it shares the engine with everyone else's requests). The
+answer is the calibration and every cell it measured, or with ``"stream": true``
+server-sent events ``progress`` ({done, total}) then ``result`` (or ``error``). Nothing is
+written until every cell is measured and a setting chosen, in one store write: a client
+that goes away (the stream cancels the run; a plain request is checked before the write) or
+a server that stops leaves the vector as it was.
+"""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import httpx
+from fastapi import APIRouter, Request
+from fastapi.security.utils import get_authorization_scheme_param
+from pydantic import Field, model_validator
+
+from steer_server.calibration import (
+    DEFAULT_BUDGET,
+    DEFAULT_DOSES,
+    CalibrationError,
+    ProjectionConcept,
+    calibration_of,
+    choose,
+    default_layers,
+    score_cells,
+)
+from steer_server.client import VECTORS_PATH
+from steer_server.eval.client import EvalError, Sampling, SteerClient
+from steer_server.eval.data import calibration_prompts, wedding_lexicon
+from steer_server.eval.metrics import Lexicon
+from steer_server.eval.steerings import NamedVector
+from steer_server.eval.sweep import SweepPlan, run_sweep
+from steer_server.route_errors import SteeringRoute
+from steer_server.steering import Dose, FiniteFloat, SteeringError, bad_request
+from steer_server.sweep_route import (
+    CONCURRENCY,
+    IN_PROCESS_URL,
+    MAX_CELLS,
+    MAX_PROMPTS,
+    MAX_SAMPLES,
+    MAX_TOKENS,
+    Strict,
+    event_stream,
+    progress_events,
+)
+from steer_vllm.spec import Positions, positions_json
+
+if TYPE_CHECKING:
+    from steer_server.api import SteerApiPlugin, SteerServer
+
+CALIBRATE_PATH = VECTORS_PATH + "/{name}/calibrate"
+
+
+class CalibrateRequest(Strict):
+    """What to sweep; every field has a default. ``lexicon`` (topic words) judges the concept
+    by mentions; without it the vector must come from contrast pairs (its stats hold their
+    midpoint) and the concept is read off the model's stream."""
+
+    prompts: list[str] | None = Field(None, min_length=1, max_length=MAX_PROMPTS)
+    layers: list[int] | None = Field(None, min_length=1)
+    doses: list[Dose] | None = Field(None, min_length=1)
+    positions: Positions = "all"
+    lexicon: list[str] | None = Field(None, min_length=1)
+    budget: FiniteFloat = Field(DEFAULT_BUDGET, gt=0.0)  # nats/token of fluency the setting may cost
+    max_tokens: int = Field(32, ge=1, le=MAX_TOKENS)
+    samples: int = Field(4, ge=1, le=MAX_SAMPLES)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(0.3, gt=0.0, le=1.0)
+    repetition_penalty: float | None = Field(1.2, gt=0.0, le=2.0)
+    stream: bool = False
+
+    @model_validator(mode="after")
+    def _small(self) -> CalibrateRequest:
+        if self.layers is not None and self.doses is not None:
+            cells = len(set(self.layers)) * len(set(self.doses))
+            if cells > MAX_CELLS:
+                raise ValueError(f"{cells} layer × dose cells; a calibration here runs at most {MAX_CELLS}")
+        return self
+
+
+def calibrate_router(plugin: SteerApiPlugin) -> APIRouter:
+    router = APIRouter(route_class=SteeringRoute)
+
+    @router.post(CALIBRATE_PATH)
+    async def calibrate(name: str, body: CalibrateRequest, request: Request):
+        """Sweep layers × doses on prompts; store the best setting within the fluency budget
+        as the vector's default (``{"vector": name}`` with no coeff or dose then uses it)."""
+        server = plugin.server
+        if server is None:
+            raise SteeringError(503, "steering is not initialised on this server")
+        content_id, vector = await server.resolver.vector(name, "name")
+        job = await _job(server, name, content_id, vector, body, request)
+        if not body.stream:
+            try:
+                return await job(None)
+            except (EvalError, CalibrationError) as exc:
+                raise _refusal(exc) from None
+        return event_stream(progress_events(job, lambda exc: _refusal(exc).body()
+                                            if isinstance(exc, (EvalError, CalibrationError)) else None))
+
+    return router
+
+
+def _refusal(exc: Exception) -> SteeringError:
+    if isinstance(exc, CalibrationError):
+        return SteeringError(422, f"calibration: {exc}; the vector is unchanged", "doses", reason="invalid")
+    return SteeringError(getattr(exc, "status", None) or 502, f"the calibration stopped: {exc}; the vector is unchanged")
+
+
+async def _job(server: SteerServer, name: str, content_id: str, vector, body: CalibrateRequest, request: Request):
+    """Check everything that can be checked before any cell runs; return the run."""
+    mode = "constant" if all(t.shape[0] == 1 for t in vector.directions.values()) else "actadd"
+    if mode == "actadd" and body.positions != "all":
+        raise bad_request("positions", "an ActAdd sequence is added front-aligned; positions applies to constant vectors")
+    layers = body.layers or default_layers(vector.layers, server.model.num_layers)
+    for i, layer in enumerate(layers):
+        server.resolver.check_layer(layer, f"layers[{i}]")
+        server.resolver.source_layer(vector, layer, name, f"layers[{i}]")
+    doses = body.doses or list(DEFAULT_DOSES)
+    layers = list(dict.fromkeys(layers))
+    if len(layers) * len(set(doses)) > MAX_CELLS:
+        raise bad_request("layers", f"{len(layers)} layers × {len(set(doses))} doses is over {MAX_CELLS} cells; "
+                                    "give fewer layers or doses")
+    concept = None
+    if body.lexicon is None:
+        concept = _projection(server, name, vector, layers)
+    elif not any(w.strip() for w in body.lexicon):
+        raise bad_request("lexicon", "holds no words")
+    lexicon = wedding_lexicon() if body.lexicon is None else Lexicon(
+        "custom", frozenset(w.strip().lower() for w in body.lexicon if w.strip()))
+    prompts = tuple(body.prompts or calibration_prompts()[:MAX_PROMPTS])
+    sampling = Sampling(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p,
+                        repetition_penalty=body.repetition_penalty, samples=body.samples)
+    positions = positions_json(body.positions)
+    plan = SweepPlan(NamedVector(content_id, mode, positions), prompts, tuple(layers),
+                     tuple(dict.fromkeys(doses)), lexicon, sampling, floor=False, strength="dose")
+    _, token = get_authorization_scheme_param(request.headers.get("authorization"))
+    client = SteerClient(IN_PROCESS_URL, token or None, transport=httpx.ASGITransport(app=request.app))
+
+    async def run(on_progress) -> dict:
+        with tempfile.TemporaryDirectory(prefix="steer-calibrate-") as out_dir:
+            async with client:
+                result = await run_sweep(client, plan, Path(out_dir), concurrency=CONCURRENCY, on_progress=on_progress)
+        unsteered_nll, cells = await score_cells(result, concept)
+        if unsteered_nll.value is None:
+            raise CalibrationError("the unsteered completions produced no tokens to score")
+        best = choose(cells, unsteered_nll.value, body.budget)
+        calibration = calibration_of(best, unsteered_nll.value, positions=positions, mode=mode,
+                                     concept="projection" if concept else f"lexicon:{lexicon.name}",
+                                     budget=body.budget, prompts=len(prompts), samples=body.samples)
+        if await request.is_disconnected():  # the caller is gone: leave the vector as it was
+            raise CalibrationError("the client disconnected before the result was stored")
+        stored = await server.store.put_calibration(content_id, calibration.as_json())
+        return {"object": "steering.calibration", "vector": content_id, "calibration": stored,
+                "unsteered_nll": unsteered_nll.as_dict(), "cells": [c.as_dict(unsteered_nll.value) for c in cells]}
+
+    return run
+
+
+def _projection(server: SteerServer, name: str, vector, layers: list[int]) -> dict[int, ProjectionConcept]:
+    """Per sweep layer, the stream readout of a vector made from pairs: at the vector's own
+    layer (one with several layers reads at each layer it is swept at)."""
+    readouts = {}
+    for layer in layers:
+        source = server.resolver.source_layer(vector, layer, name, "layers")
+        midpoint = (vector.meta.stats.get(str(source)) or {}).get("midpoint")
+        if midpoint is None:
+            raise bad_request("lexicon", f"vector {name!r} was not made from contrast pairs (no midpoint of their "
+                                         f"projections at layer {source}): give a lexicon to judge the concept by")
+        readouts[layer] = ProjectionConcept(server.computer.streams, source, vector.directions[source], midpoint)
+    return readouts
