@@ -10,8 +10,10 @@ concept score and by fluency:
   midpoint on the vector's direction — the positive side of the pairs it was made from;
 - fluency: mean NLL per token of the completions under the unsteered model.
 
-The chosen cell is the one with the highest concept score whose fluency costs at most the
-budget (nats/token above the unsteered cell), the smaller dose on a tie. It is stored beside
+The chosen cell is the one whose concept score moves furthest from the unsteered
+completions' (read the same way: a stream readout's unsteered level differs by layer) while
+its fluency costs at most the budget (nats/token above the unsteered cell), the smaller dose
+on a tie. It is stored beside
 the vector, keyed by its content id (``vector_store``'s calibrations): a re-calibration is a
 new version of that record, never a new vector, and every replica reading the store uses it.
 """
@@ -27,7 +29,9 @@ import torch
 from steer_server.eval import metrics
 from steer_server.eval.sweep import SweepResult
 
-DEFAULT_DOSES = (0.05, 0.1, 0.2, 0.4, 0.8, 1.6)
+# On the default model doses above ~0.3 cost more than a nat/token of fluency at every layer
+# tried (EVALUATION.md, "First try"): the grid is fine where settings are usable.
+DEFAULT_DOSES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 DEFAULT_BUDGET = 1.0  # nats/token of fluency a calibrated setting may cost
 MAX_DEFAULT_LAYERS = 4
 CAPTURE_GROUP = 64  # sequences per capture call
@@ -99,7 +103,8 @@ def choose(cells: list[CellScore], unsteered_nll: float, budget: float) -> CellS
         raise CalibrationError(
             f"no cell costs at most {budget:g} nats/token of fluency (the cheapest, layer {cheapest.layer} at dose "
             f"{cheapest.dose:g}, costs {cheapest.nll.value - unsteered_nll:.2f}); try smaller doses or a larger budget")
-    return max(within, key=lambda c: (c.concept.value, -c.dose))
+    # The largest move from the unsteered level: a stream readout's unsteered level differs by layer.
+    return max(within, key=lambda c: (c.concept.value - (c.baseline.value or 0.0), -c.dose))
 
 
 class ProjectionConcept:

@@ -496,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = vsub.add_parser("calibrate", help="find and store a vector's default layer, dose and positions")
     p.add_argument("name")
     p.add_argument("--layers", metavar="L,L,...", help="layers to try (default: the vector's, up to 4 of them)")
-    p.add_argument("--doses", metavar="D,D,...", help="relative doses to try (default: 0.05 to 1.6, doubling)")
+    p.add_argument("--doses", metavar="D,D,...", help="relative doses to try (default: 0.05, 0.1, 0.15, 0.2, 0.3, 0.4)")
     p.add_argument("--positions", type=positions_arg,
                    help="schedule: all (default), prompt, generated, after_anchor or START:END")
     p.add_argument("--prompts", metavar="FILE", help="prompts, one a line (default: the shipped calibration prompts)")

@@ -47,6 +47,11 @@ def sentiment_pairs_file() -> Path:
     return DATA / "sentiment_pairs.jsonl"
 
 
+def wedding_pairs_file() -> Path:
+    """40 contrast pairs: a sentence about a wedding, and the same sentence about something else."""
+    return DATA / "wedding_pairs.jsonl"
+
+
 def offtopic_texts() -> list[str]:
     """Paragraphs of ``offtopic_texts.txt`` (blank-line separated, comment lines dropped)."""
     text = "\n".join(line for line in (DATA / "offtopic_texts.txt").read_text(encoding="utf-8").splitlines()

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from steer_server.access import ApiKeys, KeyRoles
+from steer_server.eval.data import sentiment_pairs_file, wedding_pairs_file
 
 if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin
@@ -19,6 +20,7 @@ PLAYGROUND_COOKIE = "steer_api_key"
 _ASSET_TYPES = {"playground.js": "text/javascript; charset=utf-8", "playground.css": "text/css; charset=utf-8"}
 _CONFIG_SLOT = "__STEER_PLAYGROUND_CONFIG__"
 _NO_STORE = {"Cache-Control": "no-store"}  # the page embeds server state; never serve it stale
+_DATA_FILES = {"sentiment_pairs.jsonl": sentiment_pairs_file, "wedding_pairs.jsonl": wedding_pairs_file}
 
 
 @cache
@@ -66,5 +68,16 @@ def playground_router(plugin: SteerApiPlugin, keys: ApiKeys) -> APIRouter:
             return JSONResponse({"error": {"message": "the playground needs an API key", "type": "AuthenticationError",
                                            "param": None, "code": 401}}, status_code=401)
         return Response(_static(name), media_type=_ASSET_TYPES[name], headers=_NO_STORE)
+
+    @router.get(PLAYGROUND_PATH + "/data/{name}")
+    async def playground_data(name: str, request: Request) -> Response:
+        """A dataset that ships with the server (the presets build vectors from it)."""
+        if name not in _DATA_FILES:
+            return JSONResponse({"error": {"message": f"no playground data {name!r}", "type": "NotFoundError",
+                                           "param": None, "code": 404}}, status_code=404)
+        if not admitted(request):
+            return JSONResponse({"error": {"message": "the playground needs an API key", "type": "AuthenticationError",
+                                           "param": None, "code": 401}}, status_code=401)
+        return Response(_DATA_FILES[name]().read_bytes(), media_type="application/jsonl")
 
     return router

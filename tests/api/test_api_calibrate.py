@@ -90,7 +90,8 @@ def test_calibration_measures_chooses_stores_and_a_bare_vector_steers_at_it(tiny
                                              rows[str(layer)], midpoint))
             assert want == pytest.approx(sum(shares) / len(shares), abs=1e-9), (label, layer, dose)
 
-    best = max(cells, key=lambda c: (c["concept"]["value"], -c["dose"]))  # all within the generous budget
+    # the largest move from the unsteered level, all cells being within the generous budget
+    best = max(cells, key=lambda c: (c["concept"]["value"] - c["unsteered_concept"]["value"], -c["dose"]))
     assert (calibration["layer"], calibration["dose"]) == (best["layer"], best["dose"])
     assert calibration["positions"] == "generated" and calibration["mode"] == "constant"
     assert http.get(f"{ROUTE}/mood").json()["calibration"] == calibration

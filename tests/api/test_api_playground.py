@@ -26,6 +26,8 @@ import httpx
 import openai
 import pytest
 
+from steer_server.eval.data import sentiment_pairs_file
+
 from api_helpers import BOS, error_of
 from conftest import API_KEY, Server, http_client, sdk_client, start_steer_server, stop_steer_server
 
@@ -221,6 +223,34 @@ def test_both_columns_fill_and_match_the_api(page, client, server):
     receipt = [row.text.split() for row in page.find_elements("css selector", "#receipt-rows tr")]
     assert [r[:2] for r in receipt] == [[str(WEDDINGS_LAYER), "add"]]
     assert by_id(page, "error-plain").is_displayed() is False and by_id(page, "error-steered").is_displayed() is False
+
+
+def test_sentiment_preset_steers_by_name_at_the_calibrated_setting(page, client, server, http):
+    """The preset builds the shipped sentiment vector and calibrates it on first use; here the
+    vector is made and calibrated through the API first (a one-cell grid keeps the test short),
+    so the preset finds both and only fills the builder: one row, the vector by name, no number."""
+    admin = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    made = http.post("/v1/steering/vectors", params={"name": "sentiment", "layers": "12,15"},
+                     headers={**admin, "Content-Type": "application/jsonl"}, content=sentiment_pairs_file().read_bytes())
+    assert made.status_code == 201, made.text
+    calibrated = http.post("/v1/steering/vectors/sentiment/calibrate", headers=admin, json={
+        "layers": [15], "doses": [0.3], "prompts": ["The weather"], "samples": 1, "max_tokens": 4, "budget": 100})
+    assert calibrated.status_code == 200, calibrated.text
+    compose(page)
+    by_id(page, "preset-sentiment").click()
+    wait_for(page, lambda d: "calibrated" in by_id(d, "run-status").text, "the preset to fill the builder")
+    (row,) = page.find_elements("css selector", "#steering-rows tr")
+    from selenium.webdriver.support.select import Select
+
+    assert Select(row.find_element("css selector", ".row-strength")).first_selected_option.text == "calibrated"
+    assert not row.find_element("css selector", ".row-coeff").is_displayed()
+    generate(page)
+    shot(page, "1b-sentiment-calibrated")
+    expected = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                         top_p=1, extra_body={"steering": {"additions": [{"vector": "sentiment"}]}})
+    assert text_of(page, "out-steered") == expected.choices[0].text
+    code = page.find_element("id", "code-python").get_attribute("textContent")
+    assert "sentiment" in code and "coeff" not in code and "dose" not in code  # by name, no number
 
 
 def test_chat_columns_match_the_api(page, client, server):

@@ -130,7 +130,8 @@ def test_the_receipt_reports_the_dose_asked_for_and_measured(tiny):
 @pytest.mark.parametrize("steering, param, words", [
     ({"additions": [{"vector": "x", "dose": 0, "layer": 1}]}, "steering.additions[0].dose", "above 0"),
     ({"additions": [{"vector": "x", "dose": -0.5, "layer": 1}]}, "steering.additions[0].dose", "above 0"),
-    ({"additions": [{"vector": "x", "layer": 1}]}, "steering.additions[0].coeff", "give coeff or dose (got neither)"),
+    ({"additions": [{"vector": inline(VECTORS["a"], 1)}]}, "steering.additions[0].coeff",
+     "give coeff or dose (got neither; only a stored vector has a calibrated default)"),
     ({"additions": [{"vector": "x", "coeff": 1, "dose": 0.2, "layer": 1}]}, "steering.additions[0].coeff",
      "give coeff or dose (got both)"),
     ({"mode": "constant", "additions": [{"vector": "x", "dose": 0.2, "layer": 1, "positions": {"start": 5, "end": 2}}]},

@@ -85,16 +85,24 @@ function input(value, placeholder, cls) {
   return el;
 }
 
-function addRow({op = "add", source = "prompt", text = "", negative = "", coeff = "1", layer = ""} = {}) {
+// How an addition's number is read: a coefficient, a relative dose ‖Δh‖/‖h‖, or (a stored
+// vector) none at all: the vector's calibrated default layer, dose and positions.
+const STRENGTHS = ["coeff", "dose", "calibrated"];
+
+function addRow({op = "add", source = "prompt", text = "", negative = "", coeff = "1", layer = "",
+                 strength = "coeff"} = {}) {
   const tr = document.createElement("tr");
   tr.className = "steering-row";
   const opSel = select(OPERATIONS, op);
   opSel.className = "row-op";
   const sourceSel = select(SOURCES[op], source);
   sourceSel.className = "row-source";
+  const strengthSel = select(STRENGTHS, strength);
+  strengthSel.className = "row-strength";
+  const amount = document.createElement("span");
+  amount.append(strengthSel, input(String(coeff), "coeff", "row-coeff"));
   const cells = [opSel, sourceSel, input(text, "text or vector name", "row-text"),
-    input(negative, "negative prompt", "row-negative"), input(String(coeff), "coeff", "row-coeff"),
-    input(String(layer), "layer", "row-layer")];
+    input(negative, "negative prompt", "row-negative"), amount, input(String(layer), "layer", "row-layer")];
   const remove = document.createElement("button");
   remove.textContent = "×";
   remove.className = "secondary small row-remove";
@@ -110,10 +118,16 @@ function addRow({op = "add", source = "prompt", text = "", negative = "", coeff 
       sourceSel.replaceChildren(...sources.map(s => new Option(s, s)));
     }
     tr.querySelector(".row-negative").hidden = sourceSel.value !== "pair";
+    const adding = opSel.value === "add";
+    strengthSel.hidden = !adding;
+    strengthSel.options[2].disabled = sourceSel.value !== "vector";
+    if (!adding || (strengthSel.value === "calibrated" && sourceSel.value !== "vector")) strengthSel.value = "coeff";
+    tr.querySelector(".row-coeff").hidden = adding && strengthSel.value === "calibrated";
     renderCode();
   };
   opSel.onchange = sync;
   sourceSel.onchange = sync;
+  strengthSel.onchange = sync;
   tr.addEventListener("input", renderCode);
   $("steering-rows").append(tr);
   sync();
@@ -137,9 +151,11 @@ function steeringField() {
     const layerText = tr.querySelector(".row-layer").value.trim();
     const layer = layerText === "" ? undefined : numberOrText(layerText);
     if (op === "add") {
-      const entry = source === "prompt" ? {prompt: text, coeff, layer}
-        : source === "pair" ? {positive: text, negative: tr.querySelector(".row-negative").value, coeff, layer}
-        : {vector: text, coeff, ...(layer === undefined ? {} : {layer})};
+      const kind = tr.querySelector(".row-strength").value;
+      const strength = kind === "calibrated" ? {} : {[kind]: coeff};
+      const entry = source === "prompt" ? {prompt: text, ...strength, layer}
+        : source === "pair" ? {positive: text, negative: tr.querySelector(".row-negative").value, ...strength, layer}
+        : {vector: text, ...strength, ...(layer === undefined ? {} : {layer})};
       steering.additions.push(entry);
     } else if (op === "ablate") {
       steering.ablate.push({vector: text, ...(layer === undefined ? {} : {layers: [layer]})});
@@ -364,7 +380,8 @@ function vectorRow(vector) {
   use.textContent = "use";
   use.className = "secondary small";
   use.onclick = () => {
-    addRow({op: "add", source: "vector", text: vector.names[0] ?? vector.id, coeff: "4"});
+    addRow({op: "add", source: "vector", text: vector.names[0] ?? vector.id, coeff: "4",
+            strength: vector.calibration ? "calibrated" : "coeff"});
     setTab("compare");
   };
   const remove = document.createElement("button");
@@ -535,11 +552,39 @@ function syncVisibility() {
   renderCode();
 }
 
-function preset(rows) {
+function preset(rows, mode = "actadd") {
   $("steering-rows").replaceChildren();
-  $("mode").value = "actadd";
+  $("mode").value = mode;
   for (const row of rows) addRow(row);
   syncVisibility();
+}
+
+// The shipped sentiment pairs as a vector, calibrated once (both stored): the preset then
+// steers by name with no coefficient. Made on first use, with the calibration's progress shown.
+async function presetSentiment() {
+  const status = $("run-status");
+  let vector = null;
+  try {
+    vector = await api("GET", `${VECTORS}/sentiment`);
+  } catch (_) {
+    status.textContent = "making the sentiment vector from the shipped pairs…";
+    const pairs = await (await fetch("/playground/data/sentiment_pairs.jsonl", {headers: headers()})).text();
+    vector = await api("POST", `${VECTORS}?name=sentiment&layers=all`, pairs, "application/jsonl");
+  }
+  if (!vector.calibration) {
+    const response = await fetch(`${VECTORS}/sentiment/calibrate`, {method: "POST",
+      headers: headers({"Content-Type": "application/json"}), body: JSON.stringify({stream: true})});
+    if (!response.ok) throw new Error(await errorText(response));
+    let failure = null;
+    await readEvents(response, (name, data) => {
+      const body = JSON.parse(data);
+      if (name === "progress") status.textContent = `calibrating sentiment: ${body.done} / ${body.total}`;
+      else if (name === "error") failure = body.error.message;
+    });
+    if (failure) throw new Error(failure);
+  }
+  status.textContent = "sentiment: calibrated (layer, dose and positions are the vector's own)";
+  preset([{source: "vector", text: "sentiment", strength: "calibrated"}]);
 }
 
 async function start() {
@@ -557,6 +602,9 @@ async function start() {
   $("preset-weddings").onclick = () => preset([
     {source: "prompt", text: " weddings", coeff: "6", layer: String(middle)},
     {source: "prompt", text: " ", coeff: "-6", layer: String(middle)}]);
+  $("preset-sentiment").onclick = () => presetSentiment().catch(error => {
+    $("run-status").textContent = String(error.message ?? error);
+  });
   $("run").onclick = runBoth;
   $("stop").onclick = () => state.controller?.abort();
   $("copy-curl").onclick = () => copy("code-curl");

@@ -1,0 +1,138 @@
+"""The first-try measurement (issue 22): a vector made in one call from the shipped sentiment
+pairs, calibrated in one call, then used by name with no coefficient on prompts it was not
+calibrated on, beside the unsteered model and a random vector at the same layer, dose and
+positions.
+
+Concept: the vector's own readout, computed here in plain transformers (not by the server):
+the share of each completion's generated tokens whose stream entering the vector's layer,
+through the unsteered model, projects past the midpoint of the pairs it was made from.
+Fluency: NLL per token of the completion given the prompt under the unsteered model, also in
+transformers. Intervals: 95%, normal approximation over completions.
+
+    python evaluation/first_try/run.py --url http://127.0.0.1:8000 --store STORE_DIR --out evaluation/first_try
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from transformers import AutoModelForCausalLM
+
+from steer_server.default_model import default_model_dir
+from steer_server.eval.data import calibration_prompts, neutral_prompts, sentiment_pairs_file
+from vector_store.sqlite import SqliteVectorStore
+
+VECTORS = "/v1/steering/vectors"
+
+
+def interval(values: list[float]) -> dict:
+    mean = statistics.fmean(values)
+    half = 1.96 * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+    return {"value": mean, "low": mean - half, "high": mean + half, "n": len(values)}
+
+
+def direction_at(store: Path, content_id: str, layer: int) -> np.ndarray:
+    """The stored direction, read from the server's store directory itself."""
+    return SqliteVectorStore(store).get(content_id).directions[layer].double().numpy().reshape(-1)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--api-key", default="-")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--store", type=Path, required=True, help="the server's --store directory (read only)")
+    parser.add_argument("--samples", type=int, default=8)
+    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--method", default="mean_diff", help="how the vector is made from the pairs")
+    parser.add_argument("--position", default="last", help="which token of each example: last or mean")
+    parser.add_argument("--calibrate", type=json.loads, default={}, metavar="JSON",
+                        help="the calibrate body (default: {}, the server's defaults)")
+    args = parser.parse_args()
+    held_out = neutral_prompts()
+    assert not set(held_out) & set(calibration_prompts()), "held-out prompts must not be calibration prompts"
+    http = httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.api_key}"}, timeout=3600)
+    model_name = http.get("/v1/models").raise_for_status().json()["data"][0]["id"]
+
+    started = time.perf_counter()
+    created = http.post(VECTORS, params={"name": "sentiment", "layers": "all", "method": args.method,
+                                         "position": args.position},
+                        content=sentiment_pairs_file().read_bytes(), headers={"Content-Type": "application/jsonl"})
+    created.raise_for_status()
+    made_s = time.perf_counter() - started
+    started = time.perf_counter()
+    calibrated = http.post(f"{VECTORS}/sentiment/calibrate", json=args.calibrate)
+    if calibrated.status_code != 200:
+        raise SystemExit(f"calibration refused: {calibrated.text}")
+    calibrate_s = time.perf_counter() - started
+    calibration = calibrated.json()["calibration"]
+    calibration_cells = calibrated.json()["cells"]
+    layer, dose, positions = calibration["layer"], calibration["dose"], calibration["positions"]
+    vector = created.json()
+    midpoint = vector["stats"][str(layer)]["midpoint"]
+    unit = direction_at(args.store, vector["id"], layer)
+    unit /= np.linalg.norm(unit)
+
+    rng = np.random.default_rng(0)
+    random_row = rng.standard_normal(vector["hidden_size"])
+    floor = http.post(VECTORS, json={"name": "sentiment-random-floor", "layers": {str(layer): [random_row.tolist()]}})
+    floor.raise_for_status()
+    arms = {
+        "unsteered": None,
+        "calibrated": {"additions": [{"vector": "sentiment"}]},  # by name, no coefficient
+        "random floor": {"mode": "constant", "additions": [{"vector": "sentiment-random-floor", "layer": layer,
+                                                            "dose": dose, "positions": positions}]},
+    }
+    completions: dict[str, list[tuple[list[int], list[int], str]]] = {arm: [] for arm in arms}
+    for arm, steering in arms.items():
+        for prompt in held_out:
+            body = {"model": model_name, "prompt": prompt, "max_tokens": args.max_tokens, "n": args.samples,
+                    "temperature": 1.0, "top_p": 0.3, "repetition_penalty": 1.2, "return_token_ids": True}
+            if steering:
+                body["steering"] = steering
+            answer = http.post("/v1/completions", json=body).raise_for_status().json()
+            for choice in answer["choices"]:
+                completions[arm].append((choice["prompt_token_ids"], choice["token_ids"], choice["text"]))
+
+    hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+    report = {"calibration": calibration, "vector": {"id": vector["id"], "layers": len(vector["layers"]),
+                                                     "method": args.method, "position": args.position,
+                                                     "seconds": round(made_s, 1)},
+              "calibrate_seconds": round(calibrate_s, 1), "calibrate_body": args.calibrate,
+              "calibration_cells": calibration_cells,
+              "held_out_prompts": len(held_out),
+              "samples": args.samples, "max_tokens": args.max_tokens, "arms": {}}
+    for arm, items in completions.items():
+        concept, nll = [], []
+        for prompt_ids, token_ids, _ in items:
+            if not token_ids:
+                continue
+            ids = torch.tensor([prompt_ids + token_ids])
+            with torch.no_grad():
+                out = hf(input_ids=ids, output_hidden_states=True)
+            stream = out.hidden_states[layer][0, len(prompt_ids):].double().numpy()
+            concept.append(float(((stream @ unit) > midpoint).mean()))
+            logp = torch.log_softmax(out.logits[0, len(prompt_ids) - 1:-1].double(), dim=-1)
+            nll.append(-float(logp.gather(1, torch.tensor(token_ids)[:, None]).mean()))
+        report["arms"][arm] = {"concept": interval(concept), "nll": interval(nll),
+                               "examples": [text for _, _, text in items[:: max(1, len(items) // 4)]][:4]}
+    base = report["arms"]["unsteered"]
+    for arm in ("calibrated", "random floor"):
+        report["arms"][arm]["concept_move"] = report["arms"][arm]["concept"]["value"] - base["concept"]["value"]
+        report["arms"][arm]["nll_cost"] = report["arms"][arm]["nll"]["value"] - base["nll"]["value"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({arm: {k: v for k, v in r.items() if k != "examples"} for arm, r in report["arms"].items()}, indent=1))
+    print(json.dumps(calibration))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
