@@ -252,6 +252,20 @@ def test_sentiment_preset_steers_by_name_at_the_calibrated_setting(page, client,
     code = page.find_element("id", "code-python").get_attribute("textContent")
     assert "sentiment" in code and "coeff" not in code and "dose" not in code  # by name, no number
 
+    # The weddings preset: the shipped wedding pairs made into a vector on first use, at a dose.
+    by_id(page, "preset-weddings").click()
+    wait_for(page, lambda d: len(d.find_elements("css selector", "#steering-rows tr")) == 1
+             and d.find_element("css selector", "#steering-rows .row-text").get_attribute("value") == "weddings",
+             "the weddings preset")
+    row = page.find_element("css selector", "#steering-rows tr")
+    assert Select(row.find_element("css selector", ".row-strength")).first_selected_option.text == "dose"
+    assert http.get("/v1/steering/vectors/weddings").json()["stats"]["18"]["separation"] > 0.5
+    generate(page)
+    expected = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
+                                         top_p=1, extra_body={"steering": {"mode": "constant", "additions": [
+                                             {"vector": "weddings", "dose": 0.3, "layer": 18}]}})
+    assert text_of(page, "out-steered") == expected.choices[0].text != text_of(page, "out-plain")
+
 
 def test_chat_columns_match_the_api(page, client, server):
     question = "What should I do this weekend?"
