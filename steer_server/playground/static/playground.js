@@ -606,7 +606,7 @@ async function start() {
     {source: "prompt", text: "Love", coeff: "5", layer: String(early)},
     {source: "prompt", text: "Hate", coeff: "-5", layer: String(early)}]);
   // The wedding pairs (each token's mean) at 0.3 of the stream's norm on every position of layer
-  // 18: 67% of completions mention weddings at +0.4 nats/token on the default model (EVALUATION.md).
+  // 18: 66% of completions mention weddings at +0.44 nats/token on the default model (EVALUATION.md).
   $("preset-weddings").onclick = () => shippedVector("weddings", "wedding_pairs.jsonl", `layers=${WEDDINGS.layer}&position=mean`)
     .then(() => {
       preset([{source: "vector", text: "weddings", strength: "dose", coeff: String(WEDDINGS.dose),
