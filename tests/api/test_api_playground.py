@@ -135,13 +135,14 @@ def page(browser, server):
 
 
 def steer_rows(driver, rows: list[dict]) -> None:
-    """Replace the builder's rows: each {source, text, coeff, layer} (operation add)."""
+    """Replace the builder's rows: each {source, text, coeff, layer} (operation add), in actadd mode."""
+    from selenium.webdriver.support.select import Select
+
+    Select(by_id(driver, "mode")).select_by_value("actadd")
     driver.execute_script("document.getElementById('steering-rows').replaceChildren()")
     for row in rows:
         by_id(driver, "add-row").click()
         tr = driver.find_elements("css selector", "#steering-rows tr")[-1]
-        from selenium.webdriver.support.select import Select
-
         Select(tr.find_element("css selector", ".row-source")).select_by_value(row["source"])
         for cls, key in ((".row-text", "text"), (".row-coeff", "coeff"), (".row-layer", "layer")):
             field = tr.find_element("css selector", cls)
@@ -265,6 +266,7 @@ def test_sentiment_preset_steers_by_name_at_the_calibrated_setting(page, client,
                                          top_p=1, extra_body={"steering": {"mode": "constant", "additions": [
                                              {"vector": "weddings", "dose": 0.3, "layer": 18}]}})
     assert text_of(page, "out-steered") == expected.choices[0].text != text_of(page, "out-plain")
+    by_id(page, "preset-love-hate").click()  # the page as the other tests expect it: actadd mode
 
 
 def test_chat_columns_match_the_api(page, client, server):
