@@ -59,25 +59,25 @@ def playground_router(plugin: SteerApiPlugin, keys: ApiKeys) -> APIRouter:
         embedded = json.dumps(config).replace("<", "\\u003c")
         return HTMLResponse(_static("index.html").replace(_CONFIG_SLOT, embedded), headers=_NO_STORE)
 
-    @router.get(PLAYGROUND_PATH + "/assets/{name}")
-    async def playground_asset(name: str, request: Request) -> Response:
-        if name not in _ASSET_TYPES:
-            return JSONResponse({"error": {"message": f"no playground asset {name!r}", "type": "NotFoundError",
+    def refused(kind: str, name: str, known, request: Request) -> JSONResponse | None:
+        """404 for a file the page does not ship, 401 without a key; None: serve it."""
+        if name not in known:
+            return JSONResponse({"error": {"message": f"no playground {kind} {name!r}", "type": "NotFoundError",
                                            "param": None, "code": 404}}, status_code=404)
         if not admitted(request):
             return JSONResponse({"error": {"message": "the playground needs an API key", "type": "AuthenticationError",
                                            "param": None, "code": 401}}, status_code=401)
-        return Response(_static(name), media_type=_ASSET_TYPES[name], headers=_NO_STORE)
+        return None
+
+    @router.get(PLAYGROUND_PATH + "/assets/{name}")
+    async def playground_asset(name: str, request: Request) -> Response:
+        return refused("asset", name, _ASSET_TYPES, request) or Response(
+            _static(name), media_type=_ASSET_TYPES[name], headers=_NO_STORE)
 
     @router.get(PLAYGROUND_PATH + "/data/{name}")
     async def playground_data(name: str, request: Request) -> Response:
         """A dataset that ships with the server (the presets build vectors from it)."""
-        if name not in _DATA_FILES:
-            return JSONResponse({"error": {"message": f"no playground data {name!r}", "type": "NotFoundError",
-                                           "param": None, "code": 404}}, status_code=404)
-        if not admitted(request):
-            return JSONResponse({"error": {"message": "the playground needs an API key", "type": "AuthenticationError",
-                                           "param": None, "code": 401}}, status_code=401)
-        return Response(_DATA_FILES[name]().read_bytes(), media_type="application/jsonl")
+        return refused("data", name, _DATA_FILES, request) or Response(
+            _DATA_FILES[name]().read_bytes(), media_type="application/jsonl")
 
     return router
