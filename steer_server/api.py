@@ -75,6 +75,10 @@ REFERENCE_TEXT = (
 )
 
 
+def _nothing() -> None:
+    pass
+
+
 class SteerApiPlugin:
     """The ``vllm.endpoint_plugins`` entry point (``steer_api``)."""
 
@@ -250,10 +254,13 @@ class SteerServer:
 
     # ---------------------------------------------------------------- requests
 
-    async def rewrite_request(self, path: str, payload: dict, headers) -> tuple[Resolved, AwaitingPrompt | None]:
+    async def rewrite_request(self, path: str, payload: dict, headers,
+                              counted: bool = True) -> tuple[Resolved, AwaitingPrompt | None]:
         """Resolve ``payload["steering"]`` (present) into ``vllm_xargs.steering``, in place.
         The caller pins ``Resolved.vectors`` while vLLM handles the request, and hands the
-        ``AwaitingPrompt`` (ActAdd: checks that need the rendered prompt) to the render hook."""
+        ``AwaitingPrompt`` (ActAdd: checks that need the rendered prompt) to the render hook.
+        ``counted``: whether the request is a steered request for metrics and logs (a dose
+        probe is not)."""
         xargs = payload.get("vllm_xargs")
         if xargs is not None and not isinstance(xargs, dict):
             raise bad_request("vllm_xargs", f"expected an object, got {type(xargs).__name__}")
@@ -270,7 +277,7 @@ class SteerServer:
         if "request_id" not in payload and headers.get("x-request-id") is None and path != "/v1/responses":
             payload["request_id"] = uuid.uuid4().hex
         request_id = headers.get("x-request-id") or payload.get("request_id", "-")
-        accepted = functools.partial(self._accepted, path, request_id, resolved)
+        accepted = functools.partial(self._accepted, path, request_id, resolved) if counted else _nothing
         if resolved.engine.anchor_to is None:
             accepted()
             return resolved, None

@@ -59,8 +59,9 @@ def serve_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-additions", type=int, default=DEFAULT_MAX_ADDITIONS, metavar="N",
                         help="most additions in one request's steering (default: %(default)s, at most 64)")
     parser.add_argument("--max-dose", type=float, default=None, metavar="D",
-                        help="largest relative dose (‖Δh‖/‖h‖) an addition may ask for; a larger one gets HTTP 400 "
-                        "naming the field (default: no limit)")
+                        help="largest relative dose (‖Δh‖/‖h‖) an addition may ask for, or a coefficient may give on a "
+                        "request's first step (measured by a two-token probe); over it: HTTP 400 naming the field "
+                        "(default: no limit)")
     parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
                         help="largest request body; larger gets HTTP 413 (default: %(default)s)")
     parser.add_argument("--steering-table-rows", type=int, default=None, metavar="N",

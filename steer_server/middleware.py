@@ -19,6 +19,7 @@ from starlette.datastructures import Headers
 
 from steer_server import metrics
 from steer_server.client import VECTORS_PATH
+from steer_server.dose_probe import check_dose, coefficient_layers
 from steer_server.receipts import ReceiptAttacher
 from steer_server.render_hook import awaiting_prompt
 from steer_server.steering import SteeringError, bad_request
@@ -88,6 +89,10 @@ class BodyMiddleware:
         if steering is None:
             return await self.app(scope, _replay(body, receive), send)
         try:
+            if server.settings.max_dose is not None and coefficient_layers(steering):
+                refusal = await check_dose(self.app, scope, server, path, payload, headers)
+                if refusal is not None:
+                    raise refusal
             resolved, awaiting = await server.rewrite_request(path, payload, headers)
         except SteeringError as exc:
             return await _refuse(scope, receive, send, path, exc)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 
+import openai
 import pytest
 import torch
 from api_helpers import error_of
@@ -155,3 +156,36 @@ def test_bad_doses_and_schedules_are_400s_naming_the_field(tiny, steering, param
     assert response.status_code == 400, response.text
     error = error_of(response)
     assert error["param"] == param and error["message"].startswith(param + ":") and words in error["message"], error
+
+
+def test_max_dose_refuses_a_coefficient_by_the_dose_it_gives_on_the_first_step(tiny, hf):
+    """A coefficient's dose is ‖c·v‖ / ‖h‖: read here from the reference's unsteered streams
+    entering layer 1 at the prompt, then asked just under and just over the server's limit."""
+    with torch.no_grad():
+        streams = hf(input_ids=torch.tensor([PROMPT]), output_hidden_states=True).hidden_states[1][0]
+    dose_per_coeff = float(VECTORS["a"].norm() / streams.norm(dim=-1).min())
+
+    def steering(coeff: float, receipt: bool = False) -> dict:
+        return {"mode": "constant", "receipt": receipt,
+                "additions": [{"vector": inline(VECTORS["a"], 1), "coeff": coeff, "positions": "prompt"}]}
+
+    under = 0.9 * MAX_DOSE / dose_per_coeff
+    response = sdk_client(tiny).completions.create(model=tiny.model, prompt=PROMPT, max_tokens=3, temperature=0,
+                                                   extra_body={"steering": steering(under, receipt=True)})
+    (layer,) = response.model_extra["steering_receipt"]["layers"]
+    assert layer["dose_max"] == pytest.approx(0.9 * MAX_DOSE, rel=1e-3)
+
+    over = 1.1 * MAX_DOSE / dose_per_coeff
+    with http_client(tiny) as http:
+        refused = http.post("/v1/completions", json={"model": tiny.model, "prompt": PROMPT, "max_tokens": 3,
+                                                     "steering": steering(over)})
+    assert refused.status_code == 400, refused.text
+    error = error_of(refused)
+    assert error["param"] == "steering.additions[0].coeff", error
+    assert f"gave a dose of {1.1 * MAX_DOSE:.3g} at layer 1 on the first step, over this server's limit of " \
+           f"{MAX_DOSE:g} (--max-dose)" in error["message"], error
+    with pytest.raises(openai.BadRequestError) as streamed:  # refused before the stream starts
+        sdk_client(tiny).chat.completions.create(model=tiny.model, messages=[{"role": "user", "content": QUESTION}],
+                                                 max_tokens=3, stream=True,
+                                                 extra_body={"steering": steering(10 * over)})
+    assert streamed.value.body["param"] == "steering.additions[0].coeff"
