@@ -7,11 +7,17 @@ answer is the calibration and every cell it measured, or with ``"stream": true``
 server-sent events ``progress`` ({done, total}) then ``result`` (or ``error``). Nothing is
 written until every cell is measured and a setting chosen, in one store write: a client
 that goes away (the stream cancels the run; a plain request is checked before the write) or
-a server that stops leaves the vector as it was.
+a server that stops leaves the vector as it was. ``"store": false`` measures and chooses
+without writing.
+
+``PUT /v1/steering/vectors/{name}/calibration`` stores a default given by the caller: set by
+hand, or the best of several ``"store": false`` calibrations, which is how the CLI runs grids
+larger than one calibration here may be.
 """
 from __future__ import annotations
 
 import tempfile
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +28,6 @@ from pydantic import Field, model_validator
 
 from steer_server.calibration import (
     DEFAULT_BUDGET,
-    DEFAULT_DOSES,
     CalibrationError,
     ProjectionConcept,
     calibration_of,
@@ -30,7 +35,7 @@ from steer_server.calibration import (
     default_layers,
     score_cells,
 )
-from steer_server.client import VECTORS_PATH
+from steer_server.client import DEFAULT_DOSES, MAX_CELLS, VECTORS_PATH
 from steer_server.eval.client import EvalError, Sampling, SteerClient
 from steer_server.eval.data import calibration_prompts, wedding_lexicon
 from steer_server.eval.metrics import Lexicon
@@ -41,7 +46,6 @@ from steer_server.steering import Dose, FiniteFloat, SteeringError, bad_request
 from steer_server.sweep_route import (
     CONCURRENCY,
     IN_PROCESS_URL,
-    MAX_CELLS,
     MAX_PROMPTS,
     MAX_SAMPLES,
     MAX_TOKENS,
@@ -55,6 +59,7 @@ if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin, SteerServer
 
 CALIBRATE_PATH = VECTORS_PATH + "/{name}/calibrate"
+CALIBRATION_PATH = VECTORS_PATH + "/{name}/calibration"
 
 
 class CalibrateRequest(Strict):
@@ -74,6 +79,7 @@ class CalibrateRequest(Strict):
     top_p: float = Field(0.3, gt=0.0, le=1.0)
     repetition_penalty: float | None = Field(1.2, gt=0.0, le=2.0)
     stream: bool = False
+    store: bool = True  # false: measure and choose only (the CLI's larger grids run in parts)
 
     @model_validator(mode="after")
     def _small(self) -> CalibrateRequest:
@@ -104,7 +110,50 @@ def calibrate_router(plugin: SteerApiPlugin) -> APIRouter:
         return event_stream(progress_events(job, lambda exc: _refusal(exc).body()
                                             if isinstance(exc, (EvalError, CalibrationError)) else None))
 
+    _set_calibration_route(router, plugin)
     return router
+
+
+class CalibrationBody(Strict):
+    """A vector's default set by hand, or chosen by a client from calibrations run in parts
+    (the measurement fields then come with it, as ``calibrate`` returns them)."""
+
+    layer: int
+    dose: Dose
+    positions: Positions = "all"
+    concept: str = Field("set by hand", min_length=1, max_length=200)
+    score: FiniteFloat | None = None
+    score_interval: list[FiniteFloat] | None = Field(None, min_length=2, max_length=2)
+    unsteered_score: FiniteFloat | None = None
+    nll_cost: FiniteFloat | None = None
+    budget: FiniteFloat | None = Field(None, gt=0.0)
+    prompts: int | None = Field(None, ge=1)
+    samples: int | None = Field(None, ge=1)
+
+
+def _set_calibration_route(router: APIRouter, plugin: SteerApiPlugin) -> None:
+    @router.put(CALIBRATION_PATH)
+    async def set_calibration(name: str, body: CalibrationBody):
+        """Store ``body`` as the vector's default layer, dose and positions."""
+        server = plugin.server
+        if server is None:
+            raise SteeringError(503, "steering is not initialised on this server")
+        content_id, vector = await server.resolver.vector(name, "name")
+        mode = _mode_of(vector)
+        if mode == "actadd" and body.positions != "all":
+            raise bad_request("positions", "an ActAdd sequence is added front-aligned; positions applies to constant vectors")
+        server.resolver.check_layer(body.layer, "layer")
+        server.resolver.source_layer(vector, body.layer, name, "layer")
+        if server.settings.max_dose is not None and body.dose > server.settings.max_dose:
+            raise bad_request("dose", f"{body.dose} is over this server's limit of {server.settings.max_dose} (--max-dose)")
+        record = {key: value for key, value in body.model_dump().items() if value is not None}
+        record.update(positions=positions_json(body.positions), mode=mode, created=time.time())
+        stored = await server.store.put_calibration(content_id, record)
+        return {"object": "steering.calibration", "vector": content_id, "calibration": stored, "stored": True}
+
+
+def _mode_of(vector) -> str:
+    return "constant" if all(t.shape[0] == 1 for t in vector.directions.values()) else "actadd"
 
 
 def _refusal(exc: Exception) -> SteeringError:
@@ -115,7 +164,7 @@ def _refusal(exc: Exception) -> SteeringError:
 
 async def _job(server: SteerServer, name: str, content_id: str, vector, body: CalibrateRequest, request: Request):
     """Check everything that can be checked before any cell runs; return the run."""
-    mode = "constant" if all(t.shape[0] == 1 for t in vector.directions.values()) else "actadd"
+    mode = _mode_of(vector)
     if mode == "actadd" and body.positions != "all":
         raise bad_request("positions", "an ActAdd sequence is added front-aligned; positions applies to constant vectors")
     layers = body.layers or default_layers(vector.layers, server.model.num_layers)
@@ -154,10 +203,13 @@ async def _job(server: SteerServer, name: str, content_id: str, vector, body: Ca
         calibration = calibration_of(best, unsteered_nll.value, positions=positions, mode=mode,
                                      concept="projection" if concept else f"lexicon:{lexicon.name}",
                                      budget=body.budget, prompts=len(prompts), samples=body.samples)
-        if await request.is_disconnected():  # the caller is gone: leave the vector as it was
+        if not body.store:
+            stored = calibration.as_json()
+        elif await request.is_disconnected():  # the caller is gone: leave the vector as it was
             raise CalibrationError("the client disconnected before the result was stored")
-        stored = await server.store.put_calibration(content_id, calibration.as_json())
-        return {"object": "steering.calibration", "vector": content_id, "calibration": stored,
+        else:
+            stored = await server.store.put_calibration(content_id, calibration.as_json())
+        return {"object": "steering.calibration", "vector": content_id, "calibration": stored, "stored": body.store,
                 "unsteered_nll": unsteered_nll.as_dict(), "cells": [c.as_dict(unsteered_nll.value) for c in cells]}
 
     return run

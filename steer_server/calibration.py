@@ -29,9 +29,6 @@ import torch
 from steer_server.eval import metrics
 from steer_server.eval.sweep import SweepResult
 
-# On the default model doses above ~0.3 cost more than a nat/token of fluency at every layer
-# tried (EVALUATION.md, "First try"): the grid is fine where settings are usable.
-DEFAULT_DOSES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 DEFAULT_BUDGET = 1.0  # nats/token of fluency a calibrated setting may cost
 MAX_DEFAULT_LAYERS = 4
 CAPTURE_GROUP = 64  # sequences per capture call

@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 
 from steer_server.client import (
+    DEFAULT_DOSES,
     DEFAULT_URL,
+    MAX_CELLS,
     URL_ENV,
     VECTORS_PATH,
     auth_headers,
@@ -336,7 +338,9 @@ def _when(created: float) -> str:
 
 
 def vectors_calibrate(args) -> None:
-    """POST .../calibrate as a stream: a progress bar while the cells run, then the table."""
+    """POST .../calibrate as a stream: a progress bar while the cells run, then the table. A
+    grid over the route's bound runs in parts of whole layers (``"store": false``), and the best
+    part's choice, by the route's own rule, is stored with PUT .../calibration."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -344,19 +348,75 @@ def vectors_calibrate(args) -> None:
     from steer_server.eval.data import read_prompts
 
     body: dict = {"stream": True, "budget": args.budget, "samples": args.samples, "max_tokens": args.max_tokens}
-    for key, value in (("layers", _layers_arg(args.layers)), ("doses", args.doses and [_float(d) for d in args.doses.split(",")]),
-                       ("positions", args.positions),
+    layers = _layers_arg(args.layers)
+    doses = args.doses and list(dict.fromkeys(_float(d) for d in args.doses.split(",")))
+    for key, value in (("doses", doses), ("positions", args.positions),
                        ("prompts", args.prompts and read_prompts(Path(args.prompts))),
                        ("lexicon", args.lexicon and read_prompts(Path(args.lexicon)))):
         if value:
             body[key] = value
-    result = None
-    with _http(args) as http, http.stream("POST", f"{VECTORS_PATH}/{args.name}/calibrate", json=body) as stream, \
+    if layers == "all":
+        raise ClientError("--layers: give the layers to try (4,8,12); the default is the vector's own, up to 4")
+    parts = _calibration_parts(list(dict.fromkeys(layers or [])), len(doses or DEFAULT_DOSES))
+    results, refusals = [], []
+    with _http(args) as http, \
             Progress(TextColumn("calibrating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()) as progress:
+        task = progress.add_task("cells", total=None)
+        for i, part in enumerate(parts):
+            part_body = {**body, **({"layers": part} if part else {}), "store": len(parts) == 1}
+            try:
+                results.append(_calibrate_part(http, args.name, part_body, progress, task, i, len(parts)))
+            except _NoCellWithin as exc:  # another part may have one
+                if len(parts) == 1:
+                    raise ClientError(str(exc)) from None
+                refusals.append(str(exc))
+        if not results:
+            raise ClientError("no part of the grid has a cell within the budget: " + "; ".join(refusals))
+        chosen = max((r["calibration"] for r in results), key=lambda c: (c["score"] - c["unsteered_score"], -c["dose"]))
+        if len(parts) > 1:
+            record = {key: chosen[key] for key in CALIBRATION_FIELDS if key in chosen}
+            chosen = _check(http.put(f"{VECTORS_PATH}/{args.name}/calibration", json=record)).json()["calibration"]
+    table = Table(title=f"calibration of {args.name} (concept: {chosen['concept']})")
+    for column in ("layer", "dose", "concept", "unsteered", "NLL cost"):
+        table.add_column(column)
+    for cell in (cell for result in results for cell in result["cells"]):
+        table.add_row(str(cell["layer"]), f"{cell['dose']:g}", _number(cell["concept"]["value"]),
+                      _number(cell["unsteered_concept"]["value"]), _number(cell["nll_cost"]))
+    console = Console()
+    console.print(table)
+    console.print(f"stored (version {chosen['version']}): layer {chosen['layer']}, dose {chosen['dose']:g}, positions "
+                  f"{json.dumps(chosen['positions'])}: concept {chosen['score']:.2f} (unsteered "
+                  f"{chosen['unsteered_score']:.2f}) at {chosen['nll_cost']:+.2f} nats/token")
+
+
+# What PUT .../calibration takes of a calibration the route measured and chose.
+CALIBRATION_FIELDS = ("layer", "dose", "positions", "concept", "score", "score_interval", "unsteered_score",
+                      "nll_cost", "budget", "prompts", "samples")
+
+
+class _NoCellWithin(ClientError):
+    """A calibration (part) whose cells all cost more fluency than the budget (HTTP 422)."""
+
+
+def _calibration_parts(layers: list[int], doses: int) -> list[list[int]]:
+    """The layers in runs of whole layers that each fit one calibration's cell bound; one
+    empty part where the server's default layers are meant."""
+    if not layers:
+        return [[]]
+    if doses > MAX_CELLS:
+        raise ClientError(f"--doses: {doses} doses; a calibration runs at most {MAX_CELLS} doses at a layer")
+    per_part = MAX_CELLS // doses
+    return [layers[i:i + per_part] for i in range(0, len(layers), per_part)]
+
+
+def _calibrate_part(http, name: str, body: dict, progress, task, part: int, parts: int) -> dict:
+    """One streamed calibration; its result. The bar counts every part's cells."""
+    with http.stream("POST", f"{VECTORS_PATH}/{name}/calibrate", json=body) as stream:
         if stream.status_code >= 400:
             stream.read()
+            if stream.status_code == 422:
+                raise _NoCellWithin(f"HTTP 422: {error_message(stream)}")
             _check(stream)
-        task = progress.add_task("cells", total=None)
         event = None
         for line in stream.iter_lines():
             if line.startswith("event: "):
@@ -364,25 +424,13 @@ def vectors_calibrate(args) -> None:
             elif line.startswith("data: "):
                 data = json.loads(line.removeprefix("data: "))
                 if event == "progress":
-                    progress.update(task, completed=data["done"], total=data["total"])
+                    progress.update(task, completed=part * data["total"] + data["done"], total=parts * data["total"])
                 elif event == "error":
-                    raise ClientError(data["error"]["message"])
+                    error = data["error"]
+                    raise (_NoCellWithin if error.get("code") == 422 else ClientError)(error["message"])
                 else:
-                    result = data
-    if result is None:
-        raise ClientError("the server closed the calibration without a result")
-    table = Table(title=f"calibration of {args.name} (concept: {result['calibration']['concept']})")
-    for column in ("layer", "dose", "concept", "unsteered", "NLL cost"):
-        table.add_column(column)
-    for cell in result["cells"]:
-        table.add_row(str(cell["layer"]), f"{cell['dose']:g}", _number(cell["concept"]["value"]),
-                      _number(cell["unsteered_concept"]["value"]), _number(cell["nll_cost"]))
-    console = Console()
-    console.print(table)
-    chosen = result["calibration"]
-    console.print(f"stored (version {chosen['version']}): layer {chosen['layer']}, dose {chosen['dose']:g}, positions "
-                  f"{json.dumps(chosen['positions'])}: concept {chosen['score']:.2f} (unsteered "
-                  f"{chosen['unsteered_score']:.2f}) at {chosen['nll_cost']:+.2f} nats/token")
+                    return data
+    raise ClientError("the server closed the calibration without a result")
 
 
 def vectors_export(args) -> None:

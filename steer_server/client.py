@@ -12,6 +12,13 @@ import os
 DEFAULT_URL = "http://127.0.0.1:8000"
 VECTORS_PATH = "/v1/steering/vectors"  # the one definition: the server's routes are declared under it too
 URL_ENV = "STEER_SERVER_URL"
+# A sweep or calibration the server runs for an HTTP caller shares the engine with everyone's
+# requests: at most this many layer × strength cells (the CLI runs larger calibrations in parts).
+MAX_CELLS = 24
+# What a calibration tries by default. On the default model doses above ~0.3 cost more than a
+# nat/token of fluency at every layer tried (EVALUATION.md, "First try"): the grid is fine
+# where settings are usable.
+DEFAULT_DOSES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 
 
 def default_url() -> str:

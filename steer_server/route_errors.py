@@ -21,6 +21,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 
 from steer_server.steering import SteeringError, bad_request, dotted_path, store_failure
+from steer_vllm.spec import POSITION_TAGS
 from vector_store import StoredDataDamaged, StoreUnavailable, VectorNotFound, VectorStoreError
 
 
@@ -31,6 +32,7 @@ def validation_error(error: dict, union_tags: tuple[str, ...] = ()) -> SteeringE
     where = loc.pop(0) if loc and loc[0] in ("body", "query", "path") else "body"
     if where == "body" and loc and loc[0] in union_tags:
         loc.pop(0)
+    loc = [part for part in loc if part not in POSITION_TAGS]  # a schedule's union members: not fields
     if error["type"] == "json_invalid":
         return bad_request("body", f"not valid JSON ({error['ctx']['error']})")
     if error["type"] == "missing" and not loc and where == "body":

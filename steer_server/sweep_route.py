@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from steer_server.client import MAX_CELLS
 from steer_server.eval.client import EvalError, Sampling, SteerClient
 from steer_server.eval.data import wedding_lexicon
 from steer_server.eval.metrics import Lexicon
@@ -43,7 +44,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("steer_server")
 SWEEPS_PATH = "/v1/steering/sweeps"
-MAX_CELLS = 24  # layers × coefficients
 MAX_PROMPTS = 8
 MAX_SAMPLES = 8
 MAX_TOKENS = 64

@@ -13,8 +13,12 @@ import numpy as np
 from steer_server.bench import BenchError
 from steer_server.client import VECTORS_PATH, auth_headers, error_message
 
-# actadd and constant add a vector; ablate and clamp project the stream on one (at the layer).
-MODES = ("actadd", "constant", "ablate", "clamp")
+# actadd and constant add a vector; ablate and clamp project the stream on one (at the layer);
+# dose adds one at a relative dose to the answer's tokens only; window adds one to generated
+# tokens 4..31 and ablates its direction in the prompt (three schedule segments at one layer).
+MODES = ("actadd", "constant", "ablate", "clamp", "dose", "window")
+BENCH_DOSE = 0.1  # where the default model stays fluent (README, "dose")
+WINDOW = {"start": 4, "end": 32}
 
 
 @dataclass
@@ -26,11 +30,17 @@ class SteeringConfigs:
 
 
 def steering_field(name: str, mode: str, coeff: float) -> dict:
-    """The request field for one vector: ``coeff`` scales an addition, or is the clamp value."""
+    """The request field for one vector: ``coeff`` scales an addition, or is the clamp value
+    (the dose mode's strength is ``BENCH_DOSE``)."""
     if mode == "ablate":
         return {"ablate": [{"vector": name}]}
     if mode == "clamp":
         return {"clamp": [{"vector": name, "value": coeff}]}
+    if mode == "dose":
+        return {"additions": [{"vector": name, "dose": BENCH_DOSE, "positions": "generated"}], "mode": "constant"}
+    if mode == "window":
+        return {"additions": [{"vector": name, "coeff": coeff, "positions": WINDOW}], "mode": "constant",
+                "ablate": [{"vector": name, "positions": "prompt"}]}
     return {"additions": [{"vector": name, "coeff": coeff}], "mode": mode}
 
 

@@ -128,6 +128,55 @@ def test_the_cli_calibrates_with_a_progress_bar_and_prints_what_it_stored(tiny_s
     assert refused.returncode != 0 and "doses[0]: must be a finite number above 0" in refused.stderr
 
 
+def test_a_default_set_by_hand_steers_and_bad_ones_are_refused(tiny_server, http, mood):
+    put = http.put(f"{ROUTE}/mood/calibration", json={"layer": 2, "dose": 0.7, "positions": {"start": 1}})
+    assert put.status_code == 200, put.text
+    stored = put.json()["calibration"]
+    assert (stored["layer"], stored["dose"], stored["positions"], stored["mode"], stored["concept"]) == \
+        (2, 0.7, {"start": 1}, "constant", "set by hand")
+    response = sdk_client(tiny_server).completions.create(
+        model=tiny_server.model, prompt="Once upon a time", max_tokens=4, temperature=0.0,
+        extra_body={"steering": {"additions": [{"vector": "mood"}], "receipt": True}})
+    receipt = response.model_extra["steering_receipt"]
+    assert receipt["calibrated"] == [{"addition": 0, "vector": "mood", "layer": 2, "dose": 0.7,
+                                      "positions": {"start": 1}, "version": stored["version"]}]
+    (layer,) = receipt["layers"]
+    assert layer["generated_tokens"] == 2 and layer["dose_max"] == pytest.approx(0.7, rel=1e-3)
+    for body, param, words in [
+        ({"layer": 2, "dose": 0}, "dose", "above 0"),
+        ({"layer": 9, "dose": 0.1}, "layer", "outside 0..3"),
+        ({"layer": 1, "dose": 5.0}, "dose", "over this server's limit of 3.0 (--max-dose)"),
+        ({"layer": 1, "dose": 0.1, "positions": "later"}, "positions", "'generated' or 'after_anchor'"),
+        ({"layer": 1, "dose": 0.1, "colour": "red"}, "colour", "unknown field"),
+    ]:
+        refused = http.put(f"{ROUTE}/mood/calibration", json=body)
+        assert refused.status_code == 400, (body, refused.text)
+        assert error_of(refused)["param"] == param and words in error_of(refused)["message"], (body, refused.text)
+    assert http.get(f"{ROUTE}/mood").json()["calibration"] == stored
+
+
+def test_the_cli_runs_a_grid_larger_than_one_calibration_in_parts_and_stores_the_best(tiny_server, http):
+    created = http.post(ROUTE, json={"name": "mood-all", "pairs": PAIRS, "layers": [1, 2, 3]})
+    assert created.status_code == 201, created.text
+    doses = [round(0.1 * i, 1) for i in range(1, 10)]  # 3 layers × 9 doses = 27 cells: parts of 2 layers and 1
+    result = cli(tiny_server, "vectors", "calibrate", "mood-all", "--layers", "1,2,3",
+                 "--doses", ",".join(map(str, doses)), "--samples", "1", "--max-tokens", "4", "--budget", "100",
+                 "--prompts", str(_prompts_file(tiny_server)))
+    rows = [[part.strip() for part in line.split("│")[1:-1]] for line in result.stdout.splitlines()
+            if line.count("│") == 6 and line.split("│")[1].strip().isdigit()]
+    assert sorted((int(r[0]), float(r[1])) for r in rows) == [(layer, dose) for layer in (1, 2, 3) for dose in doses]
+    best = max(rows, key=lambda r: (float(r[2]) - float(r[3]), -float(r[1])))
+    stored = http.get(f"{ROUTE}/mood-all").json()["calibration"]
+    assert (stored["layer"], stored["dose"]) == (int(best[0]), float(best[1])), result.stdout
+    assert stored["concept"] == "projection" and stored["budget"] == 100 and stored["samples"] == 1
+
+
+def _prompts_file(tiny_server):
+    path = tiny_server.store.parent / "cli-prompts.txt"
+    path.write_text(PROMPTS[0] + "\n")
+    return path
+
+
 def test_bad_calibrations_are_refused_and_change_nothing(tiny_server, http, mood):
     other = SqliteVectorStore(tiny_server.store)
     foreign = other.put(StoredVector(VectorMeta("OtherModel-h128-l3-0000000000000000", 128, "constant", "upload"),

@@ -121,8 +121,8 @@ def test_steered_neighbours_in_constant_mode(served, tmp_path):
     assert run["neighbour_ratios"]["output_throughput_at_concurrency"] > 0
 
 
-@pytest.mark.parametrize("mode", ["ablate", "clamp"])
-def test_projection_modes(served, tmp_path, mode):
+@pytest.mark.parametrize("mode", ["ablate", "clamp", "dose", "window"])
+def test_projection_dose_and_window_modes(served, tmp_path, mode):
     before = _steered_count(served)
     data = _bench(served, tmp_path, "--mode", mode, "--pairs", "1", "--block-requests", "2")
     (run,) = data["runs"]
