@@ -15,7 +15,9 @@ vLLM guards every path under ``/v1`` with the keys in ``args.api_key``
 plugins attach, with ``app.state.args`` already set (``vllm/entrypoints/launchers/app.py``,
 ``build_app``). So ``install_access_control`` extends that list in memory with the file's
 inference keys and every admin key: an admin key opens inference too, and keys from the file
-never appear on a command line or in an environment.
+never appear on a command line or in an environment. Once vLLM has built its middleware,
+``access_problems`` proves its check holds them (``SteerApiPlugin.init_state`` refuses to start
+otherwise), so a vLLM that reads the keys elsewhere is reported, not silently locking keys out.
 
 Then ``AccessMiddleware`` (inside vLLM's check) lets a write to ``/v1/steering/vectors``
 (any method but GET/HEAD/OPTIONS) through only with an admin key: 403 naming the role for a
@@ -47,6 +49,8 @@ ENV_API_KEYS_FILE = "STEER_API_KEYS_FILE"
 INFERENCE, ADMIN = "inference", "admin"
 ROLES = (INFERENCE, ADMIN)
 _READ_METHODS = ("GET", "HEAD", "OPTIONS")
+# On app.state: digests of the keys merged into app.state.args.api_key, for access_problems.
+_MERGED_KEYS = "steer_merged_key_digests"
 
 
 class AccessConfigError(ValueError):
@@ -187,7 +191,29 @@ def install_access_control(app: FastAPI) -> None:
     if keys.inference:
         # vLLM's check then accepts every key; with no inference key at all inference stays open.
         args.api_key = [*keys.inference, *keys.admin]
+        setattr(app.state, _MERGED_KEYS, frozenset(_digest(k) for k in args.api_key))
     app.add_middleware(AccessMiddleware, keys=keys)
     logger.info("steer_api: API keys: %d inference, %d admin; inference %s; vector writes need the admin role%s",
                 len(keys.inference), len(keys.admin), "needs a key" if keys.inference else "is open",
                 "" if keys.admin else " (none configured: nobody may write)")
+
+
+def access_problems(app: FastAPI) -> list[str]:
+    """Once vLLM has built its middleware: whether its own key check holds every key merged
+    into ``app.state.args.api_key``. A vLLM that builds the check from anything else would
+    refuse admin and file keys silently."""
+    expected = getattr(app.state, _MERGED_KEYS, None)
+    if not expected:
+        return []  # nothing merged: vLLM's check is its own
+    from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+    checks = [m for m in app.user_middleware if m.cls is AuthenticationMiddleware]
+    if len(checks) != 1:
+        return [f"vLLM built {len(checks)} API key checks (AuthenticationMiddleware) instead of one from "
+                "app.state.args.api_key, where steer-server merged its role keys"]
+    held = {_digest(token) for token in checks[0].kwargs.get("tokens") or ()}
+    left_out = len(expected - held)
+    if left_out:
+        return [f"vLLM's API key check (AuthenticationMiddleware) lacks {left_out} of the {len(expected)} keys "
+                "steer-server merged into app.state.args.api_key (inference, admin and keys-file keys)"]
+    return []

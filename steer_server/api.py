@@ -42,7 +42,7 @@ from argparse import Namespace
 from fastapi import FastAPI
 
 from steer_server import metrics
-from steer_server.access import configured_keys, install_access_control
+from steer_server.access import access_problems, configured_keys, install_access_control
 from steer_server.anchor import last_user_text
 from steer_server.middleware import STEERED_PATHS, BodyMiddleware, note_refusal
 from steer_server.playground import playground_router
@@ -88,8 +88,13 @@ class SteerApiPlugin:
     def __init__(self) -> None:
         self.settings = Settings.from_env()
         self.server: SteerServer | None = None
+        self._app: FastAPI | None = None
 
     def attach_router(self, app: FastAPI) -> None:
+        from steer_vllm.vllm_internals import check
+
+        check("api")  # every vLLM symbol this process relies on, named if an upgrade moved it
+        self._app = app
         app.include_router(vector_router(self))
         app.include_router(sweep_router(self))
         app.include_router(calibrate_router(self))
@@ -100,6 +105,10 @@ class SteerApiPlugin:
         install_access_control(app)  # added last: outside the body middleware, inside vLLM's key check
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
+        # vLLM has built its middleware by now: prove its key check took our merged keys.
+        found = access_problems(self._app) if self._app is not None else []
+        if found:
+            raise RuntimeError("steer-server cannot start: " + "; ".join(found))
         if engine_client is None:
             logger.warning("steer_api: no engine (render-only server); steering is unavailable")
             return

@@ -27,9 +27,10 @@ from steer_server.anchor import user_anchor
 from steer_server.steering import Resolved, SteeringError, bad_request
 from steer_vllm.hooks import is_hooked, patch
 from steer_vllm.spec import STEERING_KEY
+from steer_vllm.vllm_internals import RENDER_METHODS  # the hooked names, in steer-server's one list of vLLM symbols
 
 # OnlineRenderer method -> how to get the engine inputs out of what it returns
-RENDER_METHODS: dict[str, Callable] = {
+_ENGINE_INPUTS_OF: dict[str, Callable] = {
     "render_completion": lambda result: result,
     "render_chat": lambda result: result[1],
     "render_responses": lambda result: [result.engine_input],
@@ -105,8 +106,8 @@ def _checked_render(engine_inputs_of: Callable):
 def install_render_hooks() -> None:
     from vllm.renderers.online_renderer import OnlineRenderer
 
-    for name, engine_inputs_of in RENDER_METHODS.items():
-        patch(OnlineRenderer, name, _checked_render(engine_inputs_of))
+    for name in RENDER_METHODS:
+        patch(OnlineRenderer, name, _checked_render(_ENGINE_INPUTS_OF[name]))
 
 
 def render_hook_problems(state) -> list[str]:

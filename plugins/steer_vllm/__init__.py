@@ -41,6 +41,9 @@ class SteeringNotInstalled(RuntimeError):
 
 
 def register() -> None:
+    from steer_vllm.vllm_internals import check
+
+    check("engine")  # every vLLM symbol the hooks need, named if an upgrade moved it
     # The hooks cover the V1 model runner; a runner the user chose is never overridden
     # (V2 is then refused with a reason, see steer_vllm.support).
     os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -58,13 +61,17 @@ def register() -> None:
 def problems(worker_statuses: list[dict], engine_statuses: list[dict], *, ran: bool) -> list[str]:
     """What keeps steering from being exact, from the status reports; ``ran`` also asks
     that every per-step hook has run (true once a steered request went through)."""
+    from vllm.config import VllmConfig
     from vllm.v1.engine.input_processor import InputProcessor
 
     from steer_vllm.hooks import is_hooked
 
     found = []
-    if not is_hooked(InputProcessor, "process_inputs"):
-        found.append("the frontend hook InputProcessor.process_inputs is not installed in this process")
+    # The configuration refusals (steer_vllm.support) run in this process too.
+    for cls, name in ((InputProcessor, "process_inputs"), (InputProcessor, "__init__"),
+                      (VllmConfig, "_validate_v2_model_runner")):
+        if not is_hooked(cls, name):
+            found.append(f"the frontend hook {cls.__name__}.{name} is not installed in this process")
     if not worker_statuses:
         found.append("no worker answered")
     for rank, status in enumerate(worker_statuses):

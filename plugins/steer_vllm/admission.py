@@ -27,14 +27,13 @@ from steer_vllm.content import ShippedVectors
 from steer_vllm.limits import table_rows_for_config
 from steer_vllm.plans import plan_layers
 from steer_vllm.spec import SteeringSpecError, steering_of
+from steer_vllm.vllm_internals import SCHEDULER_HOOKS as HOOKED_METHODS
 
 logger = logging.getLogger("steer_vllm")
 
 ENGINE_STATUS_UTILITY = "steer_engine_status"
 # Set by workers on their ModelRunnerOutput: request ids whose steering they could not place.
 FAILED_REQUESTS_ATTR = "steer_failed_req_ids"
-
-HOOKED_METHODS = ("schedule", "_handle_blocked_waiting_request", "_free_request", "update_from_output")
 
 
 class SteeringAdmission:
@@ -206,8 +205,8 @@ def install_scheduler_hooks() -> None:
 
     from steer_vllm.hooks import patch
 
-    for name, make in _HOOKS.items():
-        patch(Scheduler, name, make)
+    for name in HOOKED_METHODS:
+        patch(Scheduler, name, _HOOKS[name])
     _install_status_utility()
 
 

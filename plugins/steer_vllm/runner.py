@@ -22,11 +22,11 @@ from steer_vllm.hooks import is_hooked, patch
 from steer_vllm.limits import table_rows_for_config
 from steer_vllm.manager import SteeringManager
 from steer_vllm.receipts import TAKE_RECEIPT_RPC
+from steer_vllm.vllm_internals import RUNNER_HOOKS
 
 logger = logging.getLogger("steer_vllm")
 
 STATUS_RPC = "steer_status"
-RUNNER_HOOKS = ("load_model", "_update_states", "_model_forward", "execute_model", "sample_tokens")
 
 
 def _calls(runner) -> dict[str, int]:

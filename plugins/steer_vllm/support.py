@@ -11,7 +11,8 @@
 
 The check runs where vLLM validates its configuration (``VllmConfig``'s V2 check, so
 our message comes first) and again when the input processor is built (every frontend,
-before any engine process starts).
+before any engine process starts). Both wrappers are proven in place by
+``steer_vllm.problems`` (the frontend's checks), like every other hook.
 
 One per-request refusal protects everyone else: on vLLM's CPU build a request with its own
 ``seed`` kills the engine as soon as its prompt is prefilled over several steps (vLLM 0.32
