@@ -4,11 +4,14 @@ This module's job: read the API keys and their roles, hand them to vLLM's own ke
 refuse vector writes to keys without the admin role. Installed on vLLM's app by
 ``steer_server.api.SteerApiPlugin.attach_router`` (``install_access_control``).
 
-Where keys come from (every API server process reads them itself at start-up):
+Where keys come from (every API server process reads them itself at start-up, through its
+``steer_server.settings.Settings``):
 
-- vLLM's ``--api-key`` (or ``$VLLM_API_KEY``): role ``inference``;
-- ``$STEER_ADMIN_API_KEY`` (``steer-server serve --admin-api-key`` sets it): role ``admin``;
-- ``$STEER_API_KEYS_FILE`` (``--api-keys-file``): one ``ROLE KEY`` per line, ``#`` comments.
+- vLLM's ``--api-key`` (or ``$VLLM_API_KEY``, ``Settings.vllm_api_key``): role ``inference``;
+- ``$STEER_ADMIN_API_KEY`` (``Settings.admin_api_key``; ``steer-server serve --admin-api-key``
+  sets it): role ``admin``;
+- ``$STEER_API_KEYS_FILE`` (``Settings.api_keys_file``, ``--api-keys-file``): one ``ROLE KEY``
+  per line, ``#`` comments.
 
 vLLM guards every path under ``/v1`` with the keys in ``args.api_key``
 (``vllm/entrypoints/serve/middleware/register.py``), and builds that check *after* endpoint
@@ -41,11 +44,10 @@ from fastapi.security.utils import get_authorization_scheme_param
 
 from steer_server import metrics
 from steer_server.client import VECTORS_PATH
+from steer_server.settings import Settings, load_settings
 
 logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
 
-ENV_ADMIN_API_KEY = "STEER_ADMIN_API_KEY"
-ENV_API_KEYS_FILE = "STEER_API_KEYS_FILE"
 INFERENCE, ADMIN = "inference", "admin"
 ROLES = (INFERENCE, ADMIN)
 _READ_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -97,34 +99,35 @@ def read_keys_file(path: str | Path) -> ApiKeys:
     return ApiKeys(tuple(k for k, r in roles.items() if r == INFERENCE), tuple(k for k, r in roles.items() if r == ADMIN))
 
 
-def configured_keys(vllm_api_keys: list[str] | None) -> ApiKeys:
+def configured_keys(vllm_api_keys: list[str] | None, settings: Settings) -> ApiKeys:
     """All keys of this server: vLLM's (as vLLM reads them: ``--api-key``, else
-    ``$VLLM_API_KEY``), the admin key from the environment and the keys file's."""
-    inference = [k for k in (vllm_api_keys or [os.environ.get("VLLM_API_KEY", "")]) if k]
+    ``$VLLM_API_KEY``), the admin key of the settings and the keys file's."""
+    inference = [k for k in (vllm_api_keys or [settings.vllm_api_key or ""]) if k]
     keys = ApiKeys(inference=tuple(inference))
-    if os.environ.get(ENV_ADMIN_API_KEY):
-        keys += ApiKeys(admin=(os.environ[ENV_ADMIN_API_KEY],))
-    if os.environ.get(ENV_API_KEYS_FILE):
-        keys += read_keys_file(os.environ[ENV_API_KEYS_FILE])
+    if settings.admin_api_key:
+        keys += ApiKeys(admin=(settings.admin_api_key,))
+    if settings.api_keys_file is not None:
+        keys += read_keys_file(settings.api_keys_file)
     both = set(keys.inference) & set(keys.admin)
     if both:
         raise AccessConfigError(f"{len(both)} key(s) given both the inference and the admin role")
     return keys
 
 
-def access_environment(admin_api_key: str | None, keys_file: str | None) -> dict[str, str]:
-    """What ``steer-server serve`` puts in the environment for the API processes; reads the
-    keys file once here so a bad file stops the server before vLLM starts."""
-    env = {}
+def check_access_flags(admin_api_key: str | None, keys_file: str | os.PathLike[str] | None) -> dict[str, object]:
+    """``steer-server serve``'s key flags, checked, as ``Settings`` fields (which reach the
+    API processes in their environment); reads the keys file once here so a bad file stops
+    the server before vLLM starts."""
+    fields: dict[str, object] = {}
     if admin_api_key is not None:
         if not admin_api_key.strip() or admin_api_key != admin_api_key.strip():
             raise AccessConfigError("--admin-api-key must be a non-empty key without surrounding spaces")
-        env[ENV_ADMIN_API_KEY] = admin_api_key
+        fields["admin_api_key"] = admin_api_key
     if keys_file is not None:
         path = Path(keys_file).expanduser().resolve()
         read_keys_file(path)
-        env[ENV_API_KEYS_FILE] = str(path)
-    return env
+        fields["api_keys_file"] = path
+    return fields
 
 
 class KeyRoles:
@@ -178,13 +181,16 @@ class AccessMiddleware:
         return await JSONResponse(body, status_code=status)(scope, receive, send)
 
 
-def install_access_control(app: FastAPI) -> None:
+def install_access_control(app: FastAPI, settings: Settings | None = None) -> None:
     """Merge our keys into vLLM's key check and, when admin keys exist, guard vector writes.
-    Must run before vLLM builds its middleware (endpoint plugins' ``attach_router`` does)."""
+    Must run before vLLM builds its middleware (endpoint plugins' ``attach_router`` does).
+    ``settings``: the process's (``load_settings()`` when not given)."""
+    if settings is None:
+        settings = load_settings()
     args = getattr(app.state, "args", None)
     vllm_keys = getattr(args, "api_key", None)
-    keys = configured_keys(vllm_keys)
-    if not keys.admin and not os.environ.get(ENV_API_KEYS_FILE):
+    keys = configured_keys(vllm_keys, settings)
+    if not keys.admin and settings.api_keys_file is None:
         return  # no roles configured: vLLM's own check alone, unchanged
     if args is None:
         raise RuntimeError("steer-server cannot apply API key roles: vLLM's app carries no parsed arguments")

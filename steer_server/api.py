@@ -48,7 +48,7 @@ from steer_server.middleware import STEERED_PATHS, BodyMiddleware, note_refusal
 from steer_server.playground import playground_router
 from steer_server.receipts import receipt_body
 from steer_server.render_hook import AwaitingPrompt, install_render_hooks, render_hook_problems
-from steer_server.settings import Settings
+from steer_server.settings import Settings, load_settings
 from steer_server.steering import (
     Resolved,
     SteeringError,
@@ -86,7 +86,7 @@ class SteerApiPlugin:
     required_tasks = ("generate",)
 
     def __init__(self) -> None:
-        self.settings = Settings.from_env()
+        self.settings = load_settings()  # once per process; passed down from here
         self.server: SteerServer | None = None
         self._app: FastAPI | None = None
 
@@ -99,10 +99,11 @@ class SteerApiPlugin:
         app.include_router(sweep_router(self))
         app.include_router(calibrate_router(self))
         # read before install_access_control merges the role keys into vLLM's list
-        app.include_router(playground_router(self, configured_keys(getattr(getattr(app.state, "args", None), "api_key", None))))
+        vllm_keys = getattr(getattr(app.state, "args", None), "api_key", None)
+        app.include_router(playground_router(self, configured_keys(vllm_keys, self.settings)))
         app.add_middleware(BodyMiddleware, plugin=self)
         install_render_hooks()
-        install_access_control(app)  # added last: outside the body middleware, inside vLLM's key check
+        install_access_control(app, self.settings)  # added last: outside the body middleware, inside vLLM's key check
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         # vLLM has built its middleware by now: prove its key check took our merged keys.
@@ -175,7 +176,7 @@ class SteerServer:
         model_config = engine_client.model_config
         model_dir = model_config.model
         try:
-            fingerprint = model_fingerprint(model_dir)
+            fingerprint = model_fingerprint(model_dir, cache_home=settings.cache_home)
         except VectorStoreError as exc:
             raise RuntimeError(
                 f"steer-server cannot start: the model must be a local Hugging Face directory ({exc})"
@@ -186,7 +187,8 @@ class SteerServer:
             num_layers=model_config.hf_text_config.num_hidden_layers,
         )
         # $STEER_STORE, set by `steer-server serve --store`
-        store = AsyncStore(open_store(timeout_s=settings.store_timeout_s), timeout_s=settings.store_timeout_s,
+        store = AsyncStore(open_store(settings.store_location, timeout_s=settings.store_timeout_s),
+                           timeout_s=settings.store_timeout_s,
                            fresh_s=settings.store_fresh_s)
         tokenizer = engine_client.get_tokenizer()
         if inspect.isawaitable(tokenizer):
@@ -228,7 +230,7 @@ class SteerServer:
             "(timeout %g s, names trusted %g s); pad %r (token %s); max %d additions, steering prompts up to "
             "%d tokens, bodies up to %d bytes",
             len(statuses["workers"]), len(statuses["engines"]), fingerprint, model.num_layers, model.hidden_size,
-            table_rows_for_config(engine_client.vllm_config), store, settings.store_timeout_s, settings.store_fresh_s,
+            table_rows_for_config(engine_client.vllm_config, settings), store, settings.store_timeout_s, settings.store_fresh_s,
             settings.pad, server.resolver.default_pad_id, settings.max_additions, settings.max_prompt_tokens,
             settings.max_body_bytes,
         )

@@ -11,15 +11,16 @@ user knows steering is right before serving it (the engine is allowed to load it
 """
 from __future__ import annotations
 
-import contextlib
-import os
 import tempfile
-from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from steer_server import reference
+
+if TYPE_CHECKING:
+    from steer_server.settings import Settings
 
 # fp32 on both sides: the engine's CPU kernels and transformers sum in different orders,
 # which moves log-probabilities by ~1e-4 on tiny models and up to a few 1e-3 on real ones.
@@ -55,18 +56,19 @@ class CheckReport:
         return max(case.max_logprob_diff for case in self.cases)
 
 
-def start_offline_engine(model_dir: str, **settings):
+def start_offline_engine(model_dir: str, **engine_args):
     """A ``vllm.LLM`` with the steer plugin, proven before it is returned: every hook in every
     process is installed and ran for a steered request that added exactly."""
     from vllm import LLM
 
     import steer_vllm
     from steer_vllm.self_test import prove_steering_offline
+    from steer_vllm.settings import load_engine_settings
     from vector_store.keys import model_fingerprint
 
-    llm = LLM(model=model_dir, **settings)
+    llm = LLM(model=model_dir, **engine_args)
     steer_vllm.check_engine(llm)
-    prove_steering_offline(llm, model_fingerprint(model_dir))
+    prove_steering_offline(llm, model_fingerprint(model_dir, cache_home=load_engine_settings().cache_home))
     return llm
 
 
@@ -78,18 +80,12 @@ def stop_offline_engine(llm) -> None:
     gc.collect()
 
 
-@contextlib.contextmanager
-def _environment(**values: str) -> Iterator[None]:
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+def _engine_environment(settings: Settings, store_dir: str, architecture: str) -> dict[str, str]:
+    """What the check's engine processes read: this process's settings, with the check's
+    store, its architecture allowed, and a small KV cache unless one is set."""
+    chosen = {"store": store_dir, "allow_architectures": (architecture,),
+              "vllm_cpu_kvcache_space": settings.vllm_cpu_kvcache_space or "1"}
+    return settings.model_copy(update=chosen).to_env()
 
 
 def _layers(num_layers: int) -> tuple[int, int, int]:
@@ -108,7 +104,7 @@ def check_model(model_dir: str, *, tokens: int = 16, tolerance: float = DEFAULT_
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
 
-    from steer_vllm.models import ALLOW_ENV
+    from steer_server.settings import exported, load_settings
     from vector_store import StoredVector, VectorMeta, open_store
     from vector_store.keys import model_fingerprint
 
@@ -133,10 +129,9 @@ def check_model(model_dir: str, *, tokens: int = 16, tolerance: float = DEFAULT_
                      for layer, coeff in ((first_constant, 1.0), (second_constant, 0.5 * typical))],
     }
     with tempfile.TemporaryDirectory(prefix="steer-check-") as store_dir, \
-            _environment(STEER_STORE=store_dir, **{ALLOW_ENV: architecture},
-                         VLLM_CPU_KVCACHE_SPACE=os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")):
+            exported(_engine_environment(load_settings(), store_dir, architecture)):
         store = open_store(store_dir)
-        fingerprint = model_fingerprint(model_dir)
+        fingerprint = model_fingerprint(model_dir, cache_home=load_settings().cache_home)
 
         def engine_addition(addition: dict) -> dict:
             rows = addition["vector"].reshape(-1, hidden).float()

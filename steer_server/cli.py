@@ -19,17 +19,20 @@ from steer_server.client import (
     DEFAULT_DOSES,
     DEFAULT_URL,
     MAX_CELLS,
-    URL_ENV,
     VECTORS_PATH,
     auth_headers,
-    default_api_key,
-    default_url,
     error_message,
     positions_arg,
 )
-from steer_server.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_PAD, Settings
-from steer_vllm.limits import DEFAULT_MAX_ADDITIONS, DEFAULT_MAX_PROMPT_TOKENS
-from vector_store.async_access import DEFAULT_FRESH_S, DEFAULT_TIMEOUT_S
+from steer_server.settings import (
+    ClientSettings,
+    Settings,
+    SettingsError,
+    load_client_settings,
+    load_settings,
+    serve_settings,
+)
+from steer_vllm.limits import MAX_ADDITIONS
 from vector_store.compute import METHODS, POSITIONS
 
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -38,59 +41,70 @@ DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
 # ------------------------------------------------------------------------ serve
 
 
-def serve_parser() -> argparse.ArgumentParser:
+def serve_parser(defaults: Settings | None = None) -> argparse.ArgumentParser:
+    """The flags of ``steer-server serve``; each defaults to its environment variable
+    (``steer_server.settings.Settings``), else to the built-in default."""
+    env = defaults if defaults is not None else load_settings()
+    var = Settings.variable
     parser = argparse.ArgumentParser(
         prog="steer-server serve",
         allow_abbrev=False,  # never swallow a vLLM flag that shares a prefix with ours
         description="Serve a model with per-request activation steering on vLLM's OpenAI-compatible server.",
         epilog="Every other flag goes to vLLM's `serve` unchanged (e.g. --api-key, --max-model-len, "
-        "--enforce-eager, --dtype, --served-model-name); `steer-server serve --vllm-help` lists them.",
+        "--enforce-eager, --dtype, --served-model-name); `steer-server serve --vllm-help` lists them. Each flag of "
+        "steer-server's own may also be given as its environment variable (named in its help); the flag wins.",
     )
     parser.add_argument("--vllm-help", nargs="?", const="", default=None, metavar="GROUP",
                         help="show vLLM's own serve flags (a GROUP such as all, Frontend, ModelConfig) and exit")
     parser.add_argument("--model", help="Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
     parser.add_argument("--host", help="address to bind (vLLM's default when omitted)")
     parser.add_argument("--port", type=int, help="port (vLLM's default, 8000, when omitted)")
-    parser.add_argument("--store", help="vector store: a directory, sqlite:///abs/dir or redis://host:port/db "
-                        "(default: $STEER_STORE or ~/.cache/steer-server/vectors)")
-    parser.add_argument("--steering-pad", default=DEFAULT_PAD, metavar="TEXT|none",
+    parser.add_argument("--store", default=env.store,
+                        help="vector store: a directory, sqlite:///abs/dir or redis://host:port/db "
+                        f"(default: ${var('store')} or ~/.cache/steer-server/vectors)")
+    parser.add_argument("--steering-pad", default="none" if env.pad is None else env.pad, metavar="TEXT|none",
                         help="token that pads the ActAdd prompts of one layer to equal length; 'none' = no padding "
-                        "(default: %(default)r, a single space, as in the paper)")
-    parser.add_argument("--max-steering-prompt-tokens", type=int, default=DEFAULT_MAX_PROMPT_TOKENS, metavar="N",
-                        help="longest steering prompt, in tokens (default: %(default)s)")
-    parser.add_argument("--max-additions", type=int, default=DEFAULT_MAX_ADDITIONS, metavar="N",
-                        help="most additions in one request's steering (default: %(default)s, at most 64)")
-    parser.add_argument("--max-dose", type=float, default=None, metavar="D",
+                        f"(${var('pad')}; default: %(default)r; a single space, as in the paper, unless set)")
+    parser.add_argument("--max-steering-prompt-tokens", type=int, default=env.max_prompt_tokens, metavar="N",
+                        help=f"longest steering prompt, in tokens (${var('max_prompt_tokens')}; default: %(default)s)")
+    parser.add_argument("--max-additions", type=int, default=env.max_additions, metavar="N",
+                        help=f"most additions in one request's steering (${var('max_additions')}; default: "
+                        f"%(default)s, at most {MAX_ADDITIONS})")
+    parser.add_argument("--max-dose", type=float, default=env.max_dose, metavar="D",
                         help="largest relative dose (‖Δh‖/‖h‖) an addition may ask for, or a coefficient may give on a "
                         "request's first step (measured by a two-token probe); over it: HTTP 400 naming the field "
-                        "(default: no limit)")
-    parser.add_argument("--max-body-bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, metavar="N",
-                        help="largest request body; larger gets HTTP 413 (default: %(default)s)")
-    parser.add_argument("--steering-table-rows", type=int, default=None, metavar="N",
+                        f"(${var('max_dose')}; default: no limit)")
+    parser.add_argument("--max-body-bytes", type=int, default=env.max_body_bytes, metavar="N",
+                        help=f"largest request body; larger gets HTTP 413 (${var('max_body_bytes')}; default: "
+                        "%(default)s)")
+    parser.add_argument("--steering-table-rows", type=int, default=env.table_rows, metavar="N",
                         help="rows of the engine's steering vector table (a request uses one row per ActAdd position "
                         "and up to two per constant vector, per layer; requests with the same steering share rows; a "
                         "request waits when its rows are not free). Default: room for --max-num-seqs requests of the "
-                        "largest accepted size within 64 MiB, and never less than 8 of them")
-    parser.add_argument("--store-timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        f"largest accepted size within 64 MiB, and never less than 8 of them (${var('table_rows')})")
+    parser.add_argument("--store-timeout", type=float, default=env.store_timeout_s, metavar="SECONDS",
                         help="longest wait for one vector-store call; a request that needs the store longer gets "
-                        "HTTP 503 (default: %(default)s)")
-    parser.add_argument("--store-cache-ttl", type=float, default=DEFAULT_FRESH_S, metavar="SECONDS",
+                        f"HTTP 503 (${var('store_timeout_s')}; default: %(default)s)")
+    parser.add_argument("--store-cache-ttl", type=float, default=env.store_fresh_s, metavar="SECONDS",
                         help="how long a vector name is trusted before the store is asked again (in the background, "
                         "for a name seen in the last 60 s); names and deletes made on another replica show "
-                        "here within it for names in steady use (default: %(default)s)")
+                        f"here within it for names in steady use (${var('store_fresh_s')}; default: %(default)s)")
     parser.add_argument("--admin-api-key", metavar="KEY",
                         help="a key that may also create, import and delete vectors (vLLM's --api-key keys may only "
-                        "use them); visible to `ps` like any argument: prefer $STEER_ADMIN_API_KEY or --api-keys-file")
-    parser.add_argument("--api-keys-file", metavar="PATH",
+                        f"use them); visible to `ps` like any argument: prefer ${var('admin_api_key')} or "
+                        "--api-keys-file")
+    parser.add_argument("--api-keys-file", metavar="PATH", default=env.api_keys_file,
                         help="API keys with roles, one 'ROLE KEY' per line (ROLE: inference | admin); "
-                        "inference keys join vLLM's --api-key keys")
+                        f"inference keys join vLLM's --api-key keys (${var('api_keys_file')})")
     return parser
 
 
 def serve(argv: list[str]) -> None:
-    from steer_vllm.spec import MAX_ADDITIONS
-
-    parser = serve_parser()
+    try:
+        environment = load_settings()
+    except SettingsError as exc:
+        raise SystemExit(f"steer-server serve: {exc}") from None
+    parser = serve_parser(environment)
     args, vllm_args = parser.parse_known_args(argv)
     if args.vllm_help is not None:
         from steer_server.vllm_serve import run_vllm_serve
@@ -108,29 +122,21 @@ def serve(argv: list[str]) -> None:
         parser.error("--steering-table-rows must be at least 2 (row 0 is the zero row)")
     if args.max_additions > MAX_ADDITIONS:
         parser.error(f"--max-additions is at most {MAX_ADDITIONS} (the engine's limit)")
-    from steer_server.access import AccessConfigError, access_environment
+    if not args.steering_pad:
+        parser.error("--steering-pad must be a token's text, or 'none'")
+    from steer_server.access import AccessConfigError, check_access_flags
 
     try:
         # Keys travel to the API processes in the environment (or stay in the file), never as arguments.
-        os.environ.update(access_environment(args.admin_api_key, args.api_keys_file))
+        access = check_access_flags(args.admin_api_key, args.api_keys_file)
     except AccessConfigError as exc:
         parser.error(str(exc))
-    settings = Settings(
-        pad=None if args.steering_pad.lower() == "none" else args.steering_pad,
-        max_prompt_tokens=args.max_steering_prompt_tokens,
-        max_additions=args.max_additions,
-        max_body_bytes=args.max_body_bytes,
-        table_rows=args.steering_table_rows,
-        store_timeout_s=args.store_timeout,
-        store_fresh_s=args.store_cache_ttl,
-        max_dose=args.max_dose,
-    )
 
     model = args.model
     if model is None:
         from steer_server.default_model import default_model_dir
 
-        model = default_model_dir()
+        model = default_model_dir(environment.cache_dir)
         if not any(a == "--served-model-name" or a.startswith("--served-model-name=") for a in vllm_args):
             vllm_args = ["--served-model-name", DEFAULT_SERVED_NAME, *vllm_args]
     if args.host is not None:
@@ -139,18 +145,32 @@ def serve(argv: list[str]) -> None:
         vllm_args = ["--port", str(args.port), *vllm_args]
 
     from vector_store import VectorStoreError, open_store
-    from vector_store.open import default_store_location
 
-    store = args.store or default_store_location()
+    store = args.store or environment.store_location
     if "://" not in store:
         store = str(Path(store).expanduser().resolve())
     try:
         open_store(store)  # fail here, clearly, rather than inside vLLM's start-up
     except VectorStoreError as exc:
         parser.error(f"--store: {exc}")
+    try:
+        settings = serve_settings(
+            pad=args.steering_pad,  # "none" is no padding, as in $STEER_PAD
+            max_prompt_tokens=args.max_steering_prompt_tokens,
+            max_additions=args.max_additions,
+            max_body_bytes=args.max_body_bytes,
+            table_rows=args.steering_table_rows,
+            store=store,
+            store_timeout_s=args.store_timeout,
+            store_fresh_s=args.store_cache_ttl,
+            max_dose=args.max_dose,
+            **access,
+        )
+    except SettingsError as exc:
+        parser.error(str(exc))
 
-    vllm_args = engine_defaults(model, vllm_args)
-    prepare_environment(store, settings)
+    vllm_args = engine_defaults(model, vllm_args, settings)
+    prepare_environment(settings)
     # vLLM only logs an endpoint plugin that fails to load and then serves without it,
     # silently dropping every `steering` field: make such a failure stop us here instead.
     from steer_server.api import SteerApiPlugin
@@ -161,7 +181,7 @@ def serve(argv: list[str]) -> None:
     run_vllm_serve([model, *vllm_args])
 
 
-def engine_defaults(model_dir: str, vllm_args: list[str]) -> list[str]:
+def engine_defaults(model_dir: str, vllm_args: list[str], settings: Settings) -> list[str]:
     """vLLM flags steer-server chooses when the user did not:
 
     - ``--no-async-scheduling``: steering is not tested with asynchronous scheduling
@@ -174,7 +194,7 @@ def engine_defaults(model_dir: str, vllm_args: list[str]) -> list[str]:
         chosen.append("--no-async-scheduling")
     from vllm.platforms import current_platform
 
-    if current_platform.is_cpu() and not user_chose(vllm_args):
+    if current_platform.is_cpu() and not user_chose(vllm_args, settings):
         try:
             choice = choose_kv_cache_bytes(model_dir, free_node_memory())
         except NotEnoughMemory as exc:
@@ -184,25 +204,27 @@ def engine_defaults(model_dir: str, vllm_args: list[str]) -> list[str]:
     return [*chosen, *vllm_args]
 
 
-def prepare_environment(store: str, settings: Settings) -> None:
-    """What the vLLM processes need: our plugins, the store and our settings. The model
-    runner is left as the user chose (the plugin picks V1 when they did not)."""
-    plugins = [p for p in os.environ.get("VLLM_PLUGINS", "").split(",") if p]
+def prepare_environment(settings: Settings) -> None:
+    """What the vLLM processes need, in the environment they inherit: our plugins and our
+    settings (``Settings.to_env()``). The model runner is left as the user chose (the
+    plugin picks V1 when they did not)."""
+    plugins = [p for p in (settings.vllm_plugins or "").split(",") if p]
     for name in ("steer", "steer_api"):
         if name not in plugins:
             plugins.append(name)
-    os.environ["VLLM_PLUGINS"] = ",".join(plugins)
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    os.environ["STEER_STORE"] = store
-    os.environ.update(settings.to_env())
+    chosen = {"vllm_plugins": ",".join(plugins)}
+    if settings.vllm_use_v2_model_runner is None:
+        chosen["vllm_use_v2_model_runner"] = "0"
+    os.environ.update(settings.model_copy(update=chosen).to_env())
 
 
 # ------------------------------------------------------------------------ HTTP clients
 
 
-def _client_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--url", default=default_url(), help=f"server address (default: ${URL_ENV} or {DEFAULT_URL})")
-    parser.add_argument("--api-key", default=default_api_key(),
+def _client_args(parser: argparse.ArgumentParser, client: ClientSettings) -> None:
+    parser.add_argument("--url", default=client.url,
+                        help=f"server address (default: ${ClientSettings.variable('url')} or {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=client.api_key,
                         help="the server's --api-key (default: $STEER_API_KEY or $OPENAI_API_KEY)")
 
 
@@ -567,8 +589,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = vsub.add_parser("delete", help="remove a name (and its vector once unnamed), or a vector by id")
     p.add_argument("name")
     p.set_defaults(func=vectors_delete)
+    client = load_client_settings()
     for p in vsub.choices.values():
-        _client_args(p)
+        _client_args(p, client)
 
     p = sub.add_parser("compare", help="unsteered vs steered completions, side by side")
     p.add_argument("--prompt", required=True)
@@ -583,7 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="per-request seed (a GPU server; vLLM's CPU build refuses it)")
-    _client_args(p)
+    _client_args(p, client)
     p.set_defaults(func=compare)
 
     p = sub.add_parser("check", help="is steering exact on a model? vLLM against plain transformers, in fp32")

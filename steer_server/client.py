@@ -7,11 +7,9 @@ a default or a path is written once.
 from __future__ import annotations
 
 import argparse
-import os
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 VECTORS_PATH = "/v1/steering/vectors"  # the one definition: the server's routes are declared under it too
-URL_ENV = "STEER_SERVER_URL"
 # A sweep or calibration the server runs for an HTTP caller shares the engine with everyone's
 # requests: at most this many layer × strength cells (the CLI runs larger calibrations in parts).
 MAX_CELLS = 24
@@ -22,11 +20,17 @@ DEFAULT_DOSES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 
 
 def default_url() -> str:
-    return os.environ.get(URL_ENV, DEFAULT_URL)
+    """``$STEER_SERVER_URL``, else DEFAULT_URL (``steer_server.settings.ClientSettings``)."""
+    from steer_server.settings import load_client_settings
+
+    return load_client_settings().url
 
 
 def default_api_key() -> str | None:
-    return os.environ.get("STEER_API_KEY") or os.environ.get("OPENAI_API_KEY")
+    """``$STEER_API_KEY``, else ``$OPENAI_API_KEY`` (``steer_server.settings.ClientSettings``)."""
+    from steer_server.settings import load_client_settings
+
+    return load_client_settings().api_key
 
 
 def auth_headers(api_key: str | None) -> dict[str, str]:

@@ -57,12 +57,10 @@ _FORMAT = 1
 
 
 def cache_dir() -> Path:
-    """``$STEER_CACHE_DIR`` or ``${XDG_CACHE_HOME:-~/.cache}/steer-server``."""
-    env = os.environ.get("STEER_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(xdg) / "steer-server"
+    """``$STEER_CACHE_DIR`` or ``${XDG_CACHE_HOME:-~/.cache}/steer-server`` (``Settings.cache_dir``)."""
+    from steer_server.settings import load_settings
+
+    return load_settings().cache_dir
 
 
 def gguf_path() -> Path:
@@ -79,10 +77,11 @@ def gguf_path() -> Path:
     return path
 
 
-def default_model_dir() -> str:
-    """Return the Hugging Face directory of SmolLM2-135M-Instruct, converting it from the
-    embedded GGUF on first use (~25 s on 2 cores); later calls return at once."""
-    target = cache_dir() / "models" / MODEL_NAME
+def default_model_dir(cache: Path | None = None) -> str:
+    """Return the Hugging Face directory of SmolLM2-135M-Instruct under ``cache`` (the
+    settings' ``cache_dir``; this process's when not given), converting it from the embedded
+    GGUF on first use (~25 s on 2 cores); later calls return at once."""
+    target = (cache if cache is not None else cache_dir()) / "models" / MODEL_NAME
     if is_complete(target, _FORMAT):
         return str(target)
     build_atomically(target, _convert, fingerprint=_FORMAT)

@@ -13,9 +13,12 @@ every sequence could use.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from steer_server.settings import Settings
 
 GiB = 1024**3
 # What the API server, engine core and worker processes take besides weights and KV
@@ -27,7 +30,6 @@ WEIGHTS_MULTIPLE = 4  # ... and within this many times the weights
 MIN_CAP_BYTES = 2 * GiB
 
 USER_FLAGS = ("--kv-cache-memory-bytes", "--gpu-memory-utilization")
-USER_ENV = "VLLM_CPU_KVCACHE_SPACE"
 
 
 class NotEnoughMemory(RuntimeError):
@@ -40,8 +42,8 @@ class KvCacheChoice:
     explanation: str
 
 
-def user_chose(vllm_args: list[str]) -> bool:
-    if os.environ.get(USER_ENV):
+def user_chose(vllm_args: list[str], settings: Settings) -> bool:
+    if settings.vllm_cpu_kvcache_space:
         return True
     return any(arg == flag or arg.startswith(flag + "=") for arg in vllm_args for flag in USER_FLAGS)
 

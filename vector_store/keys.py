@@ -52,12 +52,13 @@ def model_shape(model_dir: str | os.PathLike[str]) -> tuple[str, int, int]:
     )
 
 
-def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
+def model_fingerprint(model_dir: str | os.PathLike[str], *, cache_home: str | os.PathLike[str] | None = None) -> str:
     """``<architecture>-h<hidden>-l<layers>-<16 hex of the weights' sha256>``.
 
     Weight files are ``*.safetensors`` (else ``*.bin``) directly in ``model_dir``. Each
     file's sha256 is cached by (name, size, mtime_ns) in a sidecar, so only changed files
-    are hashed again.
+    are hashed again: beside the weights, else (a read-only model directory) under
+    ``cache_home`` (the user's cache directory, ``EngineSettings.cache_home``), else nowhere.
     """
     architecture, hidden_size, num_layers = model_shape(model_dir)
     model_path = Path(model_dir).resolve()
@@ -65,7 +66,8 @@ def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
     if not weight_files:
         raise VectorStoreError(f"{model_dir} holds no *.safetensors or *.bin weight files")
 
-    known = _read_sidecars(model_path)
+    sidecars = _sidecar_paths(model_path, cache_home)
+    known = _read_sidecars(sidecars)
     digest = hashlib.sha256()
     hashes: dict[str, dict] = {}
     for weight_file in weight_files:
@@ -75,7 +77,7 @@ def model_fingerprint(model_dir: str | os.PathLike[str]) -> str:
         hashes[weight_file.name] = entry
         digest.update(f"{weight_file.name}\0{entry['sha256']}\n".encode())
     if all(known_files != hashes for known_files in known):
-        _write_sidecar(model_path, hashes)
+        _write_sidecar(sidecars, hashes)
     return f"{architecture}-h{hidden_size}-l{num_layers}-{digest.hexdigest()[:16]}"
 
 
@@ -132,12 +134,14 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _sidecar_paths(model_path: Path) -> list[Path]:
+def _sidecar_paths(model_path: Path, cache_home: str | os.PathLike[str] | None) -> list[Path]:
     """Where the hash cache may live, preferred first: beside the weights, else (a
     read-only model directory) in the user's cache, one file per model directory."""
-    cache_home = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    beside = model_path / _SIDECAR_NAME
+    if cache_home is None:
+        return [beside]
     path_digest = hashlib.sha256(str(model_path).encode()).hexdigest()[:24]
-    return [model_path / _SIDECAR_NAME, cache_home / "steer-server" / "fingerprints" / f"{path_digest}.json"]
+    return [beside, Path(cache_home) / "steer-server" / "fingerprints" / f"{path_digest}.json"]
 
 
 def _cached_sha256(caches: list[dict[str, dict]], file_name: str, stat_entry: dict) -> str | None:
@@ -150,10 +154,10 @@ def _cached_sha256(caches: list[dict[str, dict]], file_name: str, stat_entry: di
     return None
 
 
-def _read_sidecars(model_path: Path) -> list[dict[str, dict]]:
+def _read_sidecars(sidecars: list[Path]) -> list[dict[str, dict]]:
     """Every readable cache, each {file name: {size, mtime_ns, sha256}}."""
     caches = []
-    for sidecar in _sidecar_paths(model_path):
+    for sidecar in sidecars:
         try:
             files = json.loads(sidecar.read_text()).get("files")
         except (OSError, ValueError, AttributeError):
@@ -163,10 +167,10 @@ def _read_sidecars(model_path: Path) -> list[dict[str, dict]]:
     return caches
 
 
-def _write_sidecar(model_path: Path, files: dict[str, dict]) -> None:
+def _write_sidecar(sidecars: list[Path], files: dict[str, dict]) -> None:
     """Atomic replace, so a concurrent reader never sees half a file; a cache that
     cannot be written anywhere only costs a rehash next time."""
-    for sidecar in _sidecar_paths(model_path):
+    for sidecar in sidecars:
         tmp_path = None
         try:
             sidecar.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from vector_store.base import VectorStore, VectorStoreError
 from vector_store.redis import RedisVectorStore
@@ -12,20 +11,20 @@ _REDIS_SCHEMES = ("redis://", "rediss://")
 _SQLITE_SCHEME = "sqlite://"
 
 
-def default_store_location() -> str:
-    """``$STEER_STORE``, else ``$XDG_CACHE_HOME`` (or ``~/.cache``) + ``/steer-server/vectors``."""
-    if os.environ.get("STEER_STORE"):
-        return os.environ["STEER_STORE"]
-    cache_home = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+def default_store_location(cache_home: str | os.PathLike[str]) -> str:
+    """The store when none is named: ``<cache_home>/steer-server/vectors`` (``cache_home``: the
+    user's cache directory, ``EngineSettings.cache_home``; the settings' ``store_location``
+    prefers ``$STEER_STORE``)."""
     return os.path.join(cache_home, "steer-server", "vectors")
 
 
-def open_store(url: str | None = None, timeout_s: float | None = None) -> VectorStore:
+def open_store(url: str, timeout_s: float | None = None) -> VectorStore:
     """``redis://host:port/db`` (or ``rediss://``) -> RedisVectorStore; ``sqlite:///abs/dir``
-    or a plain directory path -> SqliteVectorStore; None -> ``default_store_location()``.
-    ``timeout_s`` bounds each call (Redis socket timeouts, SQLite's busy timeout)."""
+    or a plain directory path -> SqliteVectorStore (callers pass their settings'
+    ``store_location``). ``timeout_s`` bounds each call (Redis socket timeouts, SQLite's busy
+    timeout)."""
     sqlite_args = {} if timeout_s is None else {"timeout_s": timeout_s}
-    location = url if url is not None else default_store_location()
+    location = url
     if location.startswith(_REDIS_SCHEMES):
         return RedisVectorStore(location, timeout_s=timeout_s)
     if location.startswith(_SQLITE_SCHEME):

@@ -11,8 +11,6 @@ without vLLM (``tests/plugin/test_gpu_op.py``); the wire format comes from ``spe
 """
 from __future__ import annotations
 
-import os
-
 _FROM_SPEC = ("CAPTURE_KEY", "STEERING_KEY", "EngineAddition", "EngineSteering", "SteeringSpecError")
 
 
@@ -46,7 +44,9 @@ def register() -> None:
     check("engine")  # every vLLM symbol the hooks need, named if an upgrade moved it
     # The hooks cover the V1 model runner; a runner the user chose is never overridden
     # (V2 is then refused with a reason, see steer_vllm.support).
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    from steer_vllm.settings import select_v1_runner_unless_chosen
+
+    select_v1_runner_unless_chosen()
     from steer_vllm.admission import install_scheduler_hooks
     from steer_vllm.frontend import install_frontend_hooks
     from steer_vllm.runner import install_runner_hooks

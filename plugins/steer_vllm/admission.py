@@ -26,6 +26,7 @@ import logging
 from steer_vllm.content import ShippedVectors
 from steer_vllm.limits import table_rows_for_config
 from steer_vllm.plans import plan_layers
+from steer_vllm.settings import load_engine_settings
 from steer_vllm.spec import SteeringSpecError, steering_of
 from steer_vllm.vllm_internals import SCHEDULER_HOOKS as HOOKED_METHODS
 
@@ -103,7 +104,8 @@ def _admission(scheduler) -> SteeringAdmission:
     admission = scheduler.__dict__.get("_steer_admission")
     if admission is None:
         config = scheduler.vllm_config
-        admission = SteeringAdmission(table_rows_for_config(config) - 1, config.model_config.get_hidden_size())
+        rows = table_rows_for_config(config, load_engine_settings())
+        admission = SteeringAdmission(rows - 1, config.model_config.get_hidden_size())
         scheduler._steer_admission = admission
     return admission
 

@@ -27,6 +27,7 @@ from steer_vllm.content import VECTORS_KEY, attach_vectors
 from steer_vllm.hooks import patch
 from steer_vllm.limits import table_rows_for_config
 from steer_vllm.plans import plan_layers
+from steer_vllm.settings import EngineSettings, load_engine_settings
 from steer_vllm.spec import CAPTURE_KEY, EngineSteering, SteeringSpecError, capture_of, steering_of
 from steer_vllm.support import check_request
 from vector_store import StoredVector, VectorNotFound, VectorStore, layer_outside
@@ -56,13 +57,15 @@ def prompt_length(request) -> int:
 
 
 class SteeringValidator:
-    def __init__(self, vllm_config, vectors: VectorCache | None = None, store: VectorStore | None = None):
+    def __init__(self, vllm_config, settings: EngineSettings, vectors: VectorCache | None = None,
+                 store: VectorStore | None = None):
         model_config = vllm_config.model_config
+        self.settings = settings
         self.num_layers = model_config.hf_text_config.num_hidden_layers
         self.hidden_size = model_config.get_hidden_size()
         self.model_dir = model_config.model
         self.dtype_max = torch.finfo(model_config.dtype).max
-        self.table_capacity = table_rows_for_config(vllm_config) - 1
+        self.table_capacity = table_rows_for_config(vllm_config, settings) - 1
         self.vectors = vectors or process_cache()
         self._store = store
         self._fingerprint: str | None = None
@@ -73,7 +76,7 @@ class SteeringValidator:
         if self._fingerprint is None:
             from vector_store.keys import model_fingerprint
 
-            self._fingerprint = model_fingerprint(self.model_dir)
+            self._fingerprint = model_fingerprint(self.model_dir, cache_home=self.settings.cache_home)
         return self._fingerprint
 
     def _vector(self, content_id: str, where: str) -> StoredVector:
@@ -83,11 +86,9 @@ class SteeringValidator:
         if self._store is None:
             # Reached only by vectors the API did not pin (offline use): a server's own
             # --store-timeout bounds the read, so a stalled store cannot hold the frontend.
-            from steer_vllm.limits import positive_env
             from vector_store import open_store
-            from vector_store.async_access import DEFAULT_TIMEOUT_S
 
-            self._store = open_store(timeout_s=positive_env("STEER_STORE_TIMEOUT", DEFAULT_TIMEOUT_S, float))
+            self._store = open_store(self.settings.store_location, timeout_s=self.settings.store_timeout_s)
         try:
             return self.vectors.load(content_id, self._store)
         except VectorNotFound:
@@ -202,7 +203,7 @@ def _process_inputs(original):
         if params is not None and params.extra_args:
             validator = getattr(self, "_steer_validator", None)
             if validator is None:
-                validator = self._steer_validator = SteeringValidator(self.vllm_config)
+                validator = self._steer_validator = SteeringValidator(self.vllm_config, load_engine_settings())
             validator.prepare(request)
         return request
 

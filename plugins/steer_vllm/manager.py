@@ -10,6 +10,7 @@ it never runs unsteered.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 
 import torch
 
@@ -45,16 +46,17 @@ class SteeringManager:
         device: torch.device,
         max_tokens: int,
         max_reqs: int,
+        allowed_architectures: Collection[str] = (),
     ):
         self.table = RowTable(table_rows, hidden_size, dtype, device)
         self.recorder = CaptureRecorder()
         self.hidden_size = hidden_size
-        blocks, self.first_block, self.end_block = block_list(model)
+        blocks, self.first_block, self.end_block = block_list(model, allowed_architectures)
         self.num_layers = len(blocks)
         self.batch = SteeringBatch(self.num_layers + 1, max_tokens, max_reqs, dtype, device)
         self.receipts = ReceiptRecorder(self.batch)
         self.points = SteeringPoints(self.table.vector_table, self.batch, self.recorder, self.receipts)
-        install_steering(model, self.points)
+        install_steering(model, self.points, allowed_architectures)
         self._requests: dict[str, _Placed] = {}
         self._table_generation = self.table.generation
         self.failed: set[str] = set()  # not yet reported to the scheduler

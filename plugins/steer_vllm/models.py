@@ -22,7 +22,8 @@ makes a mismatch refuse the server before it serves anyone.
 Recognising the shape is necessary, not sufficient: a model whose forward loop changes the
 stream between blocks would still be steered wrongly. So an architecture is served only once
 it was checked against plain transformers — in CI (``VERIFIED``), or by the user with
-``steer-server check --model DIR``, which then says how to allow it (``ALLOW_ENV``).
+``steer-server check --model DIR``, which then says how to allow it (``$STEER_ALLOW_ARCHITECTURES``,
+``EngineSettings.allow_architectures``).
 
 Under pipeline parallelism each rank wraps only the blocks it owns, so a point is added by
 the rank that computes it; under tensor parallelism the stream is replicated and every
@@ -31,7 +32,7 @@ rank adds the full vector.
 from __future__ import annotations
 
 import inspect
-import os
+from collections.abc import Collection
 
 import torch
 from torch import nn
@@ -47,8 +48,6 @@ VERIFIED = frozenset({
 })
 # Run by vLLM's Transformers backend (vLLM 0.32 has no native OLMo 2), by the Hugging Face name.
 VERIFIED_TRANSFORMERS_BACKEND = frozenset({"Olmo2ForCausalLM"})
-# Comma-separated architecture names the user checked with `steer-server check`.
-ALLOW_ENV = "STEER_ALLOW_ARCHITECTURES"
 # Where models keep their decoder blocks: (owner attribute, block list attribute).
 _BLOCK_LISTS = (("model", "layers"), ("transformer", "h"))
 
@@ -136,10 +135,6 @@ def steerable_model_name(model: nn.Module) -> str:
     return type(model).__name__
 
 
-def _allowed() -> set[str]:
-    return {name.strip() for name in os.environ.get(ALLOW_ENV, "").split(",") if name.strip()}
-
-
 def _wrapper_for(block: nn.Module):
     """The wrapper class and its extra arguments for this block, from its signature."""
     parameters = list(inspect.signature(block.forward).parameters)
@@ -168,19 +163,23 @@ def _owned(blocks: nn.ModuleList) -> tuple[int, int]:
     return owned[0], owned[-1] + 1
 
 
-def block_list(model: nn.Module) -> tuple[nn.ModuleList, int, int]:
+def block_list(model: nn.Module, allowed: Collection[str] = ()) -> tuple[nn.ModuleList, int, int]:
     """The model's decoder blocks and the owned range [start, end); refuses a model the
-    plugin cannot steer exactly, naming it."""
+    plugin cannot steer exactly, naming it. ``allowed``: architectures the user checked
+    (``EngineSettings.allow_architectures``, ``$STEER_ALLOW_ARCHITECTURES``)."""
     model = _unwrap(model)
     name = steerable_model_name(model)
     backend = " under vLLM's Transformers backend" if _is_transformers_backend(model) else ""
     verified = VERIFIED_TRANSFORMERS_BACKEND if backend else VERIFIED
-    if name not in verified and name not in _allowed():
+    if name not in verified and name not in allowed:
+        from steer_vllm.settings import EngineSettings
+
+        variable = EngineSettings.variable("allow_architectures")
         raise UnsupportedModel(
             f"steer-server has not verified steering on {name}{backend}: verified are "
             f"{', '.join(sorted(VERIFIED))} (and {', '.join(sorted(VERIFIED_TRANSFORMERS_BACKEND))} under the "
             f"Transformers backend). Run `steer-server check --model DIR` to compare it with plain transformers; "
-            f"if it passes, serve with {ALLOW_ENV}={name}. To serve it unsteered, leave the 'steer' plugin out "
+            f"if it passes, serve with {variable}={name}. To serve it unsteered, leave the 'steer' plugin out "
             "(VLLM_PLUGINS)."
         )
     blocks = _find_blocks(model)
@@ -198,9 +197,9 @@ def block_list(model: nn.Module) -> tuple[nn.ModuleList, int, int]:
     return blocks, start, end
 
 
-def install_steering(model: nn.Module, points: SteeringPoints) -> None:
+def install_steering(model: nn.Module, points: SteeringPoints, allowed: Collection[str] = ()) -> None:
     """Wrap every block this rank owns."""
-    blocks, start, end = block_list(model)
+    blocks, start, end = block_list(model, allowed)
     for index in range(start, end):
         if isinstance(blocks[index], (ResidualPairBlock, FullStreamBlock)):
             continue

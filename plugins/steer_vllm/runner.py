@@ -22,6 +22,7 @@ from steer_vllm.hooks import is_hooked, patch
 from steer_vllm.limits import table_rows_for_config
 from steer_vllm.manager import SteeringManager
 from steer_vllm.receipts import TAKE_RECEIPT_RPC
+from steer_vllm.settings import load_engine_settings
 from steer_vllm.vllm_internals import RUNNER_HOOKS
 
 logger = logging.getLogger("steer_vllm")
@@ -41,14 +42,16 @@ def _after_load_model(original):
     def load_model(self, *args, **kwargs):
         result = original(self, *args, **kwargs)
         _calls(self)["load_model"] += 1
+        settings = load_engine_settings()
         self._steering = SteeringManager(
             self.get_model(),
-            table_rows=table_rows_for_config(self.vllm_config),
+            table_rows=table_rows_for_config(self.vllm_config, settings),
             hidden_size=self.model_config.get_hidden_size(),
             dtype=self.dtype,
             device=self.device,
             max_tokens=self.max_num_tokens,
             max_reqs=self.max_num_reqs,
+            allowed_architectures=settings.allow_architectures,
         )
         logger.info("steer-server: steering installed on %s (%s)", type(self.get_model()).__name__, self._steering.status())
         return result

@@ -21,9 +21,10 @@ import cachetools
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from vllm.exceptions import VLLMValidationError
 
+from steer_vllm.limits import MAX_ADDITIONS
+
 STEERING_KEY = "steering"
 CAPTURE_KEY = "steering_capture"
-MAX_ADDITIONS = 64
 
 
 class SteeringSpecError(VLLMValidationError, ValueError):

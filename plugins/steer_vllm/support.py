@@ -23,7 +23,6 @@ such a request is refused with a 400 that says so.
 from __future__ import annotations
 
 import functools
-import os
 
 from vllm.exceptions import VLLMValidationError
 
@@ -39,7 +38,9 @@ def _v2_reason(vllm_config) -> str:
         return "HiSparse attention forces it"
     if getattr(vllm_config, "watermark_config", None) is not None:
         return "watermarking forces it"
-    if os.environ.get("VLLM_USE_V2_MODEL_RUNNER") == "1":
+    from steer_vllm.settings import load_engine_settings
+
+    if load_engine_settings().vllm_use_v2_model_runner == "1":
         return "VLLM_USE_V2_MODEL_RUNNER=1 asks for it"
     return "vLLM chose it for this platform"
 

@@ -19,7 +19,8 @@ from steer_server.bench import BenchError
 from steer_server.bench.servers import STORES, ServerOptions, running_server, vector_store
 from steer_server.bench.vectors import MODES
 from steer_server.bench.workload import RunSpec, measure_all, vllm_options
-from steer_server.client import DEFAULT_URL, URL_ENV, default_api_key, default_url
+from steer_server.client import DEFAULT_URL
+from steer_server.settings import ClientSettings, load_client_settings
 
 SUBCOMMANDS = ("run", "suite", "premium")
 VLLM_OPTIONS_NOTE = ("Any other option is `vllm bench serve`'s (its datasets, sampling, request rate, "
@@ -85,8 +86,10 @@ def build_parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="steered vs unsteered on one server (the default)", allow_abbrev=False,
                          epilog=VLLM_OPTIONS_NOTE)
     target = run.add_argument_group("the server")
-    target.add_argument("--url", default=default_url(), help=f"a running server (default: ${URL_ENV} or {DEFAULT_URL})")
-    target.add_argument("--api-key", default=default_api_key(),
+    client = load_client_settings()
+    target.add_argument("--url", default=client.url,
+                        help=f"a running server (default: ${ClientSettings.variable('url')} or {DEFAULT_URL})")
+    target.add_argument("--api-key", default=client.api_key,
                         help="its --api-key (default: $STEER_API_KEY or $OPENAI_API_KEY)")
     target.add_argument("--serve", action="store_true", help="start a steer-server for this run instead of --url "
                         "(see the server options below), and stop it afterwards")

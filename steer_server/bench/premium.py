@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 from steer_server.bench import BenchError
+from steer_server.settings import Settings, load_settings
 
 BATCH_SEQUENCES = 32
 BATCH_TOKENS = 64
@@ -108,7 +109,7 @@ def _put_vector(store, model_dir: str, layer: int, rows: int, seed: int) -> str:
     direction = torch.randn(rows, hidden, generator=generator)
     direction = direction / direction.norm(dim=-1, keepdim=True)
     kind = "actadd" if rows > 1 else "constant"
-    return store.put(StoredVector(VectorMeta(model_fingerprint(model_dir), hidden, kind, "upload"), {layer: direction}))
+    return store.put(StoredVector(VectorMeta(model_fingerprint(model_dir, cache_home=load_settings().cache_home), hidden, kind, "upload"), {layer: direction}))
 
 
 def measure_model(name: str, model_dir: str, args, log) -> dict:
@@ -123,7 +124,8 @@ def measure_model(name: str, model_dir: str, args, log) -> dict:
     _, hidden, num_layers = model_shape(model_dir)
     layer = args.layer if args.layer is not None else num_layers // 2
     store_dir = Path(tempfile.mkdtemp(prefix="steer-premium-store-"))
-    os.environ["STEER_STORE"] = str(store_dir)  # the engine's workers read vectors from here
+    # the offline engine's frontend reads vectors from here (EngineSettings.store)
+    os.environ[Settings.variable("store")] = str(store_dir)
     store = open_store(str(store_dir))
     vector_ids = [_put_vector(store, model_dir, layer, args.rows, seed) for seed in range(args.distinct)]
     mode = "actadd" if args.rows > 1 else "constant"
@@ -203,12 +205,13 @@ def premium_command(args) -> int:
 
     from steer_server.bench.plots import plot_premium
     from steer_server.bench.report import machine_info, print_premium, wide_console, write_json
-    from steer_server.default_model import cache_dir
 
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
-    os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    settings = load_settings()
+    chosen = {"vllm_cpu_kvcache_space": settings.vllm_cpu_kvcache_space or "2",
+              "vllm_use_v2_model_runner": settings.vllm_use_v2_model_runner or "0"}
+    os.environ.update({Settings.variable(field): value for field, value in chosen.items()})  # for the engines
     console = wide_console()
-    root = Path(args.cache or cache_dir() / "bench-models")
+    root = Path(args.cache or settings.cache_dir / "bench-models")
     info = machine_info()
     started = time.perf_counter()
     results = []

@@ -5,7 +5,6 @@ redis-server, optionally behind ``latency_proxy`` so every store command pays a 
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 import uuid
@@ -25,6 +24,7 @@ from steer_server.server_process import (
     start_steer_server,
     stop,
 )
+from steer_server.settings import Settings, child_environment, load_settings
 
 STORES = ("sqlite", "redis")
 DEFAULT_SERVED_NAME = "SmolLM2-135M-Instruct"
@@ -132,14 +132,17 @@ def _added_latency_ms(direct_url: str, proxied_url: str, rounds: int = 50) -> fl
     return median_ping_ms(proxied_url) - median_ping_ms(direct_url)
 
 
-def server_env(kind: str) -> dict[str, str]:
-    env = dict(os.environ)
-    env["VLLM_USE_V2_MODEL_RUNNER"] = "0"  # what the steer plugin selects; the same for both kinds
-    if kind == "plain":
-        env["VLLM_PLUGINS"] = ""  # an empty list: no plugin at all
-    else:
-        env.pop("VLLM_PLUGINS", None)  # `steer-server serve` enables its own
-    return env
+def server_env(kind: str, kv_cache_gib: int) -> dict[str, str]:
+    """The server's environment: this one, with the same model runner for both kinds (what
+    the steer plugin selects), the plugins of the kind and a KV cache size unless set."""
+    settings = load_settings()
+    var = Settings.variable
+    overrides: dict[str, str | None] = {var("vllm_use_v2_model_runner"): "0"}
+    # plain: an empty list, no plugin at all; steer: `steer-server serve` enables its own
+    overrides[var("vllm_plugins")] = "" if kind == "plain" else None
+    if settings.vllm_cpu_kvcache_space is None:
+        overrides[var("vllm_cpu_kvcache_space")] = str(kv_cache_gib)
+    return child_environment(overrides)
 
 
 @dataclass
@@ -161,8 +164,7 @@ def running_server(kind: str, options: ServerOptions, *, store: Store | None, lo
         flags.append("--enforce-eager")
     if not any(flag.split("=")[0] in ("--async-scheduling", "--no-async-scheduling") for flag in flags):
         flags.append("--no-async-scheduling")  # what `steer-server serve` chooses: both kinds run the same engine
-    env = server_env(kind)
-    env.setdefault("VLLM_CPU_KVCACHE_SPACE", str(options.kv_cache_gib))
+    env = server_env(kind, options.kv_cache_gib)
     port = free_port()
     try:
         if kind == "plain":
