@@ -451,16 +451,19 @@ def test_open_store_opens_redis_urls(redis_server):
 
 
 def test_open_store_opens_sqlite_directories(tmp_path, monkeypatch):
+    from steer_vllm.settings import load_engine_settings
+
     by_url = open_store(f"sqlite://{tmp_path}/by-url")
     assert isinstance(by_url, SqliteVectorStore) and by_url.data_dir == tmp_path / "by-url"
     by_path = open_store(str(tmp_path / "by-path"))
     assert isinstance(by_path, SqliteVectorStore) and (tmp_path / "by-path" / "index.sqlite3").exists()
 
+    # Where the settings say: $STEER_STORE, else under $XDG_CACHE_HOME.
     monkeypatch.setenv("STEER_STORE", str(tmp_path / "from-env"))
-    assert open_store().data_dir == tmp_path / "from-env"
+    assert open_store(load_engine_settings().store_location).data_dir == tmp_path / "from-env"
     monkeypatch.delenv("STEER_STORE")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    assert open_store().data_dir == tmp_path / "cache" / "steer-server" / "vectors"
+    assert open_store(load_engine_settings().store_location).data_dir == tmp_path / "cache" / "steer-server" / "vectors"
 
 
 @pytest.mark.parametrize("url", ["sqlite://relative/dir", "http://example.com/vectors", ""])

@@ -13,8 +13,7 @@ from vector_store.keys import computation_key, model_fingerprint, model_shape
 
 
 @pytest.fixture
-def model_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+def model_dir(tmp_path):
     directory = tmp_path / "tiny-llama"
     directory.mkdir()
     config = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_hidden_layers": 2}
@@ -53,14 +52,18 @@ def test_fingerprint_uses_the_sidecar_cache(model_dir):
     assert model_fingerprint(model_dir) != fingerprint
 
 
-def test_unwritable_model_dir_caches_under_xdg_cache_home(model_dir, tmp_path):
+def test_unwritable_model_dir_caches_under_the_cache_home(model_dir, tmp_path):
     # A directory where the sidecar would go makes writing it fail, even for root.
     (model_dir / ".steer-fingerprint.json").mkdir()
-    fingerprint = model_fingerprint(model_dir)
-    cached = list((tmp_path / "cache" / "steer-server" / "fingerprints").glob("*.json"))
+    cache_home = tmp_path / "cache"
+    fingerprint = model_fingerprint(model_dir, cache_home=cache_home)
+    cached = list((cache_home / "steer-server" / "fingerprints").glob("*.json"))
     assert len(cached) == 1
     assert set(json.loads(cached[0].read_text())["files"]) == {"model.safetensors"}
+    assert model_fingerprint(model_dir, cache_home=cache_home) == fingerprint
+    # Without a cache home the hashes are recomputed: same fingerprint, nothing written.
     assert model_fingerprint(model_dir) == fingerprint
+    assert len(list((cache_home / "steer-server" / "fingerprints").glob("*.json"))) == 1
     assert sorted(p.name for p in model_dir.iterdir()) == [
         ".steer-fingerprint.json", "config.json", "model.safetensors"
     ]
