@@ -18,8 +18,9 @@ from steer_server.eval.steerings import SERVER_PAD, ContrastPairs, NamedVector, 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
     from steer_server.cli import _client_args  # --url, --api-key: the same as every client command
+    from steer_server.settings import load_client_settings
 
-    _client_args(parser)
+    _client_args(parser, load_client_settings())
     parser.add_argument("--model", help="served model name (default: the server's first)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
     parser.add_argument("-o", "--out", type=Path, required=True,
