@@ -151,10 +151,11 @@ def start_steer_server(args: Sequence[str], *, port: int, log: Path, env: Mappin
 
 
 def start_redis(workdir: Path, *, port: int | None = None, persist: bool = False,
-                timeout_s: float = 10) -> ServerProcess:
+                persistence: list[str] | None = None, timeout_s: float = 10) -> ServerProcess:
     """A redis-server on loopback, ``url`` ``redis://...:PORT/0``. It persists nothing, or with
     ``persist`` writes every change to an append-only file in ``workdir`` (so it can be killed
-    and restarted with its data)."""
+    and restarted with its data), fsynced on every write unless ``persistence`` gives
+    redis-server's flags for it (as a deployment file does)."""
     import shutil
 
     binary = shutil.which("redis-server")
@@ -164,7 +165,10 @@ def start_redis(workdir: Path, *, port: int | None = None, persist: bool = False
     url = f"redis://127.0.0.1:{port}/0"
     workdir.mkdir(parents=True, exist_ok=True)
 
-    persistence = ["--appendonly", "yes", "--appendfsync", "always"] if persist else ["--appendonly", "no"]
+    if not persist:
+        persistence = ["--appendonly", "no"]
+    elif persistence is None:
+        persistence = ["--appendonly", "yes", "--appendfsync", "always"]
     command = [binary, "--bind", "127.0.0.1", "--port", str(port), "--save", "", *persistence, "--dir", str(workdir)]
     return start("redis-server", command, url=url, ready=redis_ping(url), log=workdir / "redis.log",
                  timeout_s=timeout_s, poll_s=0.05)

@@ -22,16 +22,18 @@ class RedisProcess:
     """A redis-server on a free loopback port. With ``persist`` it writes every change to
     an append-only file in ``workdir``, so it can be killed and restarted with its data."""
 
-    def __init__(self, workdir: Path, persist: bool = False):
+    def __init__(self, workdir: Path, persist: bool = False, persistence: list[str] | None = None):
         self.port = free_port()
         self.workdir = workdir
         self.persist = persist
+        self.persistence = persistence
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         """Start (or restart, on the same port and directory) and wait until it answers PING."""
-        self.process = start_redis(self.workdir, port=self.port, persist=self.persist).process
+        self.process = start_redis(self.workdir, port=self.port, persist=self.persist,
+                                   persistence=self.persistence).process
 
     def signal(self, signum: int) -> None:
         self.process.send_signal(signum)
@@ -45,6 +47,17 @@ class RedisProcess:
             self.process.send_signal(signal.SIGCONT)  # a paused server cannot act on SIGTERM
             self.process.terminate()
         self.process.wait(timeout=10)
+
+
+def deployed_redis_persistence() -> list[str]:
+    """redis-server's flags as deploy/compose.yaml runs it (its persistence: AOF, fsynced each
+    second), so tests kill and restart the Redis that deployments get."""
+    import yaml
+
+    compose = yaml.safe_load((Path(__file__).resolve().parents[1] / "deploy" / "compose.yaml").read_text())
+    command = compose["services"]["redis"]["command"]
+    assert command[0] == "redis-server", command
+    return list(command[1:])
 
 
 def needs_redis_server() -> None:

@@ -3,9 +3,9 @@
 Layout under ``data_dir``: ``index.sqlite3`` (WAL) and ``blobs/<content id>.safetensors``.
 A write takes SQLite's write lock first (``BEGIN IMMEDIATE``), so writers in any thread
 or process run one at a time; inside it the blob is written to a temp file, fsynced and
-renamed into place, and only then indexed. A crash before the commit leaves at most a
-blob without an index row, which nothing reads and the next put of that vector
-overwrites.
+renamed into place, and only then indexed; the commit is durable (``synchronous=FULL``)
+before the write returns. A crash before the commit leaves at most a blob without an index
+row, which nothing reads and the next put of that vector overwrites.
 """
 from __future__ import annotations
 
@@ -72,6 +72,9 @@ class SqliteVectorStore(VectorStore):
         connection = sqlite3.connect(self.index_path, timeout=self.timeout_s, isolation_level=None)
         try:
             connection.execute("PRAGMA foreign_keys=ON")  # deletes cascade to names and computations
+            # A commit returns once the WAL is fsynced: an acknowledged write survives a crash
+            # of the machine, not only of the process (WAL's NORMAL would not promise that).
+            connection.execute("PRAGMA synchronous=FULL")
             yield connection
         finally:
             connection.close()

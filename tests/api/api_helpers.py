@@ -4,8 +4,11 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import threading
+import time
 
 import httpx
+import numpy as np
 import openai
 
 from steer_server.server_process import steer_server_command
@@ -65,3 +68,50 @@ def metric_values(text: str) -> dict[str, float]:
         if match:
             values[match.group(1) + (match.group(2) or "")] = float(match.group(3))
     return values
+
+
+class CreateBurst:
+    """Threads creating distinct named vectors (random float32 rows at one layer) through
+    the HTTP API as fast as the server answers; ``acknowledged`` keeps what got a 201:
+    name -> (content id, rows). Anything else (refused, connection lost) is not counted."""
+
+    def __init__(self, url: str, api_key: str, prefix: str, hidden: int, layer: int, threads: int = 4):
+        self.url, self.api_key, self.prefix, self.hidden, self.layer = url, api_key, prefix, hidden, layer
+        self.acknowledged: dict[str, tuple[str, np.ndarray]] = {}
+        self.other: list[str] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def wait_for(self, count: int, timeout_s: float = 180) -> None:
+        deadline = time.monotonic() + timeout_s
+        while len(self.acknowledged) < count:
+            assert time.monotonic() < deadline, f"only {len(self.acknowledged)} creates acknowledged: {self.other[-3:]}"
+            time.sleep(0.02)
+
+    def _run(self, thread: int) -> None:
+        with httpx.Client(base_url=self.url, headers={"Authorization": f"Bearer {self.api_key}"}, timeout=30) as http:
+            i = 0
+            while not self._stop.is_set():
+                name = f"{self.prefix}-{thread}-{i}"
+                rows = np.random.default_rng([thread, i]).standard_normal((1, self.hidden)).astype(np.float32)
+                i += 1
+                try:
+                    response = http.post("/v1/steering/vectors",
+                                         json={"name": name, "layers": {str(self.layer): rows.tolist()}})
+                except httpx.HTTPError as error:
+                    self.other.append(f"{name}: {error!r}")
+                    time.sleep(0.05)
+                    continue
+                if response.status_code == 201:
+                    self.acknowledged[name] = (response.json()["id"], rows)
+                else:
+                    self.other.append(f"{name}: {response.status_code} {response.text[:200]}")

@@ -1,7 +1,9 @@
-"""Store faults never stall or kill the engine: a real redis-server is paused (SIGSTOP),
-killed and restarted under mixed load. Unsteered requests keep flowing, steered requests
-whose vectors were used before keep working, those that need the store fail fast with a
-503 naming it, and everything works again once the store is back."""
+"""Store faults never stall or kill the engine: a real redis-server, run with the persistence
+deploy/compose.yaml gives it (AOF), is paused (SIGSTOP), killed and restarted under mixed
+load. Unsteered requests keep flowing, steered requests whose vectors were used before keep
+working, those that need the store fail fast with a 503 naming it, and everything works again
+once the store is back. Killed in the middle of a burst of creates, it keeps every vector the
+server acknowledged."""
 from __future__ import annotations
 
 import os
@@ -12,11 +14,11 @@ from collections import Counter
 
 import httpx
 import pytest
-from api_helpers import error_of
+from api_helpers import CreateBurst, error_of
 from conftest import API_KEY, start_steer_server, stop_steer_server
 
 from models import make_tiny_llama
-from redis_fixture import RedisProcess, needs_redis_server
+from redis_fixture import RedisProcess, deployed_redis_persistence, needs_redis_server
 from vector_store import StoredVector, VectorMeta
 from vector_store.keys import model_fingerprint
 from vector_store.redis import RedisVectorStore
@@ -32,7 +34,7 @@ def faulty(tmp_path_factory):
     needs_redis_server()
     workdir = tmp_path_factory.mktemp("faults")
     model_dir = make_tiny_llama(workdir / "llama")
-    store = RedisProcess(workdir, persist=True)
+    store = RedisProcess(workdir, persist=True, persistence=deployed_redis_persistence())
     store.start()
     server = start_steer_server(
         workdir / "server.log",
@@ -163,3 +165,27 @@ def test_engine_step_never_reads_the_store(faulty):
         assert second.status_code == 200, second.text
         assert second.json()["choices"][0]["text"] == first.json()["choices"][0]["text"]
         assert os.path.exists(f"/proc/{server.engine_pid()}")
+
+
+def test_redis_killed_during_a_burst_of_creates_keeps_every_acknowledged_vector(faulty):
+    import torch
+
+    server, store, _ = faulty
+    burst = CreateBurst(server.url, API_KEY, "burst", HIDDEN, 1, threads=6)
+    burst.start()
+    try:
+        burst.wait_for(40)
+        store.kill()
+        time.sleep(STORE_TIMEOUT_S + 1)  # creates meanwhile are refused, not acknowledged
+        refused = len(burst.other)
+        store.start()  # same port and directory: the append-only file is replayed
+        burst.wait_for(len(burst.acknowledged) + 10)
+    finally:
+        burst.stop()
+    assert refused > 0, "the kill came after the burst, not during it"
+    direct = RedisVectorStore(store.url)
+    for listed in direct.listing():  # every vector it shows reads whole (its sha256 checked)
+        direct.get(listed.content_id)
+    for name, (content_id, rows) in burst.acknowledged.items():
+        assert direct.resolve(name) == content_id, name
+        assert torch.equal(direct.get(content_id).directions[1], torch.from_numpy(rows)), name
