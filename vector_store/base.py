@@ -12,6 +12,8 @@ from __future__ import annotations
 import abc
 import hashlib
 import json
+import re
+import struct
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
 
@@ -108,6 +110,46 @@ class ListedVector(NamedTuple):
     shapes: dict[int, list[int]] | None  # layer -> [k, hidden]; None: stored before shapes were kept
 
 
+class ListingPage(NamedTuple):
+    """One page of a listing, oldest first; ``next_cursor``: pass it as ``after`` for the next
+    page, None when this page is the last."""
+
+    entries: list[ListedVector]
+    next_cursor: str | None
+
+
+_ORDER_KEY = re.compile(r"^([0-9a-f]{16}):(v-[0-9a-f]{40})$")
+
+
+def order_key(created: float, content_id: str) -> str:
+    """A string that sorts as (created, content id) does: ``created``'s IEEE-754 bits made
+    order-preserving (sign flipped, negatives inverted) in hex, then the id. Listings are
+    ordered by it and a page's cursor is its last entry's key (so a cursor is exact: no
+    float is rounded through text)."""
+    (bits,) = struct.unpack(">Q", struct.pack(">d", created))
+    bits = bits ^ 0xFFFF_FFFF_FFFF_FFFF if bits >> 63 else bits | 1 << 63
+    return f"{bits:016x}:{content_id}"
+
+
+def parse_order_key(key: object) -> tuple[float, str]:
+    """A cursor -> (created, content id); VectorStoreError if it is not one this store gave."""
+    match = _ORDER_KEY.match(key) if isinstance(key, str) else None
+    if match is None:
+        raise VectorStoreError(f"not a listing cursor: {str(key)[:80]!r} (pass a next_cursor back unchanged)")
+    bits = int(match[1], 16)
+    bits = bits & ~(1 << 63) if bits >> 63 else bits ^ 0xFFFF_FFFF_FFFF_FFFF
+    (created,) = struct.unpack(">d", struct.pack(">Q", bits))
+    if created != created:  # NaN: no vector's key
+        raise VectorStoreError(f"not a listing cursor: {key[:80]!r} (pass a next_cursor back unchanged)")
+    return created, match[2]
+
+
+def check_page_limit(limit: object) -> int:
+    if not isinstance(limit, int) or isinstance(limit, bool) or limit < 1:
+        raise VectorStoreError(f"a page holds at least 1 vector, got limit {limit!r}")
+    return limit
+
+
 class VectorStore(abc.ABC):
     """Content-addressed vectors, names that point at them, a cache of computed contrast
     pairs, and each vector's calibrated default (``steer_server.calibration``): a fact about
@@ -132,9 +174,29 @@ class VectorStore(abc.ABC):
         """Remove the vector and every name pointing at it."""
 
     @abc.abstractmethod
-    def listing(self) -> list[ListedVector]:
-        """Every stored vector with its metadata, names and shapes (no tensors are read),
-        oldest first."""
+    def listing_page(self, limit: int, after: str | None = None, named_only: bool = False) -> ListingPage:
+        """Up to ``limit`` stored vectors with their metadata, names and shapes (no tensors are
+        read), oldest first (by created, then content id), from just after the cursor ``after``
+        (None: the first page); ``named_only``: only vectors some name points at. Costs
+        O(limit), whatever the size of the store. Walking the pages from None to the last
+        lists every vector stored throughout the walk exactly once, whatever is written meanwhile."""
+
+    @abc.abstractmethod
+    def names_of(self, content_id: str) -> list[str]:
+        """The names pointing at a content id, sorted ([] if none, or no such vector; VectorNotFound
+        for a string that is no content id)."""
+
+    def listing(self, page_size: int = 1000) -> list[ListedVector]:
+        """Every stored vector, oldest first (the pages, followed): for tools and tests that
+        want the whole store, never a request's path."""
+        entries: list[ListedVector] = []
+        after = None
+        while True:
+            page = self.listing_page(page_size, after)
+            entries += page.entries
+            if page.next_cursor is None:
+                return entries
+            after = page.next_cursor
 
     def list(self) -> list[tuple[str, VectorMeta, list[str]]]:
         """(content id, metadata, names) for every stored vector."""

@@ -17,34 +17,65 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from vector_store import codec
-from vector_store.base import ListedVector, StoredDataDamaged, StoredVector, VectorNotFound, VectorStore, VectorStoreError
+from vector_store.base import (
+    ListedVector,
+    ListingPage,
+    StoredDataDamaged,
+    StoredVector,
+    VectorNotFound,
+    VectorStore,
+    VectorStoreError,
+    check_page_limit,
+    order_key,
+    parse_order_key,
+)
 
 _BUSY_TIMEOUT_S = 30.0
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS vectors (
-    content_id  TEXT PRIMARY KEY,
-    meta        TEXT NOT NULL,
-    created     REAL NOT NULL,
-    blob        TEXT NOT NULL,
-    blob_sha256 TEXT NOT NULL,
-    shapes      TEXT  -- JSON {"<layer>": [k, hidden]}; NULL in rows written before it was kept
-);
-CREATE TABLE IF NOT EXISTS names (
-    name       TEXT PRIMARY KEY,
-    content_id TEXT NOT NULL REFERENCES vectors(content_id) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS computations (
-    key        TEXT PRIMARY KEY,
-    content_id TEXT NOT NULL REFERENCES vectors(content_id) ON DELETE CASCADE
-);
-CREATE TABLE IF NOT EXISTS calibrations (
-    content_id TEXT PRIMARY KEY REFERENCES vectors(content_id) ON DELETE CASCADE,
-    version    INTEGER NOT NULL,
-    body       TEXT NOT NULL  -- JSON, steer_server.calibration.Calibration
-);
-CREATE INDEX IF NOT EXISTS names_by_content_id ON names(content_id);
-CREATE INDEX IF NOT EXISTS computations_by_content_id ON computations(content_id);
-"""
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS vectors (
+        content_id  TEXT PRIMARY KEY,
+        meta        TEXT NOT NULL,
+        created     REAL NOT NULL,
+        blob        TEXT NOT NULL,
+        blob_sha256 TEXT NOT NULL,
+        shapes      TEXT,  -- JSON {"<layer>": [k, hidden]}; NULL in rows written before it was kept
+        name_count  INTEGER NOT NULL DEFAULT 0  -- kept by the triggers below
+    )""",
+    """CREATE TABLE IF NOT EXISTS names (
+        name       TEXT PRIMARY KEY,
+        content_id TEXT NOT NULL REFERENCES vectors(content_id) ON DELETE CASCADE
+    )""",
+    """CREATE TABLE IF NOT EXISTS computations (
+        key        TEXT PRIMARY KEY,
+        content_id TEXT NOT NULL REFERENCES vectors(content_id) ON DELETE CASCADE
+    )""",
+    """CREATE TABLE IF NOT EXISTS calibrations (
+        content_id TEXT PRIMARY KEY REFERENCES vectors(content_id) ON DELETE CASCADE,
+        version    INTEGER NOT NULL,
+        body       TEXT NOT NULL  -- JSON, steer_server.calibration.Calibration
+    )""",
+)
+# Created after any column an older index lacks has been added (``_upgrade``).
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS names_by_content_id ON names(content_id)",
+    "CREATE INDEX IF NOT EXISTS computations_by_content_id ON computations(content_id)",
+    # Listing pages walk these in order from the cursor: O(page), and named-only pages skip
+    # no unnamed vectors.
+    "CREATE INDEX IF NOT EXISTS vectors_by_created ON vectors(created, content_id)",
+    "CREATE INDEX IF NOT EXISTS named_vectors_by_created ON vectors(created, content_id) WHERE name_count > 0",
+    # name_count follows the names table in the same transaction as every write to it,
+    # whichever release's code (or sqlite3 shell) makes the write.
+    """CREATE TRIGGER IF NOT EXISTS name_added AFTER INSERT ON names BEGIN
+        UPDATE vectors SET name_count = name_count + 1 WHERE content_id = NEW.content_id;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS name_removed AFTER DELETE ON names BEGIN
+        UPDATE vectors SET name_count = name_count - 1 WHERE content_id = OLD.content_id;
+    END""",
+    """CREATE TRIGGER IF NOT EXISTS name_moved AFTER UPDATE OF content_id ON names BEGIN
+        UPDATE vectors SET name_count = name_count - 1 WHERE content_id = OLD.content_id;
+        UPDATE vectors SET name_count = name_count + 1 WHERE content_id = NEW.content_id;
+    END""",
+)
 
 
 class SqliteVectorStore(VectorStore):
@@ -59,8 +90,7 @@ class SqliteVectorStore(VectorStore):
         self.index_path = self.data_dir / "index.sqlite3"
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
-            connection.executescript(_SCHEMA)
-            _add_shapes_column(connection)
+            _upgrade(connection)
 
     def __repr__(self) -> str:
         return f"SqliteVectorStore({str(self.data_dir)!r})"
@@ -127,19 +157,44 @@ class SqliteVectorStore(VectorStore):
             # Still inside the write lock, so no put of the same vector can interleave.
             self._blob_path(content_id).unlink(missing_ok=True)
 
-    def listing(self) -> list[ListedVector]:
+    def listing_page(self, limit: int, after: str | None = None, named_only: bool = False) -> ListingPage:
+        check_page_limit(limit)
+        conditions, params = [], []
+        if named_only:
+            conditions.append("name_count > 0")  # spelled as the partial index is, so the planner takes it
+        if after is not None:
+            conditions.append("(created, content_id) > (?, ?)")
+            params += parse_order_key(after)
+        where = f"WHERE {' AND '.join(conditions)}" if conditions else ""
         with self._connect() as connection:
-            rows = connection.execute(
-                "SELECT content_id, meta, shapes FROM vectors ORDER BY created, content_id"
-            ).fetchall()
-            names: dict[str, list[str]] = {}
-            for name, content_id in connection.execute("SELECT name, content_id FROM names ORDER BY name"):
-                names.setdefault(content_id, []).append(name)
-        return [
+            connection.execute("BEGIN")  # one snapshot for the page and its names
+            try:
+                rows = connection.execute(
+                    f"SELECT content_id, meta, shapes, created FROM vectors {where} ORDER BY created, content_id LIMIT ?",
+                    (*params, limit + 1),
+                ).fetchall()
+                page = rows[:limit]
+                names: dict[str, list[str]] = {}
+                ids = [row[0] for row in page]
+                for content_id, name in connection.execute(
+                    f"SELECT content_id, name FROM names WHERE content_id IN ({','.join('?' * len(ids))}) ORDER BY name", ids
+                ):
+                    names.setdefault(content_id, []).append(name)
+            finally:
+                connection.execute("COMMIT")
+        entries = [
             ListedVector(content_id, codec.decode_meta(content_id, meta_json), names.get(content_id, []),
                          codec.decode_shapes(content_id, shapes_json))
-            for content_id, meta_json, shapes_json in rows
+            for content_id, meta_json, shapes_json, _ in page
         ]
+        more = len(rows) > limit
+        return ListingPage(entries, order_key(page[-1][3], page[-1][0]) if more else None)
+
+    def names_of(self, content_id: str) -> list[str]:
+        codec.check_content_id(content_id)
+        with self._connect() as connection:
+            return [row[0] for row in connection.execute(
+                "SELECT name FROM names WHERE content_id = ? ORDER BY name", (content_id,))]
 
     def set_name(self, name: str, content_id: str) -> None:
         codec.check_name(name)
@@ -207,16 +262,23 @@ class SqliteVectorStore(VectorStore):
             raise VectorNotFound(f"no vector with id {content_id}")
 
 
-def _add_shapes_column(connection: sqlite3.Connection) -> None:
-    """An index made before shapes were kept gains the column (its rows stay NULL there)."""
-    columns = {row[1] for row in connection.execute("PRAGMA table_info(vectors)")}
-    if "shapes" in columns:
-        return
-    try:
-        connection.execute("ALTER TABLE vectors ADD COLUMN shapes TEXT")
-    except sqlite3.OperationalError as error:
-        if "duplicate column" not in str(error):  # another process added it first
-            raise
+def _upgrade(connection: sqlite3.Connection) -> None:
+    """Create the tables, or bring an index written by an earlier release up to this one:
+    add the columns it lacks (shapes stay NULL in its rows; name_count is counted from its
+    names), then the indexes and triggers. One write transaction, so processes opening the
+    store together see all of it or none, and the later ones find nothing left to do."""
+    with _write_transaction(connection):
+        for statement in _SCHEMA:
+            connection.execute(statement)
+        columns = {row[1] for row in connection.execute("PRAGMA table_info(vectors)")}
+        if "shapes" not in columns:
+            connection.execute("ALTER TABLE vectors ADD COLUMN shapes TEXT")
+        if "name_count" not in columns:
+            connection.execute("ALTER TABLE vectors ADD COLUMN name_count INTEGER NOT NULL DEFAULT 0")
+            connection.execute("UPDATE vectors SET name_count ="
+                               " (SELECT count(*) FROM names WHERE names.content_id = vectors.content_id)")
+        for statement in _INDEXES:
+            connection.execute(statement)
 
 
 @contextlib.contextmanager
