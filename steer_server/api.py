@@ -318,10 +318,7 @@ class SteerServer:
         return content_id, await self.store.get(content_id)
 
     async def names_of(self, content_id: str) -> list[str]:
-        for cid, _, names in await self.store.list():
-            if cid == content_id:
-                return names
-        return []
+        return await self.store.names_of(content_id)
 
     async def describe(self, content_id: str, vector: StoredVector, names: list[str], norms: bool = False) -> dict:
         meta = vector.meta

@@ -18,6 +18,7 @@ from pathlib import Path
 from steer_server.client import (
     DEFAULT_DOSES,
     DEFAULT_URL,
+    LIST_PAGE_MAX,
     MAX_CELLS,
     VECTORS_PATH,
     auth_headers,
@@ -295,8 +296,15 @@ def vectors_list(args) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    data = []
+    params: dict[str, str | int] = {"limit": LIST_PAGE_MAX, **({"all": "true"} if args.all else {})}
     with _http(args) as http:
-        data = _check(http.get(VECTORS_PATH, params={"all": "true"} if args.all else None)).json()["data"]
+        while True:  # every page: the server answers at most LIST_PAGE_MAX vectors a request
+            page = _check(http.get(VECTORS_PATH, params=params)).json()
+            data += page["data"]
+            if not page["has_more"]:
+                break
+            params["after"] = page["next_cursor"]
     table = Table(title=f"steering vectors at {args.url}")
     for column in ("names", "id", "kind", "method", "layers", "rows", "served model"):
         table.add_column(column)

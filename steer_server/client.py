@@ -10,6 +10,9 @@ import argparse
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 VECTORS_PATH = "/v1/steering/vectors"  # the one definition: the server's routes are declared under it too
+# A listing page (GET VECTORS_PATH?limit=&after=): its size unless asked, and the most one holds.
+LIST_PAGE_DEFAULT = 100
+LIST_PAGE_MAX = 1000
 # A sweep or calibration the server runs for an HTTP caller shares the engine with everyone's
 # requests: at most this many layer × strength cells (the CLI runs larger calibrations in parts).
 MAX_CELLS = 24

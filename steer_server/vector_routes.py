@@ -34,10 +34,11 @@ from pydantic import (
     field_validator,
 )
 
-from steer_server.client import VECTORS_PATH
+from steer_server.client import LIST_PAGE_DEFAULT, LIST_PAGE_MAX, VECTORS_PATH
 from steer_server.route_errors import SteeringRoute, validation_error
 from steer_server.steering import FiniteCoeff, SteeringError, bad_request
 from vector_store import StoredVector, VectorMeta, VectorNotFound, VectorStoreError
+from vector_store.base import parse_order_key
 from vector_store.compute import PCA_METHODS
 
 if TYPE_CHECKING:
@@ -202,13 +203,24 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         return JSONResponse(await srv.describe(content_id, vector, await srv.names_of(content_id)), status_code=201)
 
     @router.get(VECTORS_PATH)
-    async def list_vectors(all: bool = False):  # noqa: A002 - the query parameter's name
-        """Named vectors (``?all=true``: also the unnamed ones computed for requests)."""
+    async def list_vectors(all: bool = False, limit: int = LIST_PAGE_DEFAULT,  # noqa: A002 - the query parameter's name
+                           after: str | None = None):
+        """Named vectors, oldest first, one page at a time (``?all=true``: also the unnamed ones
+        computed for requests): up to ``limit`` of them (default 100, at most 1000) after the
+        cursor ``after``, the ``next_cursor`` of the page before (absent: the first page).
+        ``has_more``: whether more followed this page when it was read (then ``next_cursor`` is
+        set; null on the last page)."""
         srv = server()
+        if not 1 <= limit <= LIST_PAGE_MAX:
+            raise bad_request("limit", f"expected 1..{LIST_PAGE_MAX} vectors a page, got {limit}")
+        if after is not None:
+            try:
+                parse_order_key(after)
+            except VectorStoreError as exc:
+                raise bad_request("after", str(exc)) from None
+        page = await srv.store.listing_page(limit, after, named_only=not all)
         data = []
-        for entry in await srv.store.listing():
-            if not entry.names and not all:
-                continue
+        for entry in page.entries:
             shapes = entry.shapes
             if shapes is None:  # stored before shapes were kept beside the tensors: read them
                 try:
@@ -229,7 +241,8 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
                 "stats": meta.stats,
                 "created": meta.created,
             })
-        return {"object": "list", "data": data}
+        return {"object": "list", "data": data, "next_cursor": page.next_cursor,
+                "has_more": page.next_cursor is not None}
 
     @router.post(VECTORS_PATH + "/import/gguf", status_code=201, openapi_extra=_BINARY_BODY)
     async def import_gguf_route(request: Request, name: str | None = None):

@@ -31,11 +31,10 @@ from typing import Any, TypeVar
 import cachetools
 
 from vector_store.base import (
-    ListedVector,
+    ListingPage,
     StoredDataDamaged,
     StoredVector,
     StoreUnavailable,
-    VectorMeta,
     VectorNotFound,
     VectorStore,
     VectorStoreError,
@@ -170,11 +169,13 @@ class AsyncStore:
         self._calibrations.pop(content_id, None)
         self._computations = cachetools.LRUCache(_MAX_NAMES)  # some may have pointed at it
 
-    async def list(self) -> list[tuple[str, VectorMeta, list[str]]]:
-        return await self._call(self.store.list)
+    async def listing_page(self, limit: int, after: str | None = None, named_only: bool = False) -> ListingPage:
+        """One page of the listing (``VectorStore.listing_page``); never cached: a listing
+        shows what the store holds now."""
+        return await self._call(self.store.listing_page, limit, after, named_only)
 
-    async def listing(self) -> list[ListedVector]:
-        return await self._call(self.store.listing)
+    async def names_of(self, content_id: str) -> list[str]:
+        return await self._call(self.store.names_of, content_id)
 
     # -- calibrations
     async def calibration(self, content_id: str) -> dict | None:

@@ -48,7 +48,7 @@ def test_upload_json_get_norms_list_delete(http, server):
     assert set(typical) == {"6", "7"} and all(0 < typical[k] < 1e4 for k in typical)
     assert http.get(f"{ROUTE}/{meta['id']}").json()["names"] == ["uploaded"]  # by content id too
 
-    listed = http.get(ROUTE).json()
+    listed = http.get(ROUTE, params={"limit": 1000}).json()
     assert listed["object"] == "list"
     assert [v for v in listed["data"] if v["id"] == meta["id"]][0]["names"] == ["uploaded"]
 
@@ -56,7 +56,7 @@ def test_upload_json_get_norms_list_delete(http, server):
     assert deleted.status_code == 200 and deleted.json()["deleted"] == meta["id"]
     assert http.get(f"{ROUTE}/uploaded").status_code == 404
     assert http.get(f"{ROUTE}/{meta['id']}").status_code == 404
-    assert meta["id"] not in [v["id"] for v in http.get(ROUTE, params={"all": "true"}).json()["data"]]
+    assert meta["id"] not in [v["id"] for v in http.get(ROUTE, params={"all": "true", "limit": 1000}).json()["data"]]
 
 
 def test_compute_actadd_and_constant(http, client, server):
@@ -208,7 +208,7 @@ def test_openapi_lists_the_vector_routes_and_their_bodies(server):
     gguf_body = paths[ROUTE + "/import/gguf"]["post"]["requestBody"]["content"]
     assert gguf_body["application/octet-stream"]["schema"]["format"] == "binary"
     list_params = {p["name"] for p in paths[ROUTE]["get"]["parameters"]}
-    assert list_params == {"all"}
+    assert list_params == {"all", "limit", "after"}
 
 
 
@@ -230,7 +230,7 @@ def test_listing_reads_shapes_from_the_store_not_the_tensors(http, server):
     with sqlite3.connect(server.store / "index.sqlite3") as connection:
         connection.execute("UPDATE vectors SET shapes = NULL WHERE content_id = ?", (old,))
     try:
-        listed = {v["id"]: v for v in http.get(ROUTE).json()["data"]}
+        listed = {v["id"]: v for v in http.get(ROUTE, params={"limit": 1000}).json()["data"]}
         assert listed[damaged]["layers"] == [7] and listed[damaged]["shape"] == {"7": [3, HIDDEN]}
         assert listed[old]["layers"] == [2, 9] and listed[old]["shape"] == {"2": [1, HIDDEN], "9": [1, HIDDEN]}
         assert listed[old]["names"] == ["listed-old"] and listed[old]["kind"] == "constant"

@@ -62,7 +62,7 @@ def test_a_paused_store_fails_fast_and_known_answers_keep_working(paused_store):
         assert await store.resolve("unseen") == unseen_id
         paused_store.kill()
         with pytest.raises(StoreUnavailable, match="unavailable"):
-            await store.list()
+            await store.listing_page(10)
 
     asyncio.run(scenario())
 
