@@ -33,6 +33,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import struct
 import tempfile
 import uuid
 from pathlib import Path
@@ -49,6 +50,13 @@ ARCH = "controlvector"
 MODEL_HINT_KEY = f"{ARCH}.model_hint"
 LAYER_COUNT_KEY = f"{ARCH}.layer_count"
 _DIRECTION_NAME = re.compile(r"direction\.([0-9]+)")
+# What a control vector may hold besides its tensors: a few short strings in practice. The
+# bound keeps the reader's work in proportion to a real file (it builds objects per entry).
+MAX_METADATA_BYTES = 64 * 1024
+_HEAD_BYTES = 4 + 4 + 8 + 8  # magic, version, tensor count, key-value count
+_MIN_KV_BYTES = 8 + 4 + 1  # key length, value type, the smallest value
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8  # name length, dimension count, type, offset
+_TENSOR_OVERHEAD_BYTES = 64 + 32  # a direction.N tensor's info, and its alignment padding
 
 
 def direction_index(layer: int) -> int:
@@ -128,12 +136,19 @@ def import_gguf(
     ``hidden_size`` and ``num_layers`` decoder blocks: ``direction.N`` ``[hidden]`` becomes
     our layer N + 1 as ``[1, hidden]``. VectorStoreError says what is wrong with the file."""
     if isinstance(data, (bytes, bytearray)):
+        _check_declared(bytes(data[:_HEAD_BYTES]), len(data), hidden_size, num_layers)
         with tempfile.TemporaryDirectory() as tmp_dir:
             tmp_path = Path(tmp_dir) / "upload.gguf"
             tmp_path.write_bytes(data)
             model_hint, directions = _read_control_vector(tmp_path, hidden_size, num_layers)
     else:
-        model_hint, directions = _read_control_vector(Path(data), hidden_size, num_layers)
+        path = Path(data)
+        try:
+            with path.open("rb") as file:
+                _check_declared(file.read(_HEAD_BYTES), path.stat().st_size, hidden_size, num_layers)
+        except FileNotFoundError:
+            raise VectorStoreError(f"no GGUF file at {path}") from None
+        model_hint, directions = _read_control_vector(path, hidden_size, num_layers)
     vector = StoredVector(
         meta=VectorMeta(
             model_fingerprint=model_fingerprint,
@@ -148,14 +163,41 @@ def import_gguf(
     return vector
 
 
+def _check_declared(head: bytes, size: int, hidden_size: int, num_layers: int) -> None:
+    """Refuse a file larger than any control vector for this model, or whose header declares
+    more tensors than the model has layers or more entries than its bytes can hold, before
+    gguf's reader walks it (the reader trusts the declared counts)."""
+    largest = _HEAD_BYTES + MAX_METADATA_BYTES + num_layers * (_TENSOR_OVERHEAD_BYTES + 4 * hidden_size)
+    if size > largest:
+        raise VectorStoreError(
+            f"the file has {size} bytes; a control vector for this model ({num_layers} directions of "
+            f"{hidden_size} float32) has at most {largest}"
+        )
+    if len(head) < _HEAD_BYTES:
+        return  # the reader names what is missing
+    big_endian = struct.unpack_from("<I", head, 4)[0] & 0xFFFF == 0  # as the reader detects it
+    tensor_count, kv_count = struct.unpack_from(">QQ" if big_endian else "<QQ", head, 8)
+    if tensor_count > num_layers:
+        raise VectorStoreError(
+            f"the file declares {tensor_count} tensors; a control vector for this model has at most "
+            f"{num_layers} (direction.0..direction.{num_layers - 1})"
+        )
+    if kv_count * _MIN_KV_BYTES + tensor_count * _MIN_TENSOR_INFO_BYTES > size - _HEAD_BYTES:
+        raise VectorStoreError(
+            f"not a readable GGUF file (truncated or damaged?): it declares {kv_count} key-value pairs and "
+            f"{tensor_count} tensors, more than its {size} bytes can hold"
+        )
+
+
 def _read_control_vector(path: Path, hidden_size: int, num_layers: int) -> tuple[str | None, dict[int, torch.Tensor]]:
     """(model hint, {our layer: float32 [1, hidden]}), the tensors copied out of the file."""
     try:
         reader = gguf.GGUFReader(path)
     except FileNotFoundError:
         raise VectorStoreError(f"no GGUF file at {path}") from None
-    except (ValueError, IndexError, KeyError, OverflowError) as error:
-        # The reader fails in these ways on truncated or damaged bytes.
+    except (ValueError, IndexError, KeyError, OverflowError, RecursionError) as error:
+        # The reader fails in these ways on truncated or damaged bytes (RecursionError: arrays
+        # of arrays nested deeper than Python recurses).
         raise VectorStoreError(f"not a readable GGUF file (truncated or damaged?): {error}") from None
 
     arch = _string_field(reader, "general.architecture")
@@ -176,7 +218,8 @@ def _read_control_vector(path: Path, hidden_size: int, num_layers: int) -> tuple
         layer = layer_of_direction(index)
         if tensor.tensor_type != gguf.GGMLQuantizationType.F32 or len(tensor.shape) != 1:
             raise VectorStoreError(
-                f"{tensor.name}: expected float32 [hidden], got {tensor.tensor_type.name} {list(tensor.shape)}"
+                f"{tensor.name}: expected float32 [hidden], "
+                f"got {tensor.tensor_type.name} {[int(n) for n in tensor.shape]}"
             )
         if tensor.n_elements != hidden_size:
             raise VectorStoreError(
