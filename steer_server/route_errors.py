@@ -15,10 +15,11 @@ import json
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from fastapi import HTTPException, Request, Response
+from fastapi import Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException  # FastAPI raises this base class for an undecodable body
 
 from steer_server.steering import SteeringError, bad_request, dotted_path, store_failure
 from steer_vllm.spec import POSITION_TAGS
@@ -67,6 +68,8 @@ class SteeringRoute(APIRoute):
             return self.validation_error(_invalid_json(exc) or errors[0]) if errors else bad_request("body", "invalid")
         if isinstance(exc, HTTPException) and isinstance(exc.__cause__, ValueError):
             return bad_request("body", f"not valid JSON ({exc.__cause__})")  # FastAPI could not decode the body
+        if isinstance(exc, HTTPException) and isinstance(exc.__cause__, RecursionError):
+            return bad_request("body", "JSON nested deeper than this server reads")
         if isinstance(exc, VectorNotFound):
             return SteeringError(404, str(exc))
         if isinstance(exc, (StoreUnavailable, StoredDataDamaged)):

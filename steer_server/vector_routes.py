@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
@@ -45,8 +46,14 @@ if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin, SteerServer
 
 SAFETENSORS_TYPES = ("application/octet-stream", "application/x-safetensors", "application/safetensors")
+# The dtypes an uploaded direction may have: floating types, each read as float32 as the store keeps it.
+SAFETENSORS_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64}
+# A few hundred bytes a layer in practice; the bound keeps the tensors parsed in proportion.
+MAX_SAFETENSORS_HEADER = 1024 * 1024
 # A pairs file: one {"positive", "negative"} object a line; the other fields go in the query.
 JSONL_TYPES = ("application/jsonl", "application/x-ndjson", "application/jsonlines", "application/x-jsonlines")
+# ASCII digits ("²".isdigit() holds, and int() refuses it), few enough for int() to read.
+LAYER_NUMBER = re.compile(r"[0-9]{1,18}")
 LAYERS_RULE = 'a list of layers, or "all" (every stream point 0..num_layers)'
 CREATE_SHAPES = 'expected "additions" (actadd), "pairs" (constant) or "layers" (upload)'
 
@@ -314,6 +321,8 @@ def _json_body(body: bytes) -> ActAddVectorCreate | ConstantVectorCreate | Uploa
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request("body", f"not valid JSON ({exc})") from None
+    except RecursionError:
+        raise bad_request("body", "JSON nested deeper than this server reads") from None
     try:
         return _JSON_CREATE.validate_python(payload)
     except ValidationError as exc:
@@ -343,11 +352,14 @@ async def _create_from_json(srv: SteerServer, spec: ActAddVectorCreate | Constan
     else:
         directions = {}
         for key, rows in spec.layers.items():
-            if not key.isdigit():
+            if not LAYER_NUMBER.fullmatch(key):
                 raise bad_request(f"layers.{key}", "layer keys are decimal integers")
             layer = int(key)
             resolver.check_layer(layer, f"layers.{key}")
-            tensor = torch.tensor(rows, dtype=torch.float32)
+            try:
+                tensor = torch.tensor(rows, dtype=torch.float32)
+            except ValueError as exc:  # rows of different lengths
+                raise bad_request(f"layers.{key}", f"rows of one length expected ({exc})") from None
             directions[layer] = _checked_rows(srv, tensor, f"layers.{key}")
         vector = StoredVector(_upload_meta(srv, directions, spec.kind, "upload"), directions)
         return await srv.save(vector, spec.name)
@@ -437,6 +449,8 @@ def _pairs_file(body: bytes) -> tuple[list[dict], list[int]]:
             entry = json.loads(text)
         except ValueError as exc:
             raise bad_request("pairs", f"line {number} is not valid JSON ({exc})") from None
+        except RecursionError:
+            raise bad_request("pairs", f"line {number} is JSON nested deeper than this server reads") from None
         if not isinstance(entry, dict):
             raise bad_request("pairs", f'line {number}: expected a {{"positive", "negative"}} object')
         for side in ("positive", "negative"):
@@ -498,20 +512,29 @@ def _upload_meta(srv: SteerServer, directions: dict[int, torch.Tensor], kind: st
 
 
 def _vector_from_safetensors(srv: SteerServer, body: bytes) -> StoredVector:
-    from safetensors import SafetensorError
-    from safetensors.torch import load
+    from safetensors import SafetensorError, deserialize
 
+    declared = int.from_bytes(body[:8], "little")
+    if len(body) >= 8 and declared > min(len(body) - 8, MAX_SAFETENSORS_HEADER):
+        raise bad_request("body", f"the safetensors header declares {declared} bytes; the body holds {len(body) - 8} "
+                                  f"after the length, and a header here is at most {MAX_SAFETENSORS_HEADER}")
     try:
-        tensors = load(body)
+        entries = deserialize(body)  # checks every tensor's offsets and size against the body
     except (SafetensorError, ValueError, RuntimeError) as exc:
         raise bad_request("body", f"not a readable safetensors file ({exc})") from None
-    if not tensors:
+    if not entries:
         raise bad_request("body", "the safetensors file holds no tensors")
     directions = {}
-    for key, tensor in tensors.items():
-        if not (key.startswith("layer.") and key[6:].isdigit()):
-            raise bad_request(f"body[{key!r}]", "tensors are named layer.N (N = the layer whose entering stream they steer)")
+    for key, entry in entries:
+        param = f"body[{key!r}]"
+        if not (key.startswith("layer.") and LAYER_NUMBER.fullmatch(key[6:])):
+            raise bad_request(param, "tensors are named layer.N (N = the layer whose entering stream they steer)")
+        dtype = SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise bad_request(param, f"dtype {entry['dtype']}: expected a floating type, "
+                                     f"one of {', '.join(SAFETENSORS_DTYPES)}")
         layer = int(key[6:])
-        srv.resolver.check_layer(layer, f"body[{key!r}]")
-        directions[layer] = _checked_rows(srv, tensor.to(torch.float32), f"body[{key!r}]")
+        srv.resolver.check_layer(layer, param)
+        values = torch.frombuffer(entry["data"], dtype=dtype) if entry["data"] else torch.empty(0, dtype=dtype)
+        directions[layer] = _checked_rows(srv, values.reshape(entry["shape"]).to(torch.float32), param)
     return StoredVector(_upload_meta(srv, directions, None, "upload"), directions)

@@ -39,8 +39,16 @@ def is_valid_name(name: object) -> bool:
 
 def check_name(name: object) -> str:
     if not is_valid_name(name):
-        raise VectorStoreError(f"bad vector name {name!r}: a name is {NAME_RULE}")
+        raise VectorStoreError(f"bad vector name {shown(name)}: a name is {NAME_RULE}")
     return name  # type: ignore[return-value]
+
+
+def shown(value: object, limit: int = 64) -> str:
+    """``repr`` of a client's value for an error message, cut short: a 10k-character name
+    is not echoed back whole."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)
 
 
 def is_content_id(content_id: object) -> bool:
