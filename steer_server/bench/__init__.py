@@ -16,6 +16,8 @@ about steering:
 - ``latency_proxy`` the TCP proxy that adds a fixed delay to every command sent to Redis
 - ``suite``     baselines (plain vLLM vs plugin loaded) and the steering sweep, servers included
 - ``premium``   the paper's inference-time premium on an offline ``vllm.LLM``
+- ``store_scale`` steered TTFT with names resolved from a store of 100k vectors vs an empty one,
+                and the cost of a listing page and of ``names_of`` there
 - ``report``, ``plots``  tables, result JSON, figures
 - ``cli``       the command line; ``locustfile`` ramp and soak tests against a deployment
 """
