@@ -16,7 +16,8 @@ and the indexes that keep listing and name lookups O(page) / O(names of one vect
   ``<prefix>names-of:<id>``        set of the names pointing at that vector
   ``<prefix>computations-of:<id>`` set of the computation keys pointing at it
   ``<prefix>layout``               "2" once those indexes cover every entry (a store written by
-                                   an earlier release has none: the first use builds them)
+                                   an earlier release has none: the first use builds them, so
+                                   replicas of that release should not write to it afterwards)
 Every write is one MULTI/EXEC under WATCH of what it checked, indexes included, so concurrent
 writers of one vector leave exactly one entry (the first), a name or a cached computation
 never points at a vector that a concurrent delete removed, and the indexes always say what
