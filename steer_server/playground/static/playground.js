@@ -355,14 +355,25 @@ function cell(content, cls) {
   return td;
 }
 
-async function loadLibrary() {
+const LIBRARY_PAGE = 100;
+let libraryCursor = null;  // where the next page of the library starts
+
+// One page of the store (it may hold 100k vectors); "Show more" appends the next.
+async function loadLibrary(more = false) {
   showError("library-error", "");
   $("library-status").textContent = "loading…";
   try {
-    const listing = await api("GET", VECTORS + ($("library-all").checked ? "?all=true" : ""));
+    const query = new URLSearchParams({limit: String(LIBRARY_PAGE)});
+    if ($("library-all").checked) query.set("all", "true");
+    if (more) query.set("after", libraryCursor);
+    const listing = await api("GET", `${VECTORS}?${query}`);
     const described = await Promise.all(listing.data.map(v => api("GET", `${VECTORS}/${v.id}`).catch(() => v)));
-    $("vector-rows").replaceChildren(...described.map(vectorRow));
-    $("library-status").textContent = `${described.length} vector(s)`;
+    if (more) $("vector-rows").append(...described.map(vectorRow));
+    else $("vector-rows").replaceChildren(...described.map(vectorRow));
+    libraryCursor = listing.next_cursor;
+    $("library-more").hidden = !listing.has_more;
+    const shown = $("vector-rows").children.length;
+    $("library-status").textContent = `${shown} vector(s)` + (listing.has_more ? ", more in the store" : "");
   } catch (error) {
     $("library-status").textContent = "";
     showError("library-error", String(error.message ?? error));
@@ -621,8 +632,9 @@ async function start() {
   $("stop").onclick = () => state.controller?.abort();
   $("copy-curl").onclick = () => copy("code-curl");
   $("copy-python").onclick = () => copy("code-python");
-  $("library-refresh").onclick = loadLibrary;
-  $("library-all").onchange = loadLibrary;
+  $("library-refresh").onclick = () => loadLibrary();
+  $("library-more").onclick = () => loadLibrary(true);
+  $("library-all").onchange = () => loadLibrary();
   $("pairs-create").onclick = createFromPairs;
   $("pairs-kind").onchange = () => { $("pairs-method-label").hidden = $("pairs-kind").value !== "constant"; };
   $("gguf-import").onclick = importGguf;
