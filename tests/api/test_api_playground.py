@@ -6,10 +6,9 @@ error message, the library's vectors and norms; the copied curl and openai-Pytho
 are run for real and must print the steered column. Screenshots go to
 ``test-artifacts/playground/`` (or ``$STEER_TEST_ARTIFACTS/playground``) for a person to look at.
 
-The module has its own server, in float32: the page sends its two requests at once, and in
-bfloat16 vLLM's CPU kernels give a request batched beside another logits that differ by up to
-~0.1 from the same request alone, enough to flip a greedy near-tie. In float32 the two agree
-to 1e-3, so the columns can be compared token for token with requests sent one at a time.
+The server is the session's float32 default-model server (tests/default_server.py): the page
+sends its two requests at once, and only in float32 do batched and lone requests agree closely
+enough to compare the columns token for token with requests sent one at a time.
 """
 from __future__ import annotations
 
@@ -29,7 +28,8 @@ import pytest
 from steer_server.eval.data import sentiment_pairs_file
 
 from api_helpers import BOS, error_of
-from conftest import API_KEY, Server, http_client, sdk_client, start_steer_server, stop_steer_server
+from conftest import Server, http_client, sdk_client
+from default_server import ADMIN_KEY, INFERENCE_KEY
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -43,21 +43,12 @@ WEDDINGS_LAYER, WEDDINGS_COEFF, MAX_TOKENS = 15, 6, 24
 WAIT_S = 240  # a loaded 2-core machine
 
 
-ADMIN_KEY = "playground-admin-key-7c2e"
-
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """This module's server: float32, the test's inference key and an admin key."""
-    workdir = tmp_path_factory.mktemp("playground-server")
-    store, log = workdir / "store", workdir / "server.log"
-    running = start_steer_server(log, ["--store", str(store), "--dtype", "float32", "--max-model-len", "1024"],
-                                 env={"STEER_ADMIN_API_KEY": ADMIN_KEY})
-    try:
-        models = httpx.get(running.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
-        yield Server(url=running.url, api_key=API_KEY, model=models["data"][0]["id"], store=store, log=log)
-    finally:
-        stop_steer_server(running)
+def server(fp32_default_server) -> Server:
+    """The session's float32 default-model server, as this module's ``server``."""
+    return Server(url=fp32_default_server.url, api_key=INFERENCE_KEY, model=fp32_default_server.model,
+                  store=fp32_default_server.store, log=fp32_default_server.log)
 
 
 @pytest.fixture(scope="module")

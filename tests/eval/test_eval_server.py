@@ -12,11 +12,11 @@ import math
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from default_server import ADMIN_KEY
 
 pytestmark = pytest.mark.slow
 
@@ -28,25 +28,9 @@ SAMPLES = 4
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator:
-    from steer_server import server_process
-    from steer_server.default_model import default_model_dir
-
-    reuse = os.environ.get("STEER_EVAL_TEST_URL")  # a default-model fp32 server already running (no --api-key)
-    if reuse:
-        yield SimpleNamespace(url=reuse, api_key=None)
-        return
-    workdir = tmp_path_factory.mktemp("eval-server")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    env.pop("VLLM_PLUGINS", None)
-    handle = server_process.start_steer_server(
-        ["--model", default_model_dir(), "--served-model-name", "SmolLM2-135M-Instruct", "--store", str(workdir / "store"),
-         "--enforce-eager", "--max-model-len", "1024", "--seed", "0", "--dtype", "float32"],
-        port=server_process.free_port(), log=workdir / "server.log", env=env, timeout_s=600)
-    try:
-        yield SimpleNamespace(url=handle.url, api_key=None)
-    finally:
-        server_process.stop(handle)
+def server(fp32_default_server) -> SimpleNamespace:
+    """The session's float32 default-model server (tests/default_server.py), with its admin key."""
+    return SimpleNamespace(url=fp32_default_server.url, api_key=ADMIN_KEY)
 
 
 def run(coro):
