@@ -72,7 +72,11 @@ class BodyMiddleware:
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         # Only bodies that can name a steering key are parsed here; a key spelled with JSON
         # escapes ("\u0073teering") must not slip past, so escaped bodies are parsed too.
-        payload = _json_object(body) if b"steering" in body or b"\\u" in body else None
+        try:
+            payload = _json_object(body) if b"steering" in body or b"\\u" in body else None
+        except RecursionError:  # fail closed: a body that may steer and cannot be read is refused
+            return await _refuse(scope, receive, send, path,
+                                 bad_request("body", "JSON nested deeper than this server parses"))
         if payload is None or path.startswith((VECTORS_PATH, SWEEPS_PATH)):  # their own "steering" fields
             return await self.app(scope, _replay(body, receive), send)
         server = self.plugin.server
