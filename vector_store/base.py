@@ -44,7 +44,8 @@ class StoreUnavailable(RuntimeError):
 
 
 class VectorNotFound(KeyError):
-    """No vector with that name or content id."""
+    """No vector with that name or content id (in the caller's tenant: another tenant's
+    vector is not found, whether or not it exists)."""
 
     def __str__(self) -> str:  # KeyError would quote the message
         return str(self.args[0]) if self.args else "vector not found"
@@ -101,6 +102,27 @@ def content_id_of(meta: VectorMeta, directions: dict[int, torch.Tensor]) -> str:
     return "v-" + digest.hexdigest()[:40]
 
 
+DEFAULT_TENANT = "default"
+TENANT_RULE = "1-64 characters of A-Z a-z 0-9 . _ -"
+_TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def check_tenant(tenant: object) -> str:
+    """A tenant's name as keys files and stores hold it; VectorStoreError naming the rule if not one."""
+    if not isinstance(tenant, str) or not _TENANT_PATTERN.fullmatch(tenant):
+        shown = repr(tenant[:64]) + "..." if isinstance(tenant, str) and len(tenant) > 64 else repr(tenant)
+        raise VectorStoreError(f"bad tenant {shown}: a tenant is {TENANT_RULE}")
+    return tenant
+
+
+class TenantUsage(NamedTuple):
+    """What one tenant holds: the vectors it references and their tensors' stored bytes
+    (content shared with other tenants counts for each of them)."""
+
+    vectors: int
+    bytes: int
+
+
 class ListedVector(NamedTuple):
     """One vector as a listing shows it, read without its tensors."""
 
@@ -151,90 +173,113 @@ def check_page_limit(limit: object) -> int:
 
 
 class VectorStore(abc.ABC):
-    """Content-addressed vectors, names that point at them, a cache of computed contrast
-    pairs, and each vector's calibrated default (``steer_server.calibration``): a fact about
-    the content, so it is keyed by content id and goes when the vector goes. Writes are
-    atomic: a reader sees a whole entry or none."""
+    """Content-addressed vectors, the tenants that reference them, each tenant's names, a
+    cache of computed contrast pairs, and each tenant's calibrated default per vector
+    (``steer_server.calibration``).
+
+    Content is stored once, whoever stores it (same tensors and metadata, same id); a tenant
+    sees only the vectors it references: those it stored, imported or computed (a computation
+    cache hit adds the reference). Every method that takes ``tenant`` answers as if the other
+    tenants' vectors did not exist. Content no tenant references any longer is collected.
+    ``get`` alone reads by content id without a tenant: for the engine and tools, after the
+    request's tenant was checked (``resolve``, ``has``). Writes are atomic: a reader sees a
+    whole entry or none."""
 
     @abc.abstractmethod
-    def put(self, vector: StoredVector) -> str:
-        """Store (idempotent) and return the content id."""
+    def put(self, vector: StoredVector, *, tenant: str = DEFAULT_TENANT) -> str:
+        """Store (idempotent), add the tenant's reference, and return the content id."""
+
+    @abc.abstractmethod
+    def add_reference(self, content_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Make a stored vector the tenant's too (idempotent); VectorNotFound if not stored."""
 
     @abc.abstractmethod
     def get(self, content_id: str) -> StoredVector:
         """Raise VectorNotFound if absent, VectorStoreError if the bytes no longer
-        match the id."""
+        match the id. Checks no tenant: callers check the reference first."""
 
     @abc.abstractmethod
-    def has(self, content_id: str) -> bool:
-        """Whether a vector with this content id is stored (no tensors are read)."""
+    def has(self, content_id: str, *, tenant: str = DEFAULT_TENANT) -> bool:
+        """Whether the tenant references a stored vector with this content id (no tensors are read)."""
 
     @abc.abstractmethod
-    def delete(self, content_id: str) -> None:
-        """Remove the vector and every name pointing at it."""
+    def delete(self, content_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Remove the tenant's reference, its names pointing at the vector and its calibration
+        of it; the content goes once no tenant references it. VectorNotFound if the tenant
+        does not reference it."""
 
     @abc.abstractmethod
-    def listing_page(self, limit: int, after: str | None = None, named_only: bool = False) -> ListingPage:
-        """Up to ``limit`` stored vectors with their metadata, names and shapes (no tensors are
-        read), oldest first (by created, then content id), from just after the cursor ``after``
-        (None: the first page); ``named_only``: only vectors some name points at. Costs
-        O(limit), whatever the size of the store. Walking the pages from None to the last
-        lists every vector stored throughout the walk exactly once, whatever is written meanwhile."""
+    def listing_page(self, limit: int, after: str | None = None, named_only: bool = False, *,
+                     tenant: str = DEFAULT_TENANT) -> ListingPage:
+        """Up to ``limit`` of the vectors the tenant references, with their metadata, the
+        tenant's names and shapes (no tensors are read), oldest first (by created, then content
+        id), from just after the cursor ``after`` (None: the first page); ``named_only``: only
+        vectors some name of the tenant points at. Costs O(limit), whatever the size of the
+        store. Walking the pages from None to the last lists every vector referenced throughout
+        the walk exactly once, whatever is written meanwhile."""
 
     @abc.abstractmethod
-    def names_of(self, content_id: str) -> list[str]:
-        """The names pointing at a content id, sorted ([] if none, or no such vector; VectorNotFound
-        for a string that is no content id)."""
+    def names_of(self, content_id: str, *, tenant: str = DEFAULT_TENANT) -> list[str]:
+        """The tenant's names pointing at a content id, sorted ([] if none, or no such vector;
+        VectorNotFound for a string that is no content id)."""
 
-    def listing(self, page_size: int = 1000) -> list[ListedVector]:
-        """Every stored vector, oldest first (the pages, followed): for tools and tests that
-        want the whole store, never a request's path."""
+    @abc.abstractmethod
+    def usage(self, *, tenant: str = DEFAULT_TENANT) -> TenantUsage:
+        """How many vectors the tenant references and their stored bytes, in O(1)."""
+
+    def listing(self, page_size: int = 1000, *, tenant: str = DEFAULT_TENANT) -> list[ListedVector]:
+        """Every vector of the tenant, oldest first (the pages, followed): for tools and tests
+        that want the whole store, never a request's path."""
         entries: list[ListedVector] = []
         after = None
         while True:
-            page = self.listing_page(page_size, after)
+            page = self.listing_page(page_size, after, tenant=tenant)
             entries += page.entries
             if page.next_cursor is None:
                 return entries
             after = page.next_cursor
 
-    def list(self) -> list[tuple[str, VectorMeta, list[str]]]:
-        """(content id, metadata, names) for every stored vector."""
-        return [(entry.content_id, entry.meta, entry.names) for entry in self.listing()]
+    def list(self, *, tenant: str = DEFAULT_TENANT) -> list[tuple[str, VectorMeta, list[str]]]:
+        """(content id, metadata, names) for every vector of the tenant."""
+        return [(entry.content_id, entry.meta, entry.names) for entry in self.listing(tenant=tenant)]
 
     @abc.abstractmethod
-    def set_name(self, name: str, content_id: str) -> None:
-        """Point a name at a stored content id (re-pointing is allowed)."""
+    def set_name(self, name: str, content_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Point the tenant's name at a content id it references (re-pointing is allowed);
+        VectorNotFound if it references no such vector."""
 
     @abc.abstractmethod
-    def name_target(self, name: str) -> str | None:
-        """The content id a name points at, or None."""
+    def name_target(self, name: str, *, tenant: str = DEFAULT_TENANT) -> str | None:
+        """The content id the tenant's name points at, or None."""
 
     @abc.abstractmethod
-    def delete_name(self, name: str) -> None: ...
+    def delete_name(self, name: str, *, tenant: str = DEFAULT_TENANT) -> None:
+        """Remove the tenant's name (the vector stays referenced); VectorNotFound if it has none such."""
 
     @abc.abstractmethod
     def cached_computation(self, key: str) -> str | None:
-        """Content id computed earlier for this computation key, if still stored."""
+        """Content id computed earlier for this computation key, if still stored (of any
+        tenant: the key hashes every input, so whoever asks would compute this very content;
+        callers add the asking tenant's reference before using it)."""
 
     @abc.abstractmethod
     def remember_computation(self, key: str, content_id: str) -> None: ...
 
     @abc.abstractmethod
-    def put_calibration(self, content_id: str, calibration: dict) -> dict:
-        """Store a vector's calibrated default (plain JSON) as the next version of its
-        calibration, in one atomic write; returns it with ``version`` set. VectorNotFound
-        if the vector is not stored."""
+    def put_calibration(self, content_id: str, calibration: dict, *, tenant: str = DEFAULT_TENANT) -> dict:
+        """Store the tenant's calibrated default (plain JSON) of a vector as the next version
+        of it, in one atomic write; returns it with ``version`` set. VectorNotFound if the
+        tenant does not reference the vector."""
 
     @abc.abstractmethod
-    def calibration(self, content_id: str) -> dict | None:
-        """The vector's latest calibration (with ``version``), or None."""
+    def calibration(self, content_id: str, *, tenant: str = DEFAULT_TENANT) -> dict | None:
+        """The tenant's latest calibration of the vector (with ``version``), or None."""
 
-    def resolve(self, name_or_id: str) -> str:
-        """A name or a content id -> content id; VectorNotFound if neither."""
-        target = self.name_target(name_or_id)
+    def resolve(self, name_or_id: str, *, tenant: str = DEFAULT_TENANT) -> str:
+        """The tenant's name or a content id it references -> content id; VectorNotFound if neither."""
+        target = self.name_target(name_or_id, tenant=tenant)
         if target is not None:
             return target
-        if name_or_id.startswith("v-") and self.has(name_or_id):
+        if name_or_id.startswith("v-") and self.has(name_or_id, tenant=tenant):
             return name_or_id
         raise VectorNotFound(f"no vector named or with id {name_or_id!r}")

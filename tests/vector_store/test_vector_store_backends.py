@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import multiprocessing
+import shutil
 import sqlite3
 import threading
 from pathlib import Path
@@ -186,15 +187,16 @@ def test_entries_stored_without_shapes_list_as_unknown_shapes_and_still_read(sto
 
 
 def test_sqlite_index_from_before_shapes_gains_the_column(tmp_path, make_vector):
-    """An index.sqlite3 whose vectors table has no shapes column (as written by earlier versions)."""
+    """An index.sqlite3 whose vectors table has no shapes column (as releases before it wrote
+    them): the store written by the release before tenants, with that column taken out."""
     old_dir = tmp_path / "old"
-    SqliteVectorStore(old_dir).put(make_vector(1))
+    shutil.copytree(Path(__file__).parent / "data" / "sqlite_before_tenants" / "store", old_dir)
     with sqlite3.connect(old_dir / "index.sqlite3") as connection:
         connection.execute("ALTER TABLE vectors DROP COLUMN shapes")
     reopened = SqliteVectorStore(old_dir)
-    [entry] = reopened.listing()
-    assert entry.shapes is None
-    assert_same_vector(reopened.get(entry.content_id), make_vector(1))
+    entries = reopened.listing()
+    assert len(entries) == 4 and all(entry.shapes is None for entry in entries)
+    assert all(reopened.get(entry.content_id).layers for entry in entries)
     added = reopened.put(make_vector(2))
     assert {e.content_id: e.shapes for e in reopened.listing()}[added] == {3: [1, 16], 5: [1, 16]}
 

@@ -316,14 +316,16 @@ def test_sqlite_pages_and_names_are_index_searches(tmp_path, make_vector):
     with sqlite3.connect(store.index_path) as connection:
         for sql in selects:
             plan = [row[3] for row in connection.execute("EXPLAIN QUERY PLAN " + sql, (0,) * sql.count("?"))]
-            # Every table is reached through an index, and the vectors in index order (no sort of
-            # the store): a first page walks the index from its start and stops at LIMIT.
+            # Every table is reached through an index, and the tenant's references in index order
+            # (no sort of the store): a first page walks the index from its start and stops at LIMIT.
             for step in plan:
-                assert step.startswith(("SEARCH", "SCAN vectors USING INDEX", "USE TEMP B-TREE FOR ORDER BY")), (sql, plan)
-                if "vectors" in step:
-                    assert "USING INDEX vectors_by_created" in step or "USING INDEX named_vectors_by_created" in step, plan
-                    assert ("named_vectors_by_created" in step) == ("name_count > 0" in sql), (sql, plan)
-            if "FROM vectors" in sql:
+                assert step.startswith(("SEARCH", "USE TEMP B-TREE FOR ORDER BY")), (sql, plan)
+                if "SEARCH refs" in step:
+                    assert "INDEX refs_by_created" in step or "INDEX named_refs_by_created" in step, plan
+                    assert ("named_refs_by_created" in step) == ("name_count > 0" in sql), (sql, plan)
+                if "SEARCH vectors" in step:  # one row per listed reference, by its id
+                    assert "(content_id=?)" in step, plan
+            if "FROM refs" in sql:
                 assert "TEMP B-TREE" not in " ".join(plan) and "LIMIT" in sql, (sql, plan)
 
 
