@@ -265,9 +265,10 @@ class SteerServer:
 
     # ---------------------------------------------------------------- requests
 
-    async def rewrite_request(self, path: str, payload: dict, headers,
-                              counted: bool = True) -> tuple[Resolved, AwaitingPrompt | None]:
-        """Resolve ``payload["steering"]`` (present) into ``vllm_xargs.steering``, in place.
+    async def rewrite_request(self, path: str, payload: dict, headers, counted: bool = True, *,
+                              tenant: str) -> tuple[Resolved, AwaitingPrompt | None]:
+        """Resolve ``payload["steering"]`` (present) into ``vllm_xargs.steering``, in place,
+        with the vectors of ``tenant`` (the caller's).
         The caller pins ``Resolved.vectors`` while vLLM handles the request, and hands the
         ``AwaitingPrompt`` (ActAdd: checks that need the rendered prompt) to the render hook.
         ``counted``: whether the request is a steered request for metrics and logs (a dose
@@ -279,7 +280,7 @@ class SteerServer:
         if field.anchor is not None and path == "/v1/completions":
             raise bad_request("steering.anchor", "applies to chat and responses; completions steer from the prompt's first token")
         add_special_tokens = payload.get("add_special_tokens", True) if path == "/v1/completions" else True
-        resolved = await self.resolver.resolve(field, add_special_tokens=bool(add_special_tokens))
+        resolved = await self.resolver.for_tenant(tenant).resolve(field, add_special_tokens=bool(add_special_tokens))
         if resolved.waits_for_prompt:  # ActAdd lengths and a chat's anchor wait for the rendered prompt
             to_user = path != "/v1/completions" and field.anchor != "template"
             resolved.engine = resolved.engine.model_copy(update={"anchor_to": "user" if to_user else "prompt"})
@@ -288,16 +289,17 @@ class SteerServer:
         if "request_id" not in payload and headers.get("x-request-id") is None and path != "/v1/responses":
             payload["request_id"] = uuid.uuid4().hex
         request_id = headers.get("x-request-id") or payload.get("request_id", "-")
-        accepted = functools.partial(self._accepted, path, request_id, resolved) if counted else _nothing
+        label = metrics.tenant_label(tenant, self.settings.metrics_tenant_label)
+        accepted = functools.partial(self._accepted, path, request_id, resolved, label) if counted else _nothing
         if resolved.engine.anchor_to is None:
             accepted()
             return resolved, None
         return resolved, AwaitingPrompt(resolved, steering_text, last_user_text(path, payload), self._decode, accepted,
-                                        functools.partial(note_refusal, path))
+                                        functools.partial(note_refusal, path, tenant_label=label))
 
     @staticmethod
-    def _accepted(path: str, request_id: str, resolved: Resolved) -> None:
-        metrics.count_steered(STEERED_PATHS[path], resolved.mode, operations=resolved.operations())
+    def _accepted(path: str, request_id: str, resolved: Resolved, tenant_label: str) -> None:
+        metrics.count_steered(STEERED_PATHS[path], resolved.mode, operations=resolved.operations(), tenant=tenant_label)
         logger.info("steered request %s on %s: %s", request_id, path, resolved.summary())
 
     def _decode(self, ids: list[int]) -> str:
@@ -313,14 +315,15 @@ class SteerServer:
 
     # ---------------------------------------------------------------- vectors
 
-    async def lookup(self, name_or_id: str) -> tuple[str, StoredVector]:
-        content_id = await self.store.resolve(name_or_id)
+    async def lookup(self, name_or_id: str, tenant: str) -> tuple[str, StoredVector]:
+        content_id = await self.store.resolve(name_or_id, tenant=tenant)
         return content_id, await self.store.get(content_id)
 
-    async def names_of(self, content_id: str) -> list[str]:
-        return await self.store.names_of(content_id)
+    async def names_of(self, content_id: str, tenant: str) -> list[str]:
+        return await self.store.names_of(content_id, tenant=tenant)
 
-    async def describe(self, content_id: str, vector: StoredVector, names: list[str], norms: bool = False) -> dict:
+    async def describe(self, content_id: str, vector: StoredVector, tenant: str, norms: bool = False) -> dict:
+        """The vector as the API shows it to ``tenant``: its names and calibration are the tenant's."""
         meta = vector.meta
         source = dict(meta.source)
         for key in ("token_ids",):
@@ -331,7 +334,7 @@ class SteerServer:
         described = {
             "id": content_id,
             "object": "steering.vector",
-            "names": names,
+            "names": await self.names_of(content_id, tenant),
             "model": meta.model_fingerprint,
             "served_model": meta.model_fingerprint == self.model.fingerprint,
             "hidden_size": meta.hidden_size,
@@ -341,7 +344,7 @@ class SteerServer:
             "shape": {str(layer): list(t.shape) for layer, t in sorted(vector.directions.items())},
             "norm": {str(layer): float(t.norm()) for layer, t in sorted(vector.directions.items())},
             "stats": meta.stats,
-            "calibration": await self.store.calibration(content_id),
+            "calibration": await self.store.calibration(content_id, tenant=tenant),
             "source": source,
             "created": meta.created,
         }
@@ -356,12 +359,12 @@ class SteerServer:
                 described["typical_token_norm"] = None
         return described
 
-    async def save(self, vector: StoredVector, name: str | None) -> str:
+    async def save(self, vector: StoredVector, name: str | None, tenant: str) -> str:
         from vector_store.codec import check_name
 
         if name is not None:
             check_name(name)
-        content_id = await self.store.put(vector)
+        content_id = await self.store.put(vector, tenant=tenant)
         if name is not None:
-            await self.store.set_name(name, content_id)
+            await self.store.set_name(name, content_id, tenant=tenant)
         return content_id

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import Field, model_validator
 
+from steer_server.access import Tenant
 from steer_server.calibration import (
     DEFAULT_BUDGET,
     CalibrationError,
@@ -94,14 +95,14 @@ def calibrate_router(plugin: SteerApiPlugin) -> APIRouter:
     router = APIRouter(route_class=SteeringRoute)
 
     @router.post(CALIBRATE_PATH)
-    async def calibrate(name: str, body: CalibrateRequest, request: Request):
+    async def calibrate(name: str, body: CalibrateRequest, request: Request, tenant: Tenant):
         """Sweep layers × doses on prompts; store the best setting within the fluency budget
         as the vector's default (``{"vector": name}`` with no coeff or dose then uses it)."""
         server = plugin.server
         if server is None:
             raise SteeringError(503, "steering is not initialised on this server")
-        content_id, vector = await server.resolver.vector(name, "name")
-        job = await _job(server, name, content_id, vector, body, request)
+        content_id, vector = await server.resolver.for_tenant(tenant).vector(name, "name")
+        job = await _job(server, name, content_id, vector, body, request, tenant)
         if not body.stream:
             try:
                 return await job(None)
@@ -133,12 +134,12 @@ class CalibrationBody(Strict):
 
 def _set_calibration_route(router: APIRouter, plugin: SteerApiPlugin) -> None:
     @router.put(CALIBRATION_PATH)
-    async def set_calibration(name: str, body: CalibrationBody):
-        """Store ``body`` as the vector's default layer, dose and positions."""
+    async def set_calibration(name: str, body: CalibrationBody, tenant: Tenant):
+        """Store ``body`` as the vector's default layer, dose and positions (the caller's tenant's)."""
         server = plugin.server
         if server is None:
             raise SteeringError(503, "steering is not initialised on this server")
-        content_id, vector = await server.resolver.vector(name, "name")
+        content_id, vector = await server.resolver.for_tenant(tenant).vector(name, "name")
         mode = _mode_of(vector)
         if mode == "actadd" and body.positions != "all":
             raise bad_request("positions", "an ActAdd sequence is added front-aligned; positions applies to constant vectors")
@@ -148,7 +149,7 @@ def _set_calibration_route(router: APIRouter, plugin: SteerApiPlugin) -> None:
             raise bad_request("dose", f"{body.dose} is over this server's limit of {server.settings.max_dose} (--max-dose)")
         record = {key: value for key, value in body.model_dump().items() if value is not None}
         record.update(positions=positions_json(body.positions), mode=mode, created=time.time())
-        stored = await server.store.put_calibration(content_id, record)
+        stored = await server.store.put_calibration(content_id, record, tenant=tenant)
         return {"object": "steering.calibration", "vector": content_id, "calibration": stored, "stored": True}
 
 
@@ -162,8 +163,10 @@ def _refusal(exc: Exception) -> SteeringError:
     return SteeringError(getattr(exc, "status", None) or 502, f"the calibration stopped: {exc}; the vector is unchanged")
 
 
-async def _job(server: SteerServer, name: str, content_id: str, vector, body: CalibrateRequest, request: Request):
-    """Check everything that can be checked before any cell runs; return the run."""
+async def _job(server: SteerServer, name: str, content_id: str, vector, body: CalibrateRequest, request: Request,
+               tenant: str):
+    """Check everything that can be checked before any cell runs; return the run. Its cells
+    go through this server's own routes with the caller's key, so they steer as its tenant."""
     mode = _mode_of(vector)
     if mode == "actadd" and body.positions != "all":
         raise bad_request("positions", "an ActAdd sequence is added front-aligned; positions applies to constant vectors")
@@ -208,7 +211,7 @@ async def _job(server: SteerServer, name: str, content_id: str, vector, body: Ca
         elif await request.is_disconnected():  # the caller is gone: leave the vector as it was
             raise CalibrationError("the client disconnected before the result was stored")
         else:
-            stored = await server.store.put_calibration(content_id, calibration.as_json())
+            stored = await server.store.put_calibration(content_id, calibration.as_json(), tenant=tenant)
         return {"object": "steering.calibration", "vector": content_id, "calibration": stored, "stored": body.store,
                 "unsteered_nll": unsteered_nll.as_dict(), "cells": [c.as_dict(unsteered_nll.value) for c in cells]}
 

@@ -95,8 +95,12 @@ def serve_parser(defaults: Settings | None = None) -> argparse.ArgumentParser:
                         f"use them); visible to `ps` like any argument: prefer ${var('admin_api_key')} or "
                         "--api-keys-file")
     parser.add_argument("--api-keys-file", metavar="PATH", default=env.api_keys_file,
-                        help="API keys with roles, one 'ROLE KEY' per line (ROLE: inference | admin); "
-                        f"inference keys join vLLM's --api-key keys (${var('api_keys_file')})")
+                        help="API keys with roles and tenants, one 'ROLE KEY [TENANT]' per line (ROLE: inference | "
+                        "admin; a key sees only its tenant's vectors; no TENANT: the default tenant, as for every "
+                        f"other key); inference keys join vLLM's --api-key keys (${var('api_keys_file')})")
+    parser.add_argument("--metrics-tenant-label", action="store_true", default=env.metrics_tenant_label,
+                        help="label the steering metrics with the caller's tenant (one series per tenant of the keys "
+                        f"file; ${var('metrics_tenant_label')}; default: off)")
     return parser
 
 
@@ -165,6 +169,7 @@ def serve(argv: list[str]) -> None:
             store_timeout_s=args.store_timeout,
             store_fresh_s=args.store_cache_ttl,
             max_dose=args.max_dose,
+            metrics_tenant_label=args.metrics_tenant_label,
             **access,
         )
     except SettingsError as exc:
@@ -561,7 +566,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="constant: mean_diff (default; mean of positive - negative), pca_diff or pca_center "
                    "(repeng's first principal components)")
     p.add_argument("--position", choices=POSITIONS,
-                   help="constant: each example's last token (default) or the mean over its tokens")
+                   help="constant: each example's last token (default) or the mean over its tokens "
+                        "after the first")
     p.add_argument("--template", choices=("chat",),
                    help="constant: render each example as a user turn with the served model's chat template")
     p.add_argument("--pad", metavar="TEXT|none", help="actadd pad token (default: the server's)")

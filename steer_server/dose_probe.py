@@ -16,6 +16,7 @@ import copy
 import json
 import uuid
 
+from steer_server.access import scope_tenant
 from steer_server.receipts import RECEIPT_FIELD, ReceiptAttacher
 from steer_server.render_hook import awaiting_prompt
 from steer_server.steering import SteeringError, bad_request, parse_steering
@@ -81,7 +82,7 @@ async def check_dose(app, scope: dict, server, path: str, payload: dict, headers
     the refusal when a coefficient went over ``--max-dose``. A probe that fails is not a
     verdict: the request itself then meets the same error and reports it."""
     probe = probe_payload(path, payload)
-    resolved, awaiting = await server.rewrite_request(path, probe, headers, counted=False)
+    resolved, awaiting = await server.rewrite_request(path, probe, headers, counted=False, tenant=scope_tenant(scope))
     body = json.dumps(probe).encode()
     probe_scope = dict(scope)
     probe_scope["headers"] = [(k, v) for k, v in scope["headers"]

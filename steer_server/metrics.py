@@ -18,6 +18,10 @@ What ``deploy/grafana/steer-server.json`` derives from them (PromQL there):
 - vector cache hit rate: hits / (hits + misses);
 - capture time: the ``steer_capture_seconds`` histogram;
 - refused requests: ``steer_rejected_requests_total{status, reason}``.
+
+Requests and refusals also carry ``tenant``: the caller's tenant with ``--metrics-tenant-label``
+(bounded: the tenants of the keys file), else empty, which Prometheus stores as no label at all,
+so the dashboard's queries read the same either way.
 """
 from __future__ import annotations
 
@@ -36,21 +40,21 @@ def _get_or_create(factory, name: str, documentation: str, **kwargs):
 STEERED_REQUESTS = _get_or_create(
     Counter,
     "steer_requests",
-    "Requests accepted with a `steering` field, by endpoint and mode.",
-    labelnames=("endpoint", "mode"),
+    "Requests accepted with a `steering` field, by endpoint, mode and (--metrics-tenant-label) tenant.",
+    labelnames=("endpoint", "mode", "tenant"),
 )
 OPERATION_REQUESTS = _get_or_create(
     Counter,
     "steer_operation_requests",
     "Steered requests using each steering operation (a request mixing operations counts once under each).",
-    labelnames=("endpoint", "operation"),
+    labelnames=("endpoint", "operation", "tenant"),
 )
 REJECTED_REQUESTS = _get_or_create(
     Counter,
     "steer_rejected_requests",
     "Requests refused by the steering layer (the `steering` field; vector writes without the admin role), "
-    "by HTTP status and reason.",
-    labelnames=("status", "reason"),
+    "by HTTP status, reason and (--metrics-tenant-label) tenant.",
+    labelnames=("status", "reason", "tenant"),
 )
 VECTOR_CACHE_HITS = _get_or_create(
     Counter,
@@ -70,9 +74,20 @@ CAPTURE_SECONDS = _get_or_create(
 )
 
 
-def count_steered(endpoint: str, mode: str, operations: Iterable[str]) -> None:
-    """One accepted steered request on ``endpoint`` ("completions" | "chat" | "responses")."""
-    STEERED_REQUESTS.labels(endpoint=endpoint, mode=mode).inc()
+def tenant_label(tenant: str, labelled: bool) -> str:
+    """The ``tenant`` label's value: the tenant with ``--metrics-tenant-label`` (``labelled``), else empty."""
+    return tenant if labelled else ""
+
+
+def count_steered(endpoint: str, mode: str, operations: Iterable[str], tenant: str = "") -> None:
+    """One accepted steered request on ``endpoint`` ("completions" | "chat" | "responses");
+    ``tenant``: ``tenant_label``'s value."""
+    STEERED_REQUESTS.labels(endpoint=endpoint, mode=mode, tenant=tenant).inc()
     for operation in sorted(set(operations)):
-        OPERATION_REQUESTS.labels(endpoint=endpoint, operation=operation).inc()
+        OPERATION_REQUESTS.labels(endpoint=endpoint, operation=operation, tenant=tenant).inc()
+
+
+def count_rejected(status: int, reason: str, tenant: str = "") -> None:
+    """One request refused by the steering layer; ``tenant``: ``tenant_label``'s value."""
+    REJECTED_REQUESTS.labels(status=str(status), reason=reason, tenant=tenant).inc()
 

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
 from steer_server import metrics
+from steer_server.access import scope_tenant
 from steer_server.client import VECTORS_PATH
 from steer_server.dose_probe import check_dose, coefficient_layers
 from steer_server.receipts import ReceiptAttacher
@@ -70,13 +71,15 @@ class BodyMiddleware:
             return
 
         path = scope["path"].removeprefix(scope.get("root_path", ""))
+        tenant = scope_tenant(scope)
+        label = metrics.tenant_label(tenant, self.plugin.settings.metrics_tenant_label)
         # Only bodies that can name a steering key are parsed here; a key spelled with JSON
         # escapes ("\u0073teering") must not slip past, so escaped bodies are parsed too.
         try:
             payload = _json_object(body) if b"steering" in body or b"\\u" in body else None
         except RecursionError:  # fail closed: a body that may steer and cannot be read is refused
             return await _refuse(scope, receive, send, path,
-                                 bad_request("body", "JSON nested deeper than this server parses"))
+                                 bad_request("body", "JSON nested deeper than this server parses"), label)
         if payload is None or path.startswith((VECTORS_PATH, SWEEPS_PATH)):  # their own "steering" fields
             return await self.app(scope, _replay(body, receive), send)
         server = self.plugin.server
@@ -89,7 +92,7 @@ class BodyMiddleware:
             elif server is None:
                 refusal = SteeringError(503, "steering is not initialised on this server", "steering")
         if refusal is not None:
-            return await _refuse(scope, receive, send, path, refusal)
+            return await _refuse(scope, receive, send, path, refusal, label)
         if steering is None:
             return await self.app(scope, _replay(body, receive), send)
         try:
@@ -97,14 +100,14 @@ class BodyMiddleware:
                 refusal = await check_dose(self.app, scope, server, path, payload, headers)
                 if refusal is not None:
                     raise refusal
-            resolved, awaiting = await server.rewrite_request(path, payload, headers)
+            resolved, awaiting = await server.rewrite_request(path, payload, headers, tenant=tenant)
         except SteeringError as exc:
-            return await _refuse(scope, receive, send, path, exc)
+            return await _refuse(scope, receive, send, path, exc, label)
         except SteeringSpecError as exc:
-            return await _refuse(scope, receive, send, path, SteeringError(400, str(exc)))
+            return await _refuse(scope, receive, send, path, SteeringError(400, str(exc)), label)
         except Exception as exc:  # noqa: BLE001 - a server fault, reported as one
             logger.exception("steer_api: resolving steering failed")
-            return await _refuse(scope, receive, send, path, SteeringError(500, f"steering failed: {exc}"))
+            return await _refuse(scope, receive, send, path, SteeringError(500, f"steering failed: {exc}"), label)
         body = json.dumps(payload).encode()
         scope = dict(scope)
         scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
@@ -137,13 +140,13 @@ def _reserved_xargs(payload: dict) -> SteeringError | None:
     return None
 
 
-def note_refusal(path: str, error: SteeringError) -> None:
-    metrics.REJECTED_REQUESTS.labels(status=str(error.status), reason=error.reason).inc()
+def note_refusal(path: str, error: SteeringError, tenant_label: str = "") -> None:
+    metrics.count_rejected(error.status, error.reason, tenant_label)
     logger.info("refused steering on %s: %s", path, error.message)
 
 
-async def _refuse(scope, receive, send, path: str, error: SteeringError) -> None:
-    note_refusal(path, error)
+async def _refuse(scope, receive, send, path: str, error: SteeringError, tenant_label: str) -> None:
+    note_refusal(path, error, tenant_label)
     await _send_error(scope, receive, send, error)
 
 

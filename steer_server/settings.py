@@ -56,7 +56,10 @@ class Settings(EngineSettings):
     admin_api_key: str | None = Field(None, repr=False, validation_alias="STEER_ADMIN_API_KEY",
                                       description="--admin-api-key: a key with the admin role")
     api_keys_file: Path | None = Field(None, validation_alias="STEER_API_KEYS_FILE",
-                                       description="--api-keys-file: 'ROLE KEY' lines")
+                                       description="--api-keys-file: 'ROLE KEY [TENANT]' lines")
+    metrics_tenant_label: bool = Field(False, validation_alias="STEER_METRICS_TENANT_LABEL",
+                                       description="--metrics-tenant-label: steering metrics carry the "
+                                       "caller's tenant (one series per tenant of the keys file)")
     cache_dir_override: Path | None = Field(None, validation_alias="STEER_CACHE_DIR",
                                             description="steer-server's cache (the converted default model); "
                                             "default <cache home>/steer-server")

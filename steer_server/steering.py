@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import math
 import uuid
 from dataclasses import dataclass, field
@@ -396,6 +397,8 @@ class SteeringResolver:
 
     ``tokenize(text, add_special_tokens) -> list[int]``; ``computer`` is a
     ``vector_store.compute.VectorComputer`` over a ``vector_store.async_access.AsyncStore``.
+    The server holds one with no tenant; each request uses ``for_tenant(its tenant)``, which
+    finds only that tenant's vectors (the store refuses a call without a tenant).
     """
 
     def __init__(self, *, computer, tokenize, default_pad_id: int | None, max_additions: int, max_prompt_tokens: int,
@@ -408,6 +411,13 @@ class SteeringResolver:
         self.max_additions = max_additions
         self.max_prompt_tokens = max_prompt_tokens
         self.max_dose = max_dose
+        self.tenant: str | None = None
+
+    def for_tenant(self, tenant: str) -> SteeringResolver:
+        """This resolver, reading, computing and storing vectors as ``tenant``'s (one per request)."""
+        scoped = copy.copy(self)
+        scoped.tenant = tenant
+        return scoped
 
     # -- helpers
     def pad_token_id(self, pad: str, param: str = "steering.pad") -> int:
@@ -448,7 +458,7 @@ class SteeringResolver:
             self.store.vectors.put(content_id, vector)
             return content_id, vector
         try:
-            content_id = await self.store.resolve(ref)
+            content_id = await self.store.resolve(ref, tenant=self.tenant)
             vector = await self.store.get(content_id)
         except VectorNotFound:
             raise SteeringError(404, f"{param}: no vector named or with id {ref!r}", param) from None
@@ -540,14 +550,15 @@ class SteeringResolver:
         # Compute what is not stored yet (cached by the store after the first time).
         try:
             for layer, members in prompt_groups.items():
-                content_ids = await self.computer.actadd([ids for _, ids in members], layer, pad_id)
+                content_ids = await self.computer.actadd([ids for _, ids in members], layer, pad_id, tenant=self.tenant)
                 length = max(len(ids) for _, ids in members)
                 for (i, ids), content_id in zip(members, content_ids):
                     rows = length if pad_id is not None else len(ids)
                     planned[i][0].update(vector=content_id, rows=rows)
             for i, steps in enumerate(planned):
                 if "pair" in steps[0]:
-                    steps[0]["vector"] = await self.computer.constant([steps[0].pop("pair")], steps[0]["layer"])
+                    steps[0]["vector"] = await self.computer.constant([steps[0].pop("pair")], steps[0]["layer"],
+                                                                      tenant=self.tenant)
                     steps[0]["rows"] = 1
             for steps in planned:
                 for step in steps:
@@ -620,7 +631,7 @@ class SteeringResolver:
         if addition.coeff is not None or addition.dose is not None:
             return None
         try:
-            calibration = await self.store.calibration(content_id)
+            calibration = await self.store.calibration(content_id, tenant=self.tenant)
         except (StoreUnavailable, StoredDataDamaged) as exc:
             raise store_failure(f"{where}.vector", exc) from None
         if calibration is None:

@@ -35,6 +35,7 @@ from pydantic import (
     field_validator,
 )
 
+from steer_server.access import Tenant
 from steer_server.client import LIST_PAGE_DEFAULT, LIST_PAGE_MAX, VECTORS_PATH
 from steer_server.route_errors import SteeringRoute, validation_error
 from steer_server.steering import FiniteCoeff, SteeringError, bad_request
@@ -180,9 +181,9 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         return plugin.server
 
     @router.post(VECTORS_PATH, status_code=201, openapi_extra=_UPLOAD_BODIES)
-    async def create_vector(request: Request, spec: Annotated[VectorCreate, Body()], name: str | None = None,
-                            method: str | None = None, layer: int | None = None, layers: str | None = None,
-                            position: str | None = None, template: str | None = None):
+    async def create_vector(request: Request, spec: Annotated[VectorCreate, Body()], tenant: Tenant,
+                            name: str | None = None, method: str | None = None, layer: int | None = None,
+                            layers: str | None = None, position: str | None = None, template: str | None = None):
         """Create a vector: JSON from contrast prompts (``additions`` or ``pairs``) or given
         directions (``layers``); a JSONL pairs file (one ``{"positive", "negative"}`` a line) as
         the raw body with the pairs body's other fields in the query (``?name=&method=&layers=all``,
@@ -194,25 +195,25 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
                                                  ("position", position), ("template", template)) if value is not None}
         if isinstance(spec, bytes) and content_type in JSONL_TYPES:
             pairs, lines = _pairs_file(spec)
-            content_id = await _create_from_pairs(srv, _pairs_file_spec(pairs, name, options), lines)
+            content_id = await _create_from_pairs(srv, _pairs_file_spec(pairs, name, options), tenant, lines)
         elif options:
             raise bad_request(next(iter(options)), "a query parameter of a JSONL pairs upload (Content-Type "
                                                    "application/jsonl); a JSON body carries it in the body")
         elif isinstance(spec, bytes) and content_type in SAFETENSORS_TYPES:
-            content_id = await srv.save(_vector_from_safetensors(srv, spec), name)
+            content_id = await srv.save(_vector_from_safetensors(srv, spec), name, tenant)
         else:
             if isinstance(spec, bytes):
                 spec = _json_body(spec)  # JSON under another content type (curl -d sends a form's)
             if name is not None and "name" not in spec.model_fields_set:
                 spec = spec.model_copy(update={"name": name})
-            content_id = await _create_from_json(srv, spec)
-        content_id, vector = await srv.lookup(content_id)
-        return JSONResponse(await srv.describe(content_id, vector, await srv.names_of(content_id)), status_code=201)
+            content_id = await _create_from_json(srv, spec, tenant)
+        content_id, vector = await srv.lookup(content_id, tenant)
+        return JSONResponse(await srv.describe(content_id, vector, tenant), status_code=201)
 
     @router.get(VECTORS_PATH)
-    async def list_vectors(all: bool = False, limit: int = LIST_PAGE_DEFAULT,  # noqa: A002 - the query parameter's name
-                           after: str | None = None):
-        """Named vectors, oldest first, one page at a time (``?all=true``: also the unnamed ones
+    async def list_vectors(tenant: Tenant, all: bool = False,  # noqa: A002 - the query parameter's name
+                           limit: int = LIST_PAGE_DEFAULT, after: str | None = None):
+        """The caller's tenant's named vectors, oldest first, one page at a time (``?all=true``: also the unnamed ones
         computed for requests): up to ``limit`` of them (default 100, at most 1000) after the
         cursor ``after``, the ``next_cursor`` of the page before (absent: the first page).
         ``has_more``: whether more followed this page when it was read (then ``next_cursor`` is
@@ -225,7 +226,7 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
                 parse_order_key(after)
             except VectorStoreError as exc:
                 raise bad_request("after", str(exc)) from None
-        page = await srv.store.listing_page(limit, after, named_only=not all)
+        page = await srv.store.listing_page(limit, after, named_only=not all, tenant=tenant)
         data = []
         for entry in page.entries:
             shapes = entry.shapes
@@ -252,7 +253,7 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
                 "has_more": page.next_cursor is not None}
 
     @router.post(VECTORS_PATH + "/import/gguf", status_code=201, openapi_extra=_BINARY_BODY)
-    async def import_gguf_route(request: Request, name: str | None = None):
+    async def import_gguf_route(request: Request, tenant: Tenant, name: str | None = None):
         """A llama.cpp control vector (the raw file as the body): ``direction.N`` becomes layer N+1."""
         from vector_store.gguf_io import import_gguf
 
@@ -263,46 +264,47 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         vector = import_gguf(body, model_fingerprint=srv.model.fingerprint, hidden_size=srv.model.hidden_size,
                              num_layers=srv.model.num_layers)
         vector = StoredVector(dataclasses.replace(vector.meta, created=time.time()), vector.directions)
-        content_id = await srv.save(vector, name)
-        content_id, vector = await srv.lookup(content_id)
-        return JSONResponse(await srv.describe(content_id, vector, await srv.names_of(content_id)), status_code=201)
+        content_id = await srv.save(vector, name, tenant)
+        content_id, vector = await srv.lookup(content_id, tenant)
+        return JSONResponse(await srv.describe(content_id, vector, tenant), status_code=201)
 
     @router.get(VECTORS_PATH + "/{name_or_id}")
-    async def get_vector(name_or_id: str, norms: bool = False):
+    async def get_vector(name_or_id: str, tenant: Tenant, norms: bool = False):
         """Metadata; ``?norms=true`` adds each row's L2 norm and a typical token's norm at that layer."""
         srv = server()
-        content_id, vector = await srv.lookup(name_or_id)
-        return await srv.describe(content_id, vector, await srv.names_of(content_id), norms=norms)
+        content_id, vector = await srv.lookup(name_or_id, tenant)
+        return await srv.describe(content_id, vector, tenant, norms=norms)
 
     @router.delete(VECTORS_PATH + "/{name_or_id}")
-    async def delete_vector(name_or_id: str):
-        """By name: the name goes, and the vector too once no name points at it. By content
-        id: the vector and every name pointing at it."""
+    async def delete_vector(name_or_id: str, tenant: Tenant):
+        """By name: the name goes, and the vector too once no name of the tenant points at it.
+        By content id: the vector and every name of the tenant pointing at it. "Deleted" is the
+        tenant's view: the content stays stored while another tenant references it."""
         srv = server()
-        target = await srv.store.name_target(name_or_id)
+        target = await srv.store.name_target(name_or_id, tenant=tenant)
         if target is not None:
-            await srv.store.delete_name(name_or_id)
-            remaining = await srv.names_of(target)
+            await srv.store.delete_name(name_or_id, tenant=tenant)
+            remaining = await srv.names_of(target, tenant)
             deleted = None
             if not remaining:
-                await srv.store.delete(target)
+                await srv.store.delete(target, tenant=tenant)
                 deleted = target
             return {"object": "steering.vector.deleted", "names_removed": [name_or_id], "deleted": deleted}
-        content_id = await srv.store.resolve(name_or_id)
-        names = await srv.names_of(content_id)
-        await srv.store.delete(content_id)
-        srv.store.forget(*names)
+        content_id = await srv.store.resolve(name_or_id, tenant=tenant)
+        names = await srv.names_of(content_id, tenant)
+        await srv.store.delete(content_id, tenant=tenant)
+        srv.store.forget(tenant, *names)
         return {"object": "steering.vector.deleted", "names_removed": names, "deleted": content_id}
 
     @router.get(VECTORS_PATH + "/{name_or_id}/gguf")
-    async def export_gguf_route(name_or_id: str):
+    async def export_gguf_route(name_or_id: str, tenant: Tenant):
         """The vector as a llama.cpp control vector file (constant vectors, layers 2..num_layers)."""
         import io
 
         from vector_store.gguf_io import export_gguf
 
         srv = server()
-        content_id, vector = await srv.lookup(name_or_id)
+        content_id, vector = await srv.lookup(name_or_id, tenant)
         out = io.BytesIO()
         export_gguf(vector, out, srv.model_type, num_layers=srv.model.num_layers)
         filename = name_or_id if not name_or_id.startswith("v-") else content_id
@@ -329,7 +331,8 @@ def _json_body(body: bytes) -> ActAddVectorCreate | ConstantVectorCreate | Uploa
         raise _validation_error(exc.errors()[0]) from None
 
 
-async def _create_from_json(srv: SteerServer, spec: ActAddVectorCreate | ConstantVectorCreate | UploadVectorCreate) -> str:
+async def _create_from_json(srv: SteerServer, spec: ActAddVectorCreate | ConstantVectorCreate | UploadVectorCreate,
+                            tenant: str) -> str:
     resolver = srv.resolver
     if isinstance(spec, ActAddVectorCreate):
         _check_name(spec.name)
@@ -338,7 +341,7 @@ async def _create_from_json(srv: SteerServer, spec: ActAddVectorCreate | Constan
         if "pad" in spec.model_fields_set:
             pad_id = None if spec.pad is None else resolver.pad_token_id(spec.pad, "pad")
         prompts = [resolver.prompt_ids(a.prompt, f"additions[{i}].prompt", True) for i, a in enumerate(spec.additions)]
-        content_ids = await srv.computer.actadd(prompts, spec.layer, pad_id)
+        content_ids = await srv.computer.actadd(prompts, spec.layer, pad_id, tenant=tenant)
         source = {
             "layer": spec.layer,
             "prompts": [a.prompt for a in spec.additions],
@@ -346,9 +349,10 @@ async def _create_from_json(srv: SteerServer, spec: ActAddVectorCreate | Constan
             "pad_token_id": pad_id,
             "parts": content_ids,
         }
-        content_id = await srv.computer.combine(list(zip(content_ids, [a.coeff for a in spec.additions])), source)
+        content_id = await srv.computer.combine(list(zip(content_ids, [a.coeff for a in spec.additions])), source,
+                                                tenant=tenant)
     elif isinstance(spec, ConstantVectorCreate):
-        return await _create_from_pairs(srv, spec)
+        return await _create_from_pairs(srv, spec, tenant)
     else:
         directions = {}
         for key, rows in spec.layers.items():
@@ -362,8 +366,8 @@ async def _create_from_json(srv: SteerServer, spec: ActAddVectorCreate | Constan
                 raise bad_request(f"layers.{key}", f"rows of one length expected ({exc})") from None
             directions[layer] = _checked_rows(srv, tensor, f"layers.{key}")
         vector = StoredVector(_upload_meta(srv, directions, spec.kind, "upload"), directions)
-        return await srv.save(vector, spec.name)
-    return await _named(srv, content_id, spec.name)
+        return await srv.save(vector, spec.name, tenant)
+    return await _named(srv, content_id, spec.name, tenant)
 
 
 def _check_name(name: str | None) -> None:
@@ -374,13 +378,14 @@ def _check_name(name: str | None) -> None:
         check_name(name)
 
 
-async def _named(srv: SteerServer, content_id: str, name: str | None) -> str:
+async def _named(srv: SteerServer, content_id: str, name: str | None, tenant: str) -> str:
     if name is not None:
-        await srv.store.set_name(name, content_id)
+        await srv.store.set_name(name, content_id, tenant=tenant)
     return content_id
 
 
-async def _create_from_pairs(srv: SteerServer, spec: ConstantVectorCreate, lines: list[int] | None = None) -> str:
+async def _create_from_pairs(srv: SteerServer, spec: ConstantVectorCreate, tenant: str,
+                             lines: list[int] | None = None) -> str:
     """A vector from contrast pairs; ``lines``: the file line of each pair, for a pairs file's errors."""
     _check_name(spec.name)
     layers = _pairs_layers(srv, spec)
@@ -397,8 +402,9 @@ async def _create_from_pairs(srv: SteerServer, spec: ConstantVectorCreate, lines
                 raise
             reason = exc.message.removeprefix(f"{exc.param}: ")
             raise bad_request(exc.param, f"line {lines[i]} of the file: {reason}") from None
-    content_id = await srv.computer.from_pairs(pairs, layers, spec.method, spec.position, spec.template)
-    return await _named(srv, content_id, spec.name)
+    content_id = await srv.computer.from_pairs(pairs, layers, spec.method, spec.position, spec.template,
+                                               tenant=tenant)
+    return await _named(srv, content_id, spec.name, tenant)
 
 
 def _pairs_layers(srv: SteerServer, spec: ConstantVectorCreate) -> list[int]:

@@ -139,10 +139,11 @@ def prometheus_query(url: str, expr: str) -> list[dict]:
 
 
 def metric_samples(text: str) -> dict[str, float]:
-    """Prometheus text (a /metrics page) -> {'name{label="value",...}': value}, labels sorted."""
+    """Prometheus text (a /metrics page) -> {'name{label="value",...}': value}, labels sorted;
+    a label with an empty value is left out, as Prometheus stores it."""
     samples = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+            labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if v != "")
             samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return samples

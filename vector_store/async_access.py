@@ -35,6 +35,7 @@ from vector_store.base import (
     StoredDataDamaged,
     StoredVector,
     StoreUnavailable,
+    TenantUsage,
     VectorNotFound,
     VectorStore,
     VectorStoreError,
@@ -65,15 +66,16 @@ class AsyncStore:
         self.timeout_s = timeout_s
         self.vectors = vectors or process_cache()
         self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="steer-store")
-        self._fresh: cachetools.TTLCache[str, str] = cachetools.TTLCache(_MAX_NAMES, ttl=fresh_s)
+        # (tenant, name or id) -> content id
+        self._fresh: cachetools.TTLCache[tuple[str, str], str] = cachetools.TTLCache(_MAX_NAMES, ttl=fresh_s)
         self.stale_s = max(stale_s, fresh_s)
-        # name -> (content id, monotonic time the store said so)
-        self._last_known: cachetools.LRUCache[str, tuple[str, float]] = cachetools.LRUCache(_MAX_NAMES)
-        self._refreshing: dict[str, asyncio.Task] = {}  # names being asked for in the background
+        # (tenant, name or id) -> (content id, monotonic time the store said so)
+        self._last_known: cachetools.LRUCache[tuple[str, str], tuple[str, float]] = cachetools.LRUCache(_MAX_NAMES)
+        self._refreshing: dict[tuple[str, str], asyncio.Task] = {}  # names being asked for in the background
         self._generation = 0  # bumped by forget(): an answer asked for before it is not cached
         self._computations: cachetools.LRUCache[str, str] = cachetools.LRUCache(_MAX_NAMES)
-        # content id -> its calibration (None: not calibrated), trusted like a name for fresh_s
-        self._calibrations: cachetools.TTLCache[str, dict | None] = cachetools.TTLCache(_MAX_NAMES, ttl=fresh_s)
+        # (tenant, content id) -> its calibration (None: not calibrated), trusted like a name for fresh_s
+        self._calibrations: cachetools.TTLCache[tuple[str, str], dict | None] = cachetools.TTLCache(_MAX_NAMES, ttl=fresh_s)
 
     def __repr__(self) -> str:
         return repr(self.store)
@@ -92,107 +94,119 @@ class AsyncStore:
         except Exception as exc:  # redis.RedisError, sqlite3.Error, OSError: the store is not answering
             raise StoreUnavailable(f"the vector store {self.store!r} is unavailable: {exc}") from None
 
-    # -- names and ids
-    async def resolve(self, name_or_id: str) -> str:
-        """A name or a content id -> content id (VectorNotFound if neither)."""
-        content_id = self._fresh.get(name_or_id)
+    # -- names and ids (each tenant's own: every cache below is keyed by tenant)
+    async def resolve(self, name_or_id: str, *, tenant: str) -> str:
+        """The tenant's name or a content id it references -> content id (VectorNotFound if neither)."""
+        key = (tenant, name_or_id)
+        content_id = self._fresh.get(key)
         if content_id is not None:
             return content_id
-        known = self._last_known.get(name_or_id)
+        known = self._last_known.get(key)
         if known is not None and time.monotonic() - known[1] <= self.stale_s:
-            if name_or_id not in self._refreshing:
-                self._refreshing[name_or_id] = asyncio.get_running_loop().create_task(self._refresh(name_or_id))
+            if key not in self._refreshing:
+                self._refreshing[key] = asyncio.get_running_loop().create_task(self._refresh(key))
             return known[0]
-        return await self._ask(name_or_id)
+        return await self._ask(key)
 
-    async def _refresh(self, name_or_id: str) -> None:
+    async def _refresh(self, key: tuple[str, str]) -> None:
         try:
-            await self._ask(name_or_id)
+            await self._ask(key)
         except (VectorNotFound, VectorStoreError, StoreUnavailable) as exc:  # gone, damaged or unreachable
-            logger.warning("vector store: re-checking %r failed: %s", name_or_id, exc)
+            logger.warning("vector store: re-checking %r of tenant %r failed: %s", key[1], key[0], exc)
         finally:
-            self._refreshing.pop(name_or_id, None)
+            self._refreshing.pop(key, None)
 
-    async def _ask(self, name_or_id: str) -> str:
+    async def _ask(self, key: tuple[str, str]) -> str:
+        tenant, name_or_id = key
         generation = self._generation
         try:
-            content_id = await self._call(self.store.resolve, name_or_id)
+            content_id = await self._call(functools.partial(self.store.resolve, name_or_id, tenant=tenant))
         except VectorNotFound:
-            self._last_known.pop(name_or_id, None)
+            self._last_known.pop(key, None)
             raise
         except StoreUnavailable:
-            known = self._last_known.get(name_or_id)
+            known = self._last_known.get(key)
             if known is None:
                 raise
             logger.warning("vector store unavailable; %r resolves to %s as last seen", name_or_id, known[0])
-            self._fresh[name_or_id] = known[0]  # trusted again for a while: don't wait on the store per request
+            self._fresh[key] = known[0]  # trusted again for a while: don't wait on the store per request
             return known[0]
         if generation == self._generation:
-            self._fresh[name_or_id] = content_id
-            self._last_known[name_or_id] = (content_id, time.monotonic())
+            self._fresh[key] = content_id
+            self._last_known[key] = (content_id, time.monotonic())
         return content_id
 
-    def forget(self, *names_or_ids: str) -> None:
-        """Drop cached answers after a rename or delete through this process."""
+    def forget(self, tenant: str, *names_or_ids: str) -> None:
+        """Drop the tenant's cached answers after a rename or delete through this process."""
         self._generation += 1
-        for key in names_or_ids:
-            self._fresh.pop(key, None)
-            self._last_known.pop(key, None)
+        for name_or_id in names_or_ids:
+            self._fresh.pop((tenant, name_or_id), None)
+            self._last_known.pop((tenant, name_or_id), None)
 
-    async def name_target(self, name: str) -> str | None:
-        return await self._call(self.store.name_target, name)
+    async def name_target(self, name: str, *, tenant: str) -> str | None:
+        return await self._call(functools.partial(self.store.name_target, name, tenant=tenant))
 
-    async def set_name(self, name: str, content_id: str) -> None:
-        await self._call(self.store.set_name, name, content_id)
-        self.forget(name)
+    async def set_name(self, name: str, content_id: str, *, tenant: str) -> None:
+        await self._call(functools.partial(self.store.set_name, name, content_id, tenant=tenant))
+        self.forget(tenant, name)
 
-    async def delete_name(self, name: str) -> None:
-        await self._call(self.store.delete_name, name)
-        self.forget(name)
+    async def delete_name(self, name: str, *, tenant: str) -> None:
+        await self._call(functools.partial(self.store.delete_name, name, tenant=tenant))
+        self.forget(tenant, name)
 
     # -- vectors
     async def get(self, content_id: str) -> StoredVector:
+        """By content id, for any tenant: callers resolve through the request's tenant first."""
         vector = self.vectors.get(content_id)
         if vector is None:
             vector = await self._call(self.store.get, content_id)
             self.vectors.put(content_id, vector)
         return vector
 
-    async def put(self, vector: StoredVector) -> str:
-        content_id = await self._call(self.store.put, vector)
+    async def put(self, vector: StoredVector, *, tenant: str) -> str:
+        content_id = await self._call(functools.partial(self.store.put, vector, tenant=tenant))
         self.vectors.put(content_id, vector)
         return content_id
 
-    async def delete(self, content_id: str) -> None:
-        await self._call(self.store.delete, content_id)
-        self.forget(content_id)
-        self._calibrations.pop(content_id, None)
+    async def add_reference(self, content_id: str, *, tenant: str) -> None:
+        await self._call(functools.partial(self.store.add_reference, content_id, tenant=tenant))
+
+    async def delete(self, content_id: str, *, tenant: str) -> None:
+        await self._call(functools.partial(self.store.delete, content_id, tenant=tenant))
+        self.forget(tenant, content_id)
+        self._calibrations.pop((tenant, content_id), None)
         self._computations = cachetools.LRUCache(_MAX_NAMES)  # some may have pointed at it
 
-    async def listing_page(self, limit: int, after: str | None = None, named_only: bool = False) -> ListingPage:
-        """One page of the listing (``VectorStore.listing_page``); never cached: a listing
-        shows what the store holds now."""
-        return await self._call(self.store.listing_page, limit, after, named_only)
+    async def listing_page(self, limit: int, after: str | None = None, named_only: bool = False, *,
+                           tenant: str) -> ListingPage:
+        """One page of the tenant's listing (``VectorStore.listing_page``); never cached: a
+        listing shows what the store holds now."""
+        return await self._call(functools.partial(self.store.listing_page, limit, after, named_only, tenant=tenant))
 
-    async def names_of(self, content_id: str) -> list[str]:
-        return await self._call(self.store.names_of, content_id)
+    async def names_of(self, content_id: str, *, tenant: str) -> list[str]:
+        return await self._call(functools.partial(self.store.names_of, content_id, tenant=tenant))
+
+    async def usage(self, *, tenant: str) -> TenantUsage:
+        return await self._call(functools.partial(self.store.usage, tenant=tenant))
 
     # -- calibrations
-    async def calibration(self, content_id: str) -> dict | None:
-        """The vector's calibrated default; one made on another replica shows within
-        ``fresh_s`` (as a rename does)."""
-        if content_id in self._calibrations:
-            return self._calibrations[content_id]
-        calibration = await self._call(self.store.calibration, content_id)
-        self._calibrations[content_id] = calibration
+    async def calibration(self, content_id: str, *, tenant: str) -> dict | None:
+        """The tenant's calibrated default of the vector; one made on another replica shows
+        within ``fresh_s`` (as a rename does)."""
+        key = (tenant, content_id)
+        if key in self._calibrations:
+            return self._calibrations[key]
+        calibration = await self._call(functools.partial(self.store.calibration, content_id, tenant=tenant))
+        self._calibrations[key] = calibration
         return calibration
 
-    async def put_calibration(self, content_id: str, calibration: dict) -> dict:
-        stored = await self._call(self.store.put_calibration, content_id, calibration)
-        self._calibrations[content_id] = stored
+    async def put_calibration(self, content_id: str, calibration: dict, *, tenant: str) -> dict:
+        stored = await self._call(functools.partial(self.store.put_calibration, content_id, calibration,
+                                                    tenant=tenant))
+        self._calibrations[(tenant, content_id)] = stored
         return stored
 
-    # -- computations
+    # -- computations (shared by every tenant: a key hashes all of a computation's inputs)
     async def cached_computation(self, key: str) -> str | None:
         content_id = self._computations.get(key)
         if content_id is None:

@@ -38,7 +38,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from vector_store.async_access import AsyncStore
-from vector_store.base import StoredVector, VectorMeta, VectorStoreError, layer_outside
+from vector_store.base import StoredVector, VectorMeta, VectorNotFound, VectorStoreError, layer_outside
 from vector_store.keys import computation_key
 
 # (token id lists, layers) -> per prompt {layer: float32 [len, hidden]}
@@ -156,15 +156,28 @@ class VectorComputer:
         return VectorMeta(self.model.fingerprint, self.model.hidden_size, kind, method, source, time.time(),
                           stats or {})
 
-    async def actadd(self, prompts: list[list[int]], layer: int, pad_token_id: int | None) -> list[str]:
-        """One ``[k, hidden]`` vector per prompt (k = padded length); returns content ids."""
+    async def _cached(self, key: str, tenant: str) -> str | None:
+        """A computation made before (by any tenant), now the tenant's too; None if not cached
+        or collected since."""
+        content_id = await self.store.cached_computation(key)
+        if content_id is None:
+            return None
+        try:
+            await self.store.add_reference(content_id, tenant=tenant)
+        except VectorNotFound:  # collected after its last tenant deleted it: compute it again
+            return None
+        return content_id
+
+    async def actadd(self, prompts: list[list[int]], layer: int, pad_token_id: int | None, *,
+                     tenant: str) -> list[str]:
+        """One ``[k, hidden]`` vector per prompt (k = padded length), the tenant's; returns content ids."""
         self.check_layer(layer, "layer")
         for i, ids in enumerate(prompts):
             self.check_prompt(ids, f"prompts[{i}]")
         length = max(len(ids) for ids in prompts)
         padded = [ids + [pad_token_id] * (length - len(ids)) if pad_token_id is not None else ids for ids in prompts]
         keys = [computation_key(self.model.fingerprint, layer, [ids], [1.0], "actadd", pad_token_id) for ids in padded]
-        found = [await self.store.cached_computation(key) for key in keys]
+        found = [await self._cached(key, tenant) for key in keys]
         missing = sorted({tuple(ids) for ids, cid in zip(padded, found) if cid is None})
         if missing:
             streams = await self.streams([list(ids) for ids in missing], [layer])
@@ -174,16 +187,16 @@ class VectorComputer:
                     self._meta("actadd", "actadd", {"token_ids": list(ids), "pad_token_id": pad_token_id}),
                     {layer: stream[layer]},
                 )
-                computed[ids] = await self.store.put(vector)
+                computed[ids] = await self.store.put(vector, tenant=tenant)
             for i, ids in enumerate(padded):
                 if found[i] is None:
                     found[i] = computed[tuple(ids)]
                     await self.store.remember_computation(keys[i], found[i])
         return found  # type: ignore[return-value]
 
-    async def constant(self, pairs: list[tuple[list[int], list[int]]], layer: int) -> str:
+    async def constant(self, pairs: list[tuple[list[int], list[int]]], layer: int, *, tenant: str) -> str:
         """Mean over pairs of last-token(positive) - last-token(negative), ``[1, hidden]``."""
-        return await self.from_pairs(pairs, [layer])
+        return await self.from_pairs(pairs, [layer], tenant=tenant)
 
     async def from_pairs(
         self,
@@ -192,8 +205,10 @@ class VectorComputer:
         method: str = "mean_diff",
         position: str = "last",
         template: str | None = None,
+        *,
+        tenant: str,
     ) -> str:
-        """A constant vector, one ``[1, hidden]`` direction per layer, made by ``method`` from
+        """The tenant's constant vector, one ``[1, hidden]`` direction per layer, made by ``method`` from
         the pairs' streams at ``position``, with its ``LayerStats`` in ``meta.stats``.
         ``template`` names how the caller rendered the token ids (recorded, not applied)."""
         for layer in layers:
@@ -220,7 +235,7 @@ class VectorComputer:
         flat = [ids for pair in pairs for ids in pair]
         key = computation_key(self.model.fingerprint, layers[0] if len(layers) == 1 else layers, flat, [], name, None,
                               choices or None)
-        cached = await self.store.cached_computation(key)
+        cached = await self._cached(key, tenant)
         if cached is not None:
             return cached
         read = await self._read(flat, layers, position)  # [2 * pairs, layers, hidden]
@@ -230,7 +245,7 @@ class VectorComputer:
             directions[layer] = direction.unsqueeze(0)
             stats[str(layer)] = layer_stats.as_json()
         meta = self._meta("constant", name, {"pairs": [list(p) for p in pairs], **choices}, stats)
-        content_id = await self.store.put(StoredVector(meta, directions))
+        content_id = await self.store.put(StoredVector(meta, directions), tenant=tenant)
         await self.store.remember_computation(key, content_id)
         return content_id
 
@@ -253,9 +268,9 @@ class VectorComputer:
                 read.append(torch.stack([_at_position(streams[layer], position) for layer in layers]))
         return torch.stack(read)
 
-    async def combine(self, parts: list[tuple[str, float]], source: dict) -> str:
-        """One stored vector from weighted stored vectors (same layers), summed per
-        position front-aligned: a named ActAdd vector made from a contrast pair."""
+    async def combine(self, parts: list[tuple[str, float]], source: dict, *, tenant: str) -> str:
+        """One stored vector of the tenant from weighted stored vectors (same layers, the
+        tenant's), summed per position front-aligned: a named ActAdd vector made from a contrast pair."""
         vectors = [(await self.store.get(cid), coeff) for cid, coeff in parts]
         layers = sorted({layer for vector, _ in vectors for layer in vector.layers})
         directions = {}
@@ -270,4 +285,4 @@ class VectorComputer:
         kind = "constant" if all(d.shape[0] == 1 for d in directions.values()) and all(
             v.meta.kind == "constant" for v, _ in vectors
         ) else "actadd"
-        return await self.store.put(StoredVector(self._meta(kind, "combined", source), directions))
+        return await self.store.put(StoredVector(self._meta(kind, "combined", source), directions), tenant=tenant)

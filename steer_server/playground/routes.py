@@ -33,13 +33,16 @@ def playground_router(plugin: SteerApiPlugin, keys: ApiKeys) -> APIRouter:
     router = APIRouter(include_in_schema=False)
     roles = KeyRoles(keys)
 
-    def admitted(request: Request) -> bool:
-        if not keys.inference:
-            return True  # inference is open, so is the page
-        if roles.role_of(request.headers.get("authorization")) is not None:
-            return True
+    def caller(request: Request) -> tuple[str | None, str]:
+        """The role and tenant of the key in the request's header, else in the page's cookie."""
+        role, tenant = roles.identify(request.headers.get("authorization"))
         cookie = request.cookies.get(PLAYGROUND_COOKIE)
-        return bool(cookie) and roles.role_of(f"Bearer {cookie}") is not None
+        if role is None and cookie:
+            role, tenant = roles.identify(f"Bearer {cookie}")
+        return role, tenant
+
+    def admitted(request: Request) -> bool:
+        return not keys.inference or caller(request)[0] is not None  # inference open: so is the page
 
     @router.get(PLAYGROUND_PATH)
     async def playground_page(request: Request) -> HTMLResponse:
@@ -54,6 +57,8 @@ def playground_router(plugin: SteerApiPlugin, keys: ApiKeys) -> APIRouter:
             "hidden_size": server.model.hidden_size if server else None,
             "model_fingerprint": server.model.fingerprint if server else None,
             "max_additions": plugin.settings.max_additions,
+            # whose library the page shows: the API scopes every call by the key, this only labels it
+            "tenant": caller(request)[1],
         }
         # "<" escaped so no value can close the script element it sits in
         embedded = json.dumps(config).replace("<", "\\u003c")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import threading
 import time
@@ -55,19 +54,6 @@ def error_of(response: httpx.Response) -> dict:
     body = response.json()
     assert set(body) == {"error"}, body
     return body["error"]
-
-
-_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})? ([0-9.eE+-]+|NaN|[+-]Inf)$")
-
-
-def metric_values(text: str) -> dict[str, float]:
-    """Prometheus text -> {'name{labels}': value}."""
-    values = {}
-    for line in text.splitlines():
-        match = _SAMPLE.match(line)
-        if match:
-            values[match.group(1) + (match.group(2) or "")] = float(match.group(3))
-    return values
 
 
 class CreateBurst:

@@ -84,11 +84,12 @@ class RunningServer(ServerProcess):
 
 
 def start_steer_server(log: Path, args: list[str], env: dict | None = None, port: int | None = None) -> RunningServer:
-    """`steer-server serve ARGS` on ``port`` (default: a free one) with the test API key, eager;
-    waits for /health."""
+    """`steer-server serve ARGS` on ``port`` (default: a free one) with the test API key (unless
+    ARGS give a keys file, which then holds it), eager; waits for /health."""
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {}))
     env.pop("VLLM_PLUGINS", None)
-    started = server_process.start_steer_server(["--enforce-eager", "--api-key", API_KEY, *args],
+    key_args = [] if "--api-keys-file" in args else ["--api-key", API_KEY]
+    started = server_process.start_steer_server(["--enforce-eager", *key_args, *args],
                                                 port=port or free_loopback_port(), log=log, env=env,
                                                 timeout_s=STARTUP_TIMEOUT_S)
     return RunningServer(started.name, started.url, started.process, started.log, started.start_s)
@@ -139,13 +140,23 @@ class TinyServer:
 
 
 TINY_MAX_DOSE = 3.0
+# The tiny server's keys: API_KEY is the default tenant's admin; two more tenants, each with an
+# admin and an inference key (tests/api/test_api_tenants.py).
+TENANT_KEYS = {
+    "team-a": {"admin": "a-admin-5c1e", "inference": "a-inference-77d0"},
+    "team-b": {"admin": "b-admin-0f3a", "inference": "b-inference-e914"},
+}
 
 
 def tiny_server_args(model_dir: str, store: Path) -> list[str]:
     """A tiny random Llama in float32 (where the engine and transformers agree to float32
-    rounding, so comparisons with the reference can be tight)."""
+    rounding, so comparisons with the reference can be tight), with the tenants' keys file
+    (written beside the store)."""
+    keys = store.parent / "keys"
+    keys.write_text(f"admin {API_KEY}\n" + "".join(
+        f"{role} {key} {tenant}\n" for tenant, roles in TENANT_KEYS.items() for role, key in roles.items()))
     return ["--model", model_dir, "--store", str(store), "--dtype", "float32", "--max-model-len", "256",
-            "--max-dose", str(TINY_MAX_DOSE), "--seed", "0"]
+            "--max-dose", str(TINY_MAX_DOSE), "--seed", "0", "--api-keys-file", str(keys), "--metrics-tenant-label"]
 
 
 @pytest.fixture(scope="session")

@@ -5,13 +5,14 @@ import uuid
 
 import httpx
 import pytest
-from api_helpers import metric_values
+
+from fleet_processes import metric_samples
 
 pytestmark = pytest.mark.slow
 
 
 def metrics(server) -> dict[str, float]:
-    return metric_values(httpx.get(server.url + "/metrics").text)
+    return metric_samples(httpx.get(server.url + "/metrics").text)
 
 
 def delta(before: dict, after: dict, key: str) -> float:

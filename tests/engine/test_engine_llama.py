@@ -190,26 +190,26 @@ def test_store_computes_paper_vectors_through_the_engine_once(setup, tmp_path):
     computer = VectorComputer(AsyncStore(store, vectors=VectorCache()), capture, ModelInfo(model_fingerprint(s["model_dir"]), 128, 3), max_prompt_tokens=8)
     love, hate, pad = s["prompt"][:4], s["prompt"][10:12], 28
 
-    love_id, hate_id = asyncio.run(computer.actadd([love, hate], 2, pad))
-    combined = store.get(asyncio.run(computer.combine([(love_id, 5.0), (hate_id, -5.0)], {"prompts": "love-hate"}))).directions[2]
+    love_id, hate_id = asyncio.run(computer.actadd([love, hate], 2, pad, tenant="default"))
+    combined = store.get(asyncio.run(computer.combine([(love_id, 5.0), (hate_id, -5.0)], {"prompts": "love-hate"}, tenant="default"))).directions[2]
     torch.testing.assert_close(combined, actadd_vector(s["hf"], [love, hate], [5.0, -5.0], 2, pad), **STREAM_TOLERANCE)
-    unpadded = asyncio.run(computer.actadd([love, hate], 2, None))
+    unpadded = asyncio.run(computer.actadd([love, hate], 2, None, tenant="default"))
     assert store.get(unpadded[1]).directions[2].shape[0] == len(hate)
 
     pairs = [(s["prompt"][:5], s["prompt"][20:23]), (s["prompt"][30:33], s["prompt"][40:46])]
-    mean_id = asyncio.run(computer.constant(pairs, 1))
+    mean_id = asyncio.run(computer.constant(pairs, 1, tenant="default"))
     want = torch.stack([residual_stream(s["hf"], p, 1)[-1] - residual_stream(s["hf"], n, 1)[-1] for p, n in pairs]).mean(0)
     torch.testing.assert_close(store.get(mean_id).directions[1][0], want, **STREAM_TOLERANCE)
 
     captured = computer.captures
-    assert asyncio.run(computer.actadd([love, hate], 2, pad)) == [love_id, hate_id]
-    assert asyncio.run(computer.constant(pairs, 1)) == mean_id
+    assert asyncio.run(computer.actadd([love, hate], 2, pad, tenant="default")) == [love_id, hate_id]
+    assert asyncio.run(computer.constant(pairs, 1, tenant="default")) == mean_id
     assert computer.captures == captured  # served from the store's computation cache
 
     for call, message in [
-        (lambda: computer.actadd([love, []], 2, pad), r"prompts\[1\]: the prompt is empty"),
-        (lambda: computer.actadd([s["prompt"][:9]], 2, pad), "9 tokens, over the limit of 8"),
-        (lambda: computer.constant(pairs, 4), "layer 4 is outside 0..3"),
+        (lambda: computer.actadd([love, []], 2, pad, tenant="default"), r"prompts\[1\]: the prompt is empty"),
+        (lambda: computer.actadd([s["prompt"][:9]], 2, pad, tenant="default"), "9 tokens, over the limit of 8"),
+        (lambda: computer.constant(pairs, 4, tenant="default"), "layer 4 is outside 0..3"),
     ]:
         with pytest.raises(VectorStoreError, match=message):
             asyncio.run(call())

@@ -17,6 +17,7 @@ from vector_store.cache import VectorCache
 from vector_store.redis import RedisVectorStore
 
 TIMEOUT_S = 0.5
+TENANT = "team-a"  # not the default tenant: every cache must be the tenant's
 
 
 def vector(seed: int, rows: int = 1, hidden: int = 16) -> StoredVector:
@@ -42,27 +43,27 @@ def test_a_paused_store_fails_fast_and_known_answers_keep_working(paused_store):
     used, unseen = vector(1), vector(2)
 
     async def scenario():
-        used_id = await store.put(used)
-        await store.set_name("used", used_id)
-        unseen_id = backend.put(unseen)  # written by someone else: never seen here
-        backend.set_name("unseen", unseen_id)
-        assert await store.resolve("used") == used_id
+        used_id = await store.put(used, tenant=TENANT)
+        await store.set_name("used", used_id, tenant=TENANT)
+        unseen_id = backend.put(unseen, tenant=TENANT)  # written by someone else: never seen here
+        backend.set_name("unseen", unseen_id, tenant=TENANT)
+        assert await store.resolve("used", tenant=TENANT) == used_id
         paused_store.signal(signal.SIGSTOP)
         try:
             await asyncio.sleep(0.3)  # past fresh_s: the name must be asked for again
             started = time.monotonic()
-            assert await store.resolve("used") == used_id  # the last answer, while the store is away
+            assert await store.resolve("used", tenant=TENANT) == used_id  # the last answer, while the store is away
             assert (await store.get(used_id)).content_id == used_id  # held by content id
-            for call in (lambda: store.resolve("unseen"), lambda: store.get(unseen_id)):
+            for call in (lambda: store.resolve("unseen", tenant=TENANT), lambda: store.get(unseen_id)):
                 with pytest.raises(StoreUnavailable, match=rf"{paused_store.url}.* is unavailable: "):
                     await call()
             assert time.monotonic() - started < 3 * TIMEOUT_S + 1
         finally:
             paused_store.signal(signal.SIGCONT)
-        assert await store.resolve("unseen") == unseen_id
+        assert await store.resolve("unseen", tenant=TENANT) == unseen_id
         paused_store.kill()
         with pytest.raises(StoreUnavailable, match="unavailable"):
-            await store.listing_page(10)
+            await store.listing_page(10, tenant=TENANT)
 
     asyncio.run(scenario())
 
@@ -74,13 +75,13 @@ def test_deletes_through_this_process_apply_at_once_and_damage_is_named(tmp_path
     store = AsyncStore(backend, timeout_s=TIMEOUT_S, fresh_s=60, vectors=VectorCache())
 
     async def scenario():
-        kept = await store.put(vector(3))
-        await store.set_name("kept", kept)
-        assert await store.resolve("kept") == kept
-        await store.delete_name("kept")
+        kept = await store.put(vector(3), tenant=TENANT)
+        await store.set_name("kept", kept, tenant=TENANT)
+        assert await store.resolve("kept", tenant=TENANT) == kept
+        await store.delete_name("kept", tenant=TENANT)
         with pytest.raises(VectorNotFound):
-            await store.resolve("kept")  # not the cached answer: this process made the change
-        damaged = backend.put(vector(4))
+            await store.resolve("kept", tenant=TENANT)  # not the cached answer: this process made the change
+        damaged = backend.put(vector(4), tenant=TENANT)
         (tmp_path / "store" / "blobs" / f"{damaged}.safetensors").write_bytes(b"\0" * 64)
         with pytest.raises(StoredDataDamaged, match=rf"SqliteVectorStore.*{damaged}"):
             await store.get(damaged)
@@ -96,25 +97,25 @@ def test_a_known_name_resolves_without_waiting_and_changes_elsewhere_show_at_the
 
     backend = SqliteVectorStore(tmp_path / "store")  # written directly = by another replica
     store = AsyncStore(backend, timeout_s=TIMEOUT_S, fresh_s=0.1, stale_s=1.0, vectors=VectorCache())
-    first, second = backend.put(vector(6)), backend.put(vector(7))
+    first, second = backend.put(vector(6), tenant=TENANT), backend.put(vector(7), tenant=TENANT)
 
     async def scenario():
-        backend.set_name("n", first)
-        assert await store.resolve("n") == first
-        backend.set_name("n", second)
+        backend.set_name("n", first, tenant=TENANT)
+        assert await store.resolve("n", tenant=TENANT) == first
+        backend.set_name("n", second, tenant=TENANT)
         await asyncio.sleep(0.15)  # past fresh_s, within stale_s
-        assert await store.resolve("n") == first  # answered without asking the store first
-        await store._refreshing["n"]  # the re-check that answer started
-        assert await store.resolve("n") == second
-        backend.set_name("n", first)
+        assert await store.resolve("n", tenant=TENANT) == first  # answered without asking the store first
+        await store._refreshing[(TENANT, "n")]  # the re-check that answer started
+        assert await store.resolve("n", tenant=TENANT) == second
+        backend.set_name("n", first, tenant=TENANT)
         await asyncio.sleep(1.1)  # past stale_s: the store is asked before answering
-        assert await store.resolve("n") == first
-        backend.delete_name("n")
+        assert await store.resolve("n", tenant=TENANT) == first
+        backend.delete_name("n", tenant=TENANT)
         await asyncio.sleep(0.15)
-        assert await store.resolve("n") == first  # the last use of the old answer
-        await store._refreshing["n"]
+        assert await store.resolve("n", tenant=TENANT) == first  # the last use of the old answer
+        await store._refreshing[(TENANT, "n")]
         with pytest.raises(VectorNotFound):
-            await store.resolve("n")
+            await store.resolve("n", tenant=TENANT)
 
     asyncio.run(scenario())
 
@@ -132,3 +133,26 @@ def test_pinned_vectors_survive_eviction_and_the_cache_stays_bounded():
     cache.put(others[0].content_id, others[0])
     cache.put(others[1].content_id, others[1])
     assert cache.get(one.content_id) is None and cache.pinned == 0
+
+
+def test_one_tenants_cached_answers_are_not_anothers(tmp_path):
+    from vector_store.sqlite import SqliteVectorStore
+
+    store = AsyncStore(SqliteVectorStore(tmp_path / "store"), fresh_s=60, vectors=VectorCache())
+
+    async def scenario():
+        mine = await store.put(vector(8), tenant=TENANT)
+        await store.set_name("shared-name", mine, tenant=TENANT)
+        await store.put_calibration(mine, {"layer": 3, "dose": 0.5}, tenant=TENANT)
+        assert await store.resolve("shared-name", tenant=TENANT) == mine  # now cached for TENANT
+        assert await store.calibration(mine, tenant=TENANT) == {"layer": 3, "dose": 0.5, "version": 1}
+        for ask in (lambda: store.resolve("shared-name", tenant="team-b"), lambda: store.resolve(mine, tenant="team-b")):
+            with pytest.raises(VectorNotFound):
+                await ask()
+        assert await store.calibration(mine, tenant="team-b") is None
+        theirs = await store.put(vector(9), tenant="team-b")
+        await store.set_name("shared-name", theirs, tenant="team-b")
+        assert await store.resolve("shared-name", tenant="team-b") == theirs
+        assert await store.resolve("shared-name", tenant=TENANT) == mine
+
+    asyncio.run(scenario())

@@ -48,17 +48,17 @@ PAIRS = [([1, 2, 3], [4, 5]), ([6, 7], [8, 9, 10, 11]), ([12], [13, 14]), ([15, 
 
 def test_captures_come_in_bounded_batches_and_give_the_same_vector(tmp_path, monkeypatch):
     whole = new_computer(tmp_path / "whole")
-    made = asyncio.run(whole.from_pairs(PAIRS, [0, 2, 4], "pca_center", "mean"))
+    made = asyncio.run(whole.from_pairs(PAIRS, [0, 2, 4], "pca_center", "mean", tenant="default"))
     assert whole._capture.batches == [8]
     # Room for 5 tokens at 3 layers a batch: the prompts' lengths go 3 2 | 2 | 4 1 | 2 3 | 1.
     monkeypatch.setattr(compute, "CAPTURE_BATCH_BYTES", 5 * 3 * HIDDEN * 4)
     batched = new_computer(tmp_path / "batched")
-    assert asyncio.run(batched.from_pairs(PAIRS, [0, 2, 4], "pca_center", "mean")) == made
+    assert asyncio.run(batched.from_pairs(PAIRS, [0, 2, 4], "pca_center", "mean", tenant="default")) == made
     assert batched._capture.batches == [2, 1, 2, 2, 1]
 
 
 def test_directions_stats_and_source(computer):
-    content_id = asyncio.run(computer.from_pairs(PAIRS, [3, 1], "pca_diff", "last", template="chat"))
+    content_id = asyncio.run(computer.from_pairs(PAIRS, [3, 1], "pca_diff", "last", template="chat", tenant="default"))
     vector = computer.store.store.get(content_id)
     assert vector.layers == [1, 3] and vector.meta.kind == "constant" and vector.meta.method == "pca_diff"
     assert vector.meta.source == {"pairs": [list(p) for p in PAIRS], "template": "chat"}
@@ -79,7 +79,7 @@ def test_one_layer_last_token_mean_diff_keeps_its_old_key_and_metadata(computer)
     """The shape every earlier server made: its computation key, method name and source are
     the ones they always were, so vectors computed before are found again."""
     one = [PAIRS[0]]
-    content_id = asyncio.run(computer.constant(one, 2))
+    content_id = asyncio.run(computer.constant(one, 2, tenant="default"))
     assert asyncio.run(computer.store.cached_computation(
         computation_key(computer.model.fingerprint, 2, [PAIRS[0][0], PAIRS[0][1]], [], "last_token_diff", None)
     )) == content_id
@@ -90,10 +90,10 @@ def test_one_layer_last_token_mean_diff_keeps_its_old_key_and_metadata(computer)
 
 
 @pytest.mark.parametrize("call, message", [
-    (lambda c: c.from_pairs(PAIRS[:1], [1], "pca_diff"), "pca_diff needs at least 2 pairs"),
-    (lambda c: c.from_pairs(PAIRS, [1], "median_diff"), "method: expected one of mean_diff, pca_diff, pca_center"),
-    (lambda c: c.from_pairs(PAIRS, [1], "mean_diff", "first"), "position: expected one of last, mean"),
-    (lambda c: c.from_pairs(PAIRS, [1, 5]), "layer 5 is outside 0..4"),
+    (lambda c: c.from_pairs(PAIRS[:1], [1], "pca_diff", tenant="default"), "pca_diff needs at least 2 pairs"),
+    (lambda c: c.from_pairs(PAIRS, [1], "median_diff", tenant="default"), "method: expected one of mean_diff, pca_diff, pca_center"),
+    (lambda c: c.from_pairs(PAIRS, [1], "mean_diff", "first", tenant="default"), "position: expected one of last, mean"),
+    (lambda c: c.from_pairs(PAIRS, [1, 5], tenant="default"), "layer 5 is outside 0..4"),
 ])
 def test_refusals(computer, call, message):
     from vector_store import VectorStoreError

@@ -373,7 +373,8 @@ async function loadLibrary(more = false) {
     libraryCursor = listing.next_cursor;
     $("library-more").hidden = !listing.has_more;
     const shown = $("vector-rows").children.length;
-    $("library-status").textContent = `${shown} vector(s)` + (listing.has_more ? ", more in the store" : "");
+    $("library-status").textContent = `${shown} vector(s) of tenant ${CONFIG.tenant}` +
+      (listing.has_more ? ", more in the store" : "");
   } catch (error) {
     $("library-status").textContent = "";
     showError("library-error", String(error.message ?? error));
