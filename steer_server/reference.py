@@ -510,7 +510,8 @@ def contrast_vectors(
 ) -> dict[int, tuple[torch.Tensor, dict]]:
     """{layer: (direction [hidden] float32, stats)} from (positive, negative) token id pairs.
 
-    Each example is its stream at ``position``: ``"last"`` token or ``"mean"`` over its tokens.
+    Each example is its stream at ``position``: ``"last"`` token or ``"mean"`` over its tokens
+    after the first (the first alone for a one-token example).
     With P, N the [n, hidden] positives and negatives and d = mean(P) - mean(N):
 
     * ``mean_diff``: d;
@@ -527,8 +528,14 @@ def contrast_vectors(
 
     def read(ids: Sequence[int]) -> dict[int, np.ndarray]:
         streams = hidden_state_streams(model, ids, layers)
-        return {layer: (stream[-1] if position == "last" else stream.mean(dim=0)).double().numpy()
-                for layer, stream in streams.items()}
+        out = {}
+        for layer, stream in streams.items():
+            rows = stream.double().numpy()
+            if position == "last":
+                out[layer] = rows[len(rows) - 1]
+            else:  # every token after the first; a one-token example is its one token
+                out[layer] = rows[1:].sum(axis=0) / (len(rows) - 1) if len(rows) > 1 else rows[0]
+        return out
 
     if position not in ("last", "mean"):
         raise ValueError(f"unknown position {position!r}")

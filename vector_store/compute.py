@@ -9,7 +9,8 @@ paper pads with the single-space token); ``pad_token_id=None`` pads with nothing
 shorter prompt simply contributes nothing past its end.
 
 Constant vectors from contrast pairs, one ``[1, hidden]`` direction per layer, each example
-read at one position of its stream (``last`` token, or the ``mean`` over its tokens):
+read at one position of its stream (``last`` token, or the ``mean`` over its tokens after the
+first, whose massive activation would otherwise swamp the mean):
 
 - ``mean_diff`` (contrastive activation addition, CAA): the mean over pairs of
   positive − negative;
@@ -109,8 +110,14 @@ def _first_component(points: torch.Tensor) -> tuple[torch.Tensor, float | None]:
 
 
 def _at_position(stream: torch.Tensor, position: str) -> torch.Tensor:
-    """A prompt's stream ``[len, hidden]`` at ``position``: its last token, or the mean over its tokens."""
-    return stream[-1] if position == "last" else stream.mean(dim=0)
+    """A prompt's stream ``[len, hidden]`` at ``position``: its last token, or the mean over its
+    tokens but the first (a one-token prompt: that token). The first position is an attention
+    sink with massive activations on many models (SmolLM2's stream there is an outlier in norm
+    whatever the token): in the mean it would swamp every other token's, and no generated token
+    looks like it."""
+    if position == "last":
+        return stream[-1]
+    return stream[1:].mean(dim=0) if len(stream) > 1 else stream[0]
 
 
 @dataclass(frozen=True)
@@ -233,8 +240,11 @@ class VectorComputer:
                    if value not in ("last", None)}
         name = "last_token_diff" if method == "mean_diff" and len(pairs) == 1 and not choices else method
         flat = [ids for pair in pairs for ids in pair]
+        # "mean" has left the first token out since it was measured to swamp the mean (EVALUATION.md):
+        # the key says so, so a store's vectors from the mean over every token are not found for it.
+        keyed = {**choices, "mean_of": "tokens after the first"} if position == "mean" else choices
         key = computation_key(self.model.fingerprint, layers[0] if len(layers) == 1 else layers, flat, [], name, None,
-                              choices or None)
+                              keyed or None)
         cached = await self._cached(key, tenant)
         if cached is not None:
             return cached

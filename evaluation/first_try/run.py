@@ -9,7 +9,12 @@ through the unsteered model, projects past the midpoint of the pairs it was made
 Fluency: NLL per token of the completion given the prompt under the unsteered model, also in
 transformers. Intervals: 95%, normal approximation over completions.
 
-    python evaluation/first_try/run.py --url http://127.0.0.1:8000 --store STORE_DIR --out evaluation/first_try
+    python evaluation/first_try/run.py --url http://127.0.0.1:8000 --out evaluation/first_try
+
+The direction is made again here from the token ids the server stored as the vector's source,
+by ``steer_server.reference.contrast_vectors`` (transformers), and its midpoint checked against
+the server's: the script reads nothing from the server's store. ``--reuse`` measures a vector
+already made and calibrated under that name (a run that stopped after calibrating).
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from steer_server.default_model import default_model_dir
 from steer_server.eval.data import calibration_prompts, neutral_prompts, sentiment_pairs_file
-from vector_store.sqlite import SqliteVectorStore
+from steer_server.reference import contrast_vectors
 
 VECTORS = "/v1/steering/vectors"
 
@@ -38,17 +43,12 @@ def interval(values: list[float]) -> dict:
     return {"value": mean, "low": mean - half, "high": mean + half, "n": len(values)}
 
 
-def direction_at(store: Path, content_id: str, layer: int) -> np.ndarray:
-    """The stored direction, read from the server's store directory itself."""
-    return SqliteVectorStore(store).get(content_id).directions[layer].double().numpy().reshape(-1)
-
-
 def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--url", default="http://127.0.0.1:8000")
     parser.add_argument("--api-key", default="-")
     parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--store", type=Path, required=True, help="the server's --store directory (read only)")
+    parser.add_argument("--reuse", action="store_true", help="measure the vector already made and calibrated")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
     parser.add_argument("--method", default="mean_diff", help="how the vector is made from the pairs")
@@ -62,23 +62,33 @@ def main() -> int:
     model_name = http.get("/v1/models").raise_for_status().json()["data"][0]["id"]
 
     started = time.perf_counter()
-    created = http.post(VECTORS, params={"name": "sentiment", "layers": "all", "method": args.method,
-                                         "position": args.position},
-                        content=sentiment_pairs_file().read_bytes(), headers={"Content-Type": "application/jsonl"})
-    created.raise_for_status()
-    made_s = time.perf_counter() - started
-    started = time.perf_counter()
-    calibrated = http.post(f"{VECTORS}/sentiment/calibrate", json=args.calibrate)
-    if calibrated.status_code != 200:
-        raise SystemExit(f"calibration refused: {calibrated.text}")
-    calibrate_s = time.perf_counter() - started
-    calibration = calibrated.json()["calibration"]
-    calibration_cells = calibrated.json()["cells"]
+    if args.reuse:
+        vector = http.get(f"{VECTORS}/sentiment").raise_for_status().json()
+        calibration, calibration_cells, made_s, calibrate_s = vector["calibration"], None, float("nan"), float("nan")
+    else:
+        created = http.post(VECTORS, params={"name": "sentiment", "layers": "all", "method": args.method,
+                                             "position": args.position},
+                            content=sentiment_pairs_file().read_bytes(), headers={"Content-Type": "application/jsonl"})
+        created.raise_for_status()
+        made_s = time.perf_counter() - started
+        started = time.perf_counter()
+        calibrated = http.post(f"{VECTORS}/sentiment/calibrate", json=args.calibrate)
+        if calibrated.status_code != 200:
+            raise SystemExit(f"calibration refused: {calibrated.text}")
+        calibrate_s = time.perf_counter() - started
+        calibration = calibrated.json()["calibration"]
+        calibration_cells = calibrated.json()["cells"]
+        vector = http.get(f"{VECTORS}/sentiment").raise_for_status().json()
     layer, dose, positions = calibration["layer"], calibration["dose"], calibration["positions"]
-    vector = created.json()
     midpoint = vector["stats"][str(layer)]["midpoint"]
-    unit = direction_at(args.store, vector["id"], layer)
+    hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
+    pairs = [(list(p), list(n)) for p, n in vector["source"]["pairs"]]
+    direction, reference_stats = contrast_vectors(hf, pairs, [layer], vector["method"],
+                                                  vector["source"].get("position", "last"))[layer]
+    unit = direction.double().numpy()
     unit /= np.linalg.norm(unit)
+    assert abs(reference_stats["midpoint"] - midpoint) <= 1e-3 * max(1.0, abs(midpoint)), \
+        f"the server's midpoint {midpoint} is not the reference's {reference_stats['midpoint']}"
 
     rng = np.random.default_rng(0)
     random_row = rng.standard_normal(vector["hidden_size"])
@@ -101,9 +111,9 @@ def main() -> int:
             for choice in answer["choices"]:
                 completions[arm].append((choice["prompt_token_ids"], choice["token_ids"], choice["text"]))
 
-    hf = AutoModelForCausalLM.from_pretrained(default_model_dir(), dtype=torch.float32).eval()
     report = {"calibration": calibration, "vector": {"id": vector["id"], "layers": len(vector["layers"]),
-                                                     "method": args.method, "position": args.position,
+                                                     "method": vector["method"],
+                                                     "position": vector["source"].get("position", "last"),
                                                      "seconds": round(made_s, 1)},
               "calibrate_seconds": round(calibrate_s, 1), "calibrate_body": args.calibrate,
               "calibration_cells": calibration_cells,

@@ -109,3 +109,56 @@ def test_examples_that_do_not_vary_have_a_zero_direction():
     for method in ("mean_diff", "pca_diff", "pca_center"):
         direction, stats = contrast_direction(same, same, method)
         assert not direction.any() and stats.as_json() == {"norm": 0.0, "separation": 0.0}
+
+
+def test_mean_leaves_out_the_first_token(computer):
+    """``mean`` is the mean over each example's tokens after the first (whose massive activation
+    would swamp it on SmolLM2); a one-token example is its one token."""
+    content_id = asyncio.run(computer.from_pairs(PAIRS, [2], "mean_diff", "mean", tenant="default"))
+    vector = computer.store.store.get(content_id)
+
+    def mean_after_first(ids: list[int]) -> torch.Tensor:
+        rows = stream_of(ids, 2)
+        return rows[0] if len(ids) == 1 else sum(rows[i] for i in range(1, len(ids))) / (len(ids) - 1)
+
+    positives = torch.stack([mean_after_first(p) for p, _ in PAIRS])
+    negatives = torch.stack([mean_after_first(n) for _, n in PAIRS])
+    torch.testing.assert_close(vector.directions[2][0], positives.mean(dim=0) - negatives.mean(dim=0))
+    assert vector.meta.source == {"pairs": [list(p) for p in PAIRS], "position": "mean"}
+
+
+def test_mean_is_not_found_under_the_key_of_the_mean_over_every_token(computer):
+    """A store that holds a vector made when ``mean`` still took in the first token does not
+    hand it back for today's ``mean``."""
+    OLD_ID = asyncio.run(computer.from_pairs(PAIRS, [2], "mean_diff", "last", tenant="default"))  # stands in for the old vector
+    flat = [ids for pair in PAIRS for ids in pair]
+    old_key = computation_key(computer.model.fingerprint, 2, flat, [], "mean_diff", None, {"position": "mean"})
+    asyncio.run(computer.store.remember_computation(old_key, OLD_ID))
+    assert asyncio.run(computer.from_pairs(PAIRS, [2], "mean_diff", "mean", tenant="default")) != OLD_ID
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca_diff", "pca_center"])
+def test_mean_matches_the_transformers_reference(tmp_path_factory, method):
+    """Captured by transformers (the reference's own streams) and reduced by VectorComputer,
+    against ``steer_server.reference.contrast_vectors`` on a tiny Llama."""
+    from models import make_tiny_llama
+    from transformers import AutoModelForCausalLM
+
+    from steer_server.reference import contrast_vectors, hidden_state_streams
+
+    model = AutoModelForCausalLM.from_pretrained(make_tiny_llama(tmp_path_factory.mktemp("tiny") / "llama"),
+                                                 dtype=torch.float32).eval()
+    pairs = [([5, 90, 300, 7], [5, 91, 301]), ([42, 8], [42, 9, 11, 12]), ([700], [701, 702]), ([3, 4, 5], [6])]
+
+    async def capture(prompts, layers):
+        return [hidden_state_streams(model, ids, layers) for ids in prompts]
+
+    store = AsyncStore(SqliteVectorStore(tmp_path_factory.mktemp("store")), vectors=VectorCache())
+    made = VectorComputer(store, capture, ModelInfo("LlamaForCausalLM-h128-l3-0123456789abcdef", 128, 3))
+    vector = store.store.get(asyncio.run(made.from_pairs(pairs, [0, 2, 3], method, "mean", tenant="default")))
+    want = contrast_vectors(model, pairs, [0, 2, 3], method, "mean")
+    for layer, (direction, stats) in want.items():
+        torch.testing.assert_close(vector.directions[layer][0], direction, rtol=1e-4, atol=1e-5)
+        got = vector.meta.stats[str(layer)]
+        assert got["separation"] == stats["separation"]
+        assert got["midpoint"] == pytest.approx(stats["midpoint"], rel=1e-4, abs=1e-5)
