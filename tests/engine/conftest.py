@@ -38,14 +38,27 @@ def tiny_models(tmp_path_factory):
     return _TinyModels(tmp_path_factory.mktemp("tiny-models"))
 
 
+@pytest.fixture(scope="package")
+def engine_host(engine_store):
+    """ONE process for the tests that need only an engine's outputs: it starts their engines
+    in-process, one after another (``engine_host.py`` says why and what stays covered)."""
+    from engine_host import EngineHost
+
+    host = EngineHost({key: value for key, value in os.environ.items()
+                       if key.startswith(("VLLM_", "STEER_"))})
+    try:
+        yield host
+    finally:
+        host.close()
+
+
 def start_llm(model_dir: str, **overrides):
     """An offline engine with the tests' settings, proven (``steer_server.check``)."""
+    from engine_host import ENGINE_SETTINGS
+
     from steer_server.check import start_offline_engine
 
-    settings = dict(dtype="float32", enforce_eager=True, enable_prefix_caching=True, max_model_len=256,
-                    max_num_seqs=8, seed=0)
-    settings.update(overrides)
-    return start_offline_engine(model_dir, **settings)
+    return start_offline_engine(model_dir, **{**ENGINE_SETTINGS, **overrides})
 
 
 def stop_llm(llm) -> None:

@@ -41,7 +41,7 @@ def cases_for(hf, prompt, gen):
 
 
 @pytest.mark.parametrize("family, compiled", [("llama", True), ("gpt2", False)], ids=["llama-compiled", "gpt2-eager"])
-def test_operations_match_reference_in_a_mixed_batch(tiny_models, engine_store, family, compiled):
+def test_operations_match_reference_in_a_mixed_batch(tiny_models, engine_store, engine_host, family, compiled):
     model_dir = tiny_models[family]
     hf = hf_model(model_dir)
     gen = torch.Generator().manual_seed(31)
@@ -50,15 +50,12 @@ def test_operations_match_reference_in_a_mixed_batch(tiny_models, engine_store, 
     layers = {"dir": 2, "dir1": 1, "seq": 1, "const": 1}
     ids = {name: put_vector(engine_store, model_dir, layers[name], t.reshape(-1, 128),
                             kind="actadd" if name == "seq" else "constant") for name, t in tensors.items()}
-    llm = start_llm(model_dir, enforce_eager=not compiled)
-    try:
-        outputs = generate(llm, [prompt] * len(cases), [params(8, engine_additions(c, ids) if c else None) for c in cases])
-    finally:
-        stop_llm(llm)
-    plain = tokens_and_logprobs(outputs[0])
-    for output, additions in zip(outputs, cases):
+    # The engine (its own, started for this test in the engine host): every case in one batch.
+    outputs = engine_host.run({"model_dir": model_dir, "overrides": {"enforce_eager": not compiled}, "prompt": prompt,
+                               "max_tokens": 8, "payloads": [engine_additions(c, ids) if c else None for c in cases]})["outputs"]
+    plain = outputs[0]
+    for (tokens, lp), additions in zip(outputs, cases):
         want_tokens, want_lp = greedy_with_logprobs(hf, prompt, 8, reference_additions(additions, tensors))
-        tokens, lp = tokens_and_logprobs(output)
         assert tokens == want_tokens, additions
         assert lp == pytest.approx(want_lp, abs=LOGPROB_ATOL), additions
         if additions:
