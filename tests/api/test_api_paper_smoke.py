@@ -11,6 +11,7 @@ layer 0 on hostile openings, by VADER sentiment.
 from __future__ import annotations
 
 import re
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from api_helpers import BOS
@@ -40,7 +41,8 @@ def test_weddings(client, server):
     def rate(texts):
         return sum(bool(re.search(r"wedding", text, re.IGNORECASE)) for text in texts) / len(texts)
 
-    unsteered, steered = rate(sample(client, server, prompt, None)), rate(sample(client, server, prompt, steering))
+    with ThreadPoolExecutor(2) as pool:  # both at once: the server batches them
+        unsteered, steered = map(rate, pool.map(lambda steer: sample(client, server, prompt, steer), (None, steering)))
     assert unsteered <= 0.05, unsteered
     assert steered >= 0.15, steered
 
@@ -54,9 +56,14 @@ def test_love_hate(client, server):
     steering = {"additions": [{"prompt": BOS + "Love", "coeff": 5, "layer": 0},
                               {"prompt": BOS + "Hate", "coeff": -5, "layer": 0}]}
 
-    def mean_sentiment(steer: dict | None) -> float:
-        texts = [text for prompt in hostile_prompts() for text in sample(client, server, prompt, steer, n=8)]
+    def mean_sentiment(texts: list[str]) -> float:
         return sum(map(sentiment, texts)) / len(texts)
 
-    unsteered, steered = mean_sentiment(None), mean_sentiment(steering)
+    # Every request at once (2 x 16 prompts, 8 samples each): the server batches them.
+    jobs = [(prompt, steer) for steer in (None, steering) for prompt in hostile_prompts()]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        samples = list(pool.map(lambda job: sample(client, server, job[0], job[1], n=8), jobs))
+    half = len(hostile_prompts())
+    unsteered = mean_sentiment([text for texts in samples[:half] for text in texts])
+    steered = mean_sentiment([text for texts in samples[half:] for text in texts])
     assert steered > unsteered + 0.05, (unsteered, steered)
