@@ -46,6 +46,7 @@ from steer_server.access import access_problems, configured_keys, install_access
 from steer_server.anchor import last_user_text
 from steer_server.middleware import STEERED_PATHS, BodyMiddleware, note_refusal
 from steer_server.playground import playground_router
+from steer_server.quotas import QuotaKeeper, Quotas, read_quotas_file
 from steer_server.receipts import receipt_body
 from steer_server.render_hook import AwaitingPrompt, install_render_hooks, render_hook_problems
 from steer_server.settings import Settings, load_settings
@@ -135,8 +136,9 @@ class SteerServer:
     """Everything the routes need once the engine is up: model, tokenizer, store, computer."""
 
     def __init__(self, *, engine_client, state, settings: Settings, store: AsyncStore, computer, tokenizer,
-                 model_dir: str, model_type: str, default_pad_id: int | None):
+                 model_dir: str, model_type: str, default_pad_id: int | None, quotas: QuotaKeeper):
         self.engine_client = engine_client
+        self.quotas = quotas
         self.state = state
         self.settings = settings
         self.store = store
@@ -186,10 +188,13 @@ class SteerServer:
             hidden_size=model_config.get_hidden_size(),
             num_layers=model_config.hf_text_config.num_hidden_layers,
         )
+        quotas = read_quotas_file(settings.quotas_file) if settings.quotas_file is not None else Quotas()
         # $STEER_STORE, set by `steer-server serve --store`
         store = AsyncStore(open_store(settings.store_location, timeout_s=settings.store_timeout_s),
                            timeout_s=settings.store_timeout_s,
-                           fresh_s=settings.store_fresh_s)
+                           fresh_s=settings.store_fresh_s,
+                           limits_of=lambda tenant: quotas.of(tenant).store_limits)
+        keeper = QuotaKeeper(quotas, store)
         tokenizer = engine_client.get_tokenizer()
         if inspect.isawaitable(tokenizer):
             tokenizer = await tokenizer
@@ -201,7 +206,8 @@ class SteerServer:
             finally:
                 metrics.CAPTURE_SECONDS.observe(time.perf_counter() - started)
 
-        computer = VectorComputer(_CountingStore(store), capture, model, max_prompt_tokens=settings.max_prompt_tokens)
+        computer = VectorComputer(_CountingStore(store), capture, model, max_prompt_tokens=settings.max_prompt_tokens,
+                                  charge=keeper.charge_tokens)
         server = cls(
             engine_client=engine_client,
             state=state,
@@ -212,6 +218,7 @@ class SteerServer:
             model_dir=model_dir,
             model_type=getattr(model_config.hf_config, "model_type", None) or "unknown",
             default_pad_id=None,
+            quotas=keeper,
         )
         if settings.pad is not None:
             try:

@@ -192,6 +192,8 @@ async def _job(server: SteerServer, name: str, content_id: str, vector, body: Ca
     positions = positions_json(body.positions)
     plan = SweepPlan(NamedVector(content_id, mode, positions), prompts, tuple(layers),
                      tuple(dict.fromkeys(doses)), lexicon, sampling, floor=False, strength="dose")
+    # The readout of a projection concept captures each completion again.
+    await server.quotas.charge_tokens(tenant, plan.generated_tokens() * (2 if concept else 1), "this calibration")
     _, token = get_authorization_scheme_param(request.headers.get("authorization"))
     client = SteerClient(IN_PROCESS_URL, token or None, transport=httpx.ASGITransport(app=request.app))
 

@@ -98,6 +98,10 @@ def serve_parser(defaults: Settings | None = None) -> argparse.ArgumentParser:
                         help="API keys with roles and tenants, one 'ROLE KEY [TENANT]' per line (ROLE: inference | "
                         "admin; a key sees only its tenant's vectors; no TENANT: the default tenant, as for every "
                         f"other key); inference keys join vLLM's --api-key keys (${var('api_keys_file')})")
+    parser.add_argument("--quotas-file", metavar="PATH", default=env.quotas_file,
+                        help="per-tenant quotas, one 'TENANT quota=N ...' per line ('*': every tenant not named; "
+                        "quotas: vectors, bytes, capture_tokens_per_minute, steered_in_flight; one left out is "
+                        f"unlimited); over one: HTTP 429 naming it (${var('quotas_file')}; default: none)")
     parser.add_argument("--metrics-tenant-label", action="store_true", default=env.metrics_tenant_label,
                         help="label the steering metrics with the caller's tenant (one series per tenant of the keys "
                         f"file; ${var('metrics_tenant_label')}; default: off)")
@@ -136,6 +140,14 @@ def serve(argv: list[str]) -> None:
         access = check_access_flags(args.admin_api_key, args.api_keys_file)
     except AccessConfigError as exc:
         parser.error(str(exc))
+    if args.quotas_file is not None:
+        from steer_server.quotas import QuotaConfigError, read_quotas_file
+
+        try:
+            read_quotas_file(args.quotas_file)  # a bad file stops the server before vLLM starts
+        except QuotaConfigError as exc:
+            parser.error(str(exc))
+        access["quotas_file"] = Path(args.quotas_file).expanduser().resolve()
 
     model = args.model
     if model is None:

@@ -23,10 +23,11 @@ from steer_server.client import VECTORS_PATH
 from steer_server.dose_probe import check_dose, coefficient_layers
 from steer_server.receipts import ReceiptAttacher
 from steer_server.render_hook import awaiting_prompt
-from steer_server.steering import SteeringError, bad_request
+from steer_server.steering import SteeringError, bad_request, quota_refusal, store_failure
 from steer_server.sweep_route import SWEEPS_PATH
 from steer_vllm.content import VECTORS_KEY
 from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY, SteeringSpecError
+from vector_store import QuotaExceeded, StoredDataDamaged, StoreUnavailable
 
 if TYPE_CHECKING:
     from steer_server.api import SteerApiPlugin
@@ -96,7 +97,21 @@ class BodyMiddleware:
         if steering is None:
             return await self.app(scope, _replay(body, receive), send)
         try:
-            if server.settings.max_dose is not None and coefficient_layers(steering):
+            slot = await server.quotas.enter_steered(tenant)
+        except QuotaExceeded as exc:
+            return await _refuse(scope, receive, send, path, quota_refusal(exc), label)
+        except (StoreUnavailable, StoredDataDamaged) as exc:
+            return await _refuse(scope, receive, send, path, store_failure("steering", exc), label)
+        try:
+            return await self._steer(scope, receive, send, server, path, payload, tenant, label)
+        finally:
+            await server.quotas.leave_steered(tenant, slot)
+
+    async def _steer(self, scope, receive, send, server, path: str, payload: dict, tenant: str, label: str):
+        """Resolve the steering into the body vLLM reads, and answer the request with it."""
+        headers = Headers(scope=scope)
+        try:
+            if server.settings.max_dose is not None and coefficient_layers(payload["steering"]):
                 refusal = await check_dose(self.app, scope, server, path, payload, headers)
                 if refusal is not None:
                     raise refusal
@@ -105,6 +120,8 @@ class BodyMiddleware:
             return await _refuse(scope, receive, send, path, exc, label)
         except SteeringSpecError as exc:
             return await _refuse(scope, receive, send, path, SteeringError(400, str(exc)), label)
+        except QuotaExceeded as exc:  # the capture of a steering prompt, or storing its vector
+            return await _refuse(scope, receive, send, path, quota_refusal(exc), label)
         except Exception as exc:  # noqa: BLE001 - a server fault, reported as one
             logger.exception("steer_api: resolving steering failed")
             return await _refuse(scope, receive, send, path, SteeringError(500, f"steering failed: {exc}"), label)
@@ -184,4 +201,4 @@ def _too_large(size: int, limit: int, at_least: bool = False) -> SteeringError:
 
 
 async def _send_error(scope, receive, send, error: SteeringError) -> None:
-    await JSONResponse(error.body(), status_code=error.status)(scope, receive, send)
+    await JSONResponse(error.body(), status_code=error.status, headers=error.headers)(scope, receive, send)

@@ -21,9 +21,9 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException  # FastAPI raises this base class for an undecodable body
 
-from steer_server.steering import SteeringError, bad_request, dotted_path, store_failure
+from steer_server.steering import SteeringError, bad_request, dotted_path, quota_refusal, store_failure
 from steer_vllm.spec import POSITION_TAGS
-from vector_store import StoredDataDamaged, StoreUnavailable, VectorNotFound, VectorStoreError
+from vector_store import QuotaExceeded, StoredDataDamaged, StoreUnavailable, VectorNotFound, VectorStoreError
 
 
 def validation_error(error: dict, union_tags: tuple[str, ...] = ()) -> SteeringError:
@@ -72,6 +72,8 @@ class SteeringRoute(APIRoute):
             return bad_request("body", "JSON nested deeper than this server reads")
         if isinstance(exc, VectorNotFound):
             return SteeringError(404, str(exc))
+        if isinstance(exc, QuotaExceeded):
+            return quota_refusal(exc)
         if isinstance(exc, (StoreUnavailable, StoredDataDamaged)):
             return store_failure("store", exc)
         if isinstance(exc, VectorStoreError):
@@ -88,6 +90,6 @@ class SteeringRoute(APIRoute):
                 error = self.as_steering_error(exc)
                 if error is None:
                     raise
-                return JSONResponse(error.body(), status_code=error.status)
+                return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
         return route_handler

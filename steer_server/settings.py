@@ -57,6 +57,8 @@ class Settings(EngineSettings):
                                       description="--admin-api-key: a key with the admin role")
     api_keys_file: Path | None = Field(None, validation_alias="STEER_API_KEYS_FILE",
                                        description="--api-keys-file: 'ROLE KEY [TENANT]' lines")
+    quotas_file: Path | None = Field(None, validation_alias="STEER_QUOTAS_FILE",
+                                     description="--quotas-file: 'TENANT quota=N ...' lines")
     metrics_tenant_label: bool = Field(False, validation_alias="STEER_METRICS_TENANT_LABEL",
                                        description="--metrics-tenant-label: steering metrics carry the "
                                        "caller's tenant (one series per tenant of the keys file)")

@@ -76,6 +76,7 @@ from steer_vllm.spec import (
     steering_text,
 )
 from vector_store import (
+    QuotaExceeded,
     StoredDataDamaged,
     StoredVector,
     StoreUnavailable,
@@ -90,20 +91,24 @@ class SteeringError(Exception):
     """A refused request: HTTP status, OpenAI-style error type, the field, the reason.
 
     ``reason`` is a short machine-readable cause for metrics (``invalid``, ``not_found``,
-    ``too_large``, ``store_unavailable``, ``internal``)."""
+    ``too_large``, ``quota``, ``store_unavailable``, ``internal``); ``headers`` go with the
+    response (``Retry-After``)."""
 
-    def __init__(self, status: int, message: str, param: str | None = None, reason: str | None = None):
+    def __init__(self, status: int, message: str, param: str | None = None, reason: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status = status
         self.message = message
         self.param = param
-        self.reason = reason or {400: "invalid", 404: "not_found", 413: "too_large", 503: "store_unavailable"}.get(
-            status, "internal")
+        self.reason = reason or {400: "invalid", 404: "not_found", 413: "too_large", 429: "quota",
+                                 503: "store_unavailable"}.get(status, "internal")
+        self.headers = headers
 
     @property
     def error_type(self) -> str:
         return {400: "BadRequestError", 401: "AuthenticationError", 404: "NotFoundError",
-                413: "RequestEntityTooLargeError", 503: "ServiceUnavailableError"}.get(self.status, "InternalServerError")
+                413: "RequestEntityTooLargeError", 429: "RateLimitError",
+                503: "ServiceUnavailableError"}.get(self.status, "InternalServerError")
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.error_type, "param": self.param, "code": self.status}}
@@ -111,6 +116,12 @@ class SteeringError(Exception):
 
 def bad_request(param: str, reason: str) -> SteeringError:
     return SteeringError(400, f"{param}: {reason}", param)
+
+
+def quota_refusal(exc: QuotaExceeded) -> SteeringError:
+    """A 429 naming the tenant's quota and its limit; ``Retry-After`` where waiting frees it."""
+    headers = None if exc.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+    return SteeringError(429, str(exc), None, "quota", headers)
 
 
 def store_failure(param: str, exc: StoreUnavailable | StoredDataDamaged) -> SteeringError:

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from steer_server.access import Tenant
 from steer_server.client import MAX_CELLS
 from steer_server.eval.client import EvalError, Sampling, SteerClient
 from steer_server.eval.data import wedding_lexicon
@@ -136,7 +137,7 @@ def sweep_router(plugin: SteerApiPlugin) -> APIRouter:
     router = APIRouter(route_class=SteeringRoute)
 
     @router.post(SWEEPS_PATH)
-    async def create_sweep(body: SweepRequest, request: Request):
+    async def create_sweep(body: SweepRequest, request: Request, tenant: Tenant):
         """Run a small sweep now; the answer is its result (or, with ``stream``, its progress)."""
         server = plugin.server
         if server is None:
@@ -146,6 +147,7 @@ def sweep_router(plugin: SteerApiPlugin) -> APIRouter:
         if body.lexicon is not None and not any(w.strip() for w in body.lexicon):
             raise SteeringError(400, "lexicon: holds no words", "lexicon")
         plan = body.plan()
+        await server.quotas.charge_tokens(tenant, plan.generated_tokens(), "this sweep")
         _, token = get_authorization_scheme_param(request.headers.get("authorization"))
         client = SteerClient(IN_PROCESS_URL, token or None, transport=httpx.ASGITransport(app=request.app))
         if not body.stream:

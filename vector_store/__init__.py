@@ -1,5 +1,7 @@
 """Steering vectors: content-addressed, cached, shared across replicas."""
 from vector_store.base import (
+    QuotaExceeded,
+    StoreLimits,
     StoreUnavailable,
     StoredDataDamaged,
     StoredVector,
@@ -13,6 +15,8 @@ from vector_store.base import (
 from vector_store.open import open_store
 
 __all__ = [
+    "QuotaExceeded",
+    "StoreLimits",
     "StoreUnavailable",
     "StoredDataDamaged",
     "StoredVector",

@@ -32,6 +32,8 @@ import cachetools
 
 from vector_store.base import (
     ListingPage,
+    QuotaExceeded,
+    StoreLimits,
     StoredDataDamaged,
     StoredVector,
     StoreUnavailable,
@@ -61,8 +63,10 @@ class AsyncStore:
         fresh_s: float = DEFAULT_FRESH_S,
         stale_s: float = DEFAULT_STALE_S,
         vectors: VectorCache | None = None,
+        limits_of: Callable[[str], StoreLimits | None] = lambda tenant: None,
     ):
         self.store = store
+        self.limits_of = limits_of  # a tenant's storage quotas, applied to every put and reference
         self.timeout_s = timeout_s
         self.vectors = vectors or process_cache()
         self._executor = ThreadPoolExecutor(max_workers=16, thread_name_prefix="steer-store")
@@ -89,7 +93,7 @@ class AsyncStore:
             raise StoreUnavailable(f"the vector store {self.store!r} is unavailable: no answer within {self.timeout_s:g} s") from None
         except StoredDataDamaged as exc:
             raise StoredDataDamaged(f"the vector store {self.store!r} holds damaged data: {exc}") from None
-        except (VectorNotFound, VectorStoreError):
+        except (VectorNotFound, VectorStoreError, QuotaExceeded):
             raise
         except Exception as exc:  # redis.RedisError, sqlite3.Error, OSError: the store is not answering
             raise StoreUnavailable(f"the vector store {self.store!r} is unavailable: {exc}") from None
@@ -164,12 +168,14 @@ class AsyncStore:
         return vector
 
     async def put(self, vector: StoredVector, *, tenant: str) -> str:
-        content_id = await self._call(functools.partial(self.store.put, vector, tenant=tenant))
+        content_id = await self._call(functools.partial(self.store.put, vector, tenant=tenant,
+                                                        limits=self.limits_of(tenant)))
         self.vectors.put(content_id, vector)
         return content_id
 
     async def add_reference(self, content_id: str, *, tenant: str) -> None:
-        await self._call(functools.partial(self.store.add_reference, content_id, tenant=tenant))
+        await self._call(functools.partial(self.store.add_reference, content_id, tenant=tenant,
+                                           limits=self.limits_of(tenant)))
 
     async def delete(self, content_id: str, *, tenant: str) -> None:
         await self._call(functools.partial(self.store.delete, content_id, tenant=tenant))
@@ -218,3 +224,13 @@ class AsyncStore:
     async def remember_computation(self, key: str, content_id: str) -> None:
         await self._call(self.store.remember_computation, key, content_id)
         self._computations[key] = content_id
+
+    # -- quota counters (``VectorStore.charge``, ``acquire``, ``release``)
+    async def charge(self, tenant: str, quota: str, amount: int, limit: int, window_s: float) -> float | None:
+        return await self._call(self.store.charge, tenant, quota, amount, limit, window_s)
+
+    async def acquire(self, tenant: str, quota: str, token: str, limit: int, lease_s: float) -> bool:
+        return await self._call(self.store.acquire, tenant, quota, token, limit, lease_s)
+
+    async def release(self, tenant: str, quota: str, token: str) -> None:
+        await self._call(self.store.release, tenant, quota, token)

@@ -123,6 +123,32 @@ class TenantUsage(NamedTuple):
     bytes: int
 
 
+class QuotaExceeded(Exception):
+    """A tenant is at one of its quotas; ``quota`` names it, ``limit`` is its value, and
+    ``retry_after_s`` says when a rate frees up (None: waiting does not help)."""
+
+    def __init__(self, quota: str, limit: int, message: str, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.quota, self.limit, self.retry_after_s = quota, limit, retry_after_s
+
+
+class StoreLimits(NamedTuple):
+    """A tenant's ceilings on what it stores (None: no limit), checked in the same write that
+    would pass them."""
+
+    vectors: int | None = None
+    bytes: int | None = None
+
+    def check(self, usage: TenantUsage, adding_bytes: int) -> None:
+        """QuotaExceeded if one more vector of ``adding_bytes`` would pass a ceiling."""
+        if self.vectors is not None and usage.vectors + 1 > self.vectors:
+            raise QuotaExceeded("vectors", self.vectors, f"quota 'vectors': the tenant stores {usage.vectors} "
+                                f"vectors, its limit is {self.vectors}; delete some to store more")
+        if self.bytes is not None and usage.bytes + adding_bytes > self.bytes:
+            raise QuotaExceeded("bytes", self.bytes, f"quota 'bytes': the tenant stores {usage.bytes} bytes and this "
+                                f"vector is {adding_bytes} more, over its limit of {self.bytes}")
+
+
 class ListedVector(NamedTuple):
     """One vector as a listing shows it, read without its tensors."""
 
@@ -186,12 +212,14 @@ class VectorStore(abc.ABC):
     whole entry or none."""
 
     @abc.abstractmethod
-    def put(self, vector: StoredVector, *, tenant: str = DEFAULT_TENANT) -> str:
-        """Store (idempotent), add the tenant's reference, and return the content id."""
+    def put(self, vector: StoredVector, *, tenant: str = DEFAULT_TENANT, limits: StoreLimits | None = None) -> str:
+        """Store (idempotent), add the tenant's reference, and return the content id;
+        QuotaExceeded (nothing written) if a new reference would pass ``limits``."""
 
     @abc.abstractmethod
-    def add_reference(self, content_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
-        """Make a stored vector the tenant's too (idempotent); VectorNotFound if not stored."""
+    def add_reference(self, content_id: str, *, tenant: str = DEFAULT_TENANT, limits: StoreLimits | None = None) -> None:
+        """Make a stored vector the tenant's too (idempotent); VectorNotFound if not stored,
+        QuotaExceeded if a new reference would pass ``limits``."""
 
     @abc.abstractmethod
     def get(self, content_id: str) -> StoredVector:
@@ -274,6 +302,21 @@ class VectorStore(abc.ABC):
     @abc.abstractmethod
     def calibration(self, content_id: str, *, tenant: str = DEFAULT_TENANT) -> dict | None:
         """The tenant's latest calibration of the vector (with ``version``), or None."""
+
+    # -- counters every process of a deployment shares (quotas on rates and concurrency)
+
+    @abc.abstractmethod
+    def charge(self, tenant: str, quota: str, amount: int, limit: int, window_s: float) -> float | None:
+        """Count ``amount`` against the tenant's ``limit`` per ``window_s`` (fixed windows):
+        None if it fits (and is counted), else the seconds until the window ends (nothing counted)."""
+
+    @abc.abstractmethod
+    def acquire(self, tenant: str, quota: str, token: str, limit: int, lease_s: float) -> bool:
+        """Take one of the tenant's ``limit`` slots for ``token`` until ``release`` (or, if its
+        process dies, until ``lease_s`` has passed); False if all are taken."""
+
+    @abc.abstractmethod
+    def release(self, tenant: str, quota: str, token: str) -> None: ...
 
     def resolve(self, name_or_id: str, *, tenant: str = DEFAULT_TENANT) -> str:
         """The tenant's name or a content id it references -> content id; VectorNotFound if neither."""

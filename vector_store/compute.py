@@ -44,6 +44,7 @@ from vector_store.keys import computation_key
 
 # (token id lists, layers) -> per prompt {layer: float32 [len, hidden]}
 CaptureFn = Callable[[list[list[int]], list[int]], Awaitable[list[dict[int, torch.Tensor]]]]
+ChargeFn = Callable[[str, int, str], Awaitable[None]]  # (tenant, tokens, what for); raises QuotaExceeded
 
 METHODS = ("mean_diff", "pca_diff", "pca_center")
 PCA_METHODS = ("pca_diff", "pca_center")
@@ -130,11 +131,13 @@ class ModelInfo:
 class VectorComputer:
     """Computes vectors once per (model, layer, tokens, method, padding) and caches them."""
 
-    def __init__(self, store: AsyncStore, capture: CaptureFn, model: ModelInfo, max_prompt_tokens: int = 64):
+    def __init__(self, store: AsyncStore, capture: CaptureFn, model: ModelInfo, max_prompt_tokens: int = 64,
+                 charge: ChargeFn | None = None):
         self.store = store
         self.model = model
         self.max_prompt_tokens = max_prompt_tokens
         self._capture = capture
+        self._charge = charge  # a tenant's tokens counted before its captures (its quota), if any
         self.captures = 0  # prompts sent through the engine
         self.capture_seconds = 0.0
 
@@ -163,6 +166,10 @@ class VectorComputer:
         return VectorMeta(self.model.fingerprint, self.model.hidden_size, kind, method, source, time.time(),
                           stats or {})
 
+    async def _charged(self, tenant: str, tokens: int, what: str) -> None:
+        if self._charge is not None:
+            await self._charge(tenant, tokens, what)
+
     async def _cached(self, key: str, tenant: str) -> str | None:
         """A computation made before (by any tenant), now the tenant's too; None if not cached
         or collected since."""
@@ -187,6 +194,7 @@ class VectorComputer:
         found = [await self._cached(key, tenant) for key in keys]
         missing = sorted({tuple(ids) for ids, cid in zip(padded, found) if cid is None})
         if missing:
+            await self._charged(tenant, sum(map(len, missing)), "capturing the steering prompts")
             streams = await self.streams([list(ids) for ids in missing], [layer])
             computed = {}
             for ids, stream in zip(missing, streams):
@@ -248,6 +256,7 @@ class VectorComputer:
         cached = await self._cached(key, tenant)
         if cached is not None:
             return cached
+        await self._charged(tenant, sum(map(len, flat)), "capturing the pairs")
         read = await self._read(flat, layers, position)  # [2 * pairs, layers, hidden]
         directions, stats = {}, {}
         for i, layer in enumerate(layers):

@@ -22,6 +22,8 @@ the others (a tenant holds no ':', so no tenant's key is another's or a global o
   ``<tenant prefix>names-of:<id>`` set of the tenant's names pointing at that vector
   ``<tenant prefix>calibrations``  hash content id -> the tenant's calibration JSON
   ``<tenant prefix>usage``         hash {vectors, bytes}: counters kept with the references
+  ``<tenant prefix>quota:<quota>:<window>``  a rate quota's count in one fixed window (expires)
+  ``<tenant prefix>quota:<quota>`` sorted set token -> lease end: a concurrency quota's slots
 Every write is one MULTI/EXEC under WATCH of what it checked, indexes included, so concurrent
 writers of one vector leave exactly one entry (the first), a name, a reference or a cached
 computation never points at a vector that a concurrent delete removed, and the indexes and
@@ -36,6 +38,7 @@ tenant would be theirs, and one that finds no layout "2" would index the store a
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import NamedTuple
 
@@ -46,6 +49,7 @@ from vector_store.base import (
     DEFAULT_TENANT,
     ListedVector,
     ListingPage,
+    StoreLimits,
     StoredDataDamaged,
     StoredVector,
     TenantUsage,
@@ -59,6 +63,22 @@ from vector_store.base import (
 )
 
 LAYOUT = b"3"
+# KEYS[1]: one fixed window's count; ARGV: amount, limit, ms the count outlives its window by.
+_CHARGE = """
+local used = tonumber(redis.call('GET', KEYS[1]) or '0')
+if used + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return 0 end
+redis.call('INCRBY', KEYS[1], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+# KEYS[1]: sorted set token -> lease end; ARGV: token, limit, now, lease end, ms the set outlives a lease by.
+_ACQUIRE = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[3])
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[4], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return 1
+"""
 
 
 class _TenantKeys(NamedTuple):
@@ -188,7 +208,7 @@ class RedisVectorStore(VectorStore):
 
     # -- vectors and references
 
-    def put(self, vector: StoredVector, *, tenant: str = DEFAULT_TENANT) -> str:
+    def put(self, vector: StoredVector, *, tenant: str = DEFAULT_TENANT, limits: StoreLimits | None = None) -> str:
         keys = self._tenant(tenant)
         entry = codec.encode(vector)
         key, refs = self._vector_key(entry.content_id), self._refs_key(entry.content_id)
@@ -201,6 +221,8 @@ class RedisVectorStore(VectorStore):
             except redis.ResponseError:  # overwritten with another type: replace it
                 stored_tensors = None
             referenced = pipe.hexists(refs, tenant)
+            if limits is not None and not referenced:
+                limits.check(self._usage(pipe, keys), len(entry.tensor_bytes))
             if stored_tensors == entry.tensor_bytes:  # already stored whole; the first writer's `created` stays
                 if not referenced:
                     stored_order = pipe.hget(self._order_of_key, entry.content_id)
@@ -231,11 +253,12 @@ class RedisVectorStore(VectorStore):
             if not referenced:
                 self._add_reference(pipe, keys, entry.content_id, order, len(entry.tensor_bytes))
 
-        # The order key of this id changes only with its entry; who references it, with its refs.
-        self._redis.transaction(write, key, refs)
+        # The order key of this id changes only with its entry; who references it, with its refs;
+        # the usage a limit was checked against, with the tenant's usage.
+        self._redis.transaction(write, key, refs, keys.usage)
         return entry.content_id
 
-    def add_reference(self, content_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+    def add_reference(self, content_id: str, *, tenant: str = DEFAULT_TENANT, limits: StoreLimits | None = None) -> None:
         keys = self._tenant(tenant)
         codec.check_content_id(content_id)
         key, refs = self._vector_key(content_id), self._refs_key(content_id)
@@ -250,11 +273,13 @@ class RedisVectorStore(VectorStore):
                 raise StoredDataDamaged(f"stored vector {content_id} is corrupted: {error}") from None
             if not size:
                 raise VectorNotFound(f"no vector with id {content_id}")
+            if limits is not None:
+                limits.check(self._usage(pipe, keys), size)
             stored_order = pipe.hget(self._order_of_key, content_id)
             pipe.multi()
             self._add_reference(pipe, keys, content_id, stored_order, size)
 
-        self._redis.transaction(write, key, refs)
+        self._redis.transaction(write, key, refs, keys.usage)
 
     def _add_reference(self, pipe: redis.client.Pipeline, keys: _TenantKeys, content_id: str,
                        order: str | bytes | None, size: int) -> None:
@@ -358,8 +383,32 @@ class RedisVectorStore(VectorStore):
     def usage(self, *, tenant: str = DEFAULT_TENANT) -> TenantUsage:
         keys = self._tenant(tenant)
         self._ensure_layout()
-        vectors, size = self._redis.hmget(keys.usage, "vectors", "bytes")
+        return self._usage(self._redis, keys)
+
+    @staticmethod
+    def _usage(client: redis.Redis | redis.client.Pipeline, keys: _TenantKeys) -> TenantUsage:
+        vectors, size = client.hmget(keys.usage, "vectors", "bytes")
         return TenantUsage(int(vectors or 0), int(size or 0))
+
+    # -- quota counters, shared by every replica on this Redis (each one script: atomic)
+
+    def _counter_key(self, tenant: str, quota: str) -> str:
+        return f"{self._tenant(tenant).prefix}quota:{quota}"
+
+    def charge(self, tenant: str, quota: str, amount: int, limit: int, window_s: float) -> float | None:
+        now = time.time()
+        window = int(now // window_s)
+        counted = self._redis.eval(_CHARGE, 1, f"{self._counter_key(tenant, quota)}:{window}", amount, limit,
+                                   int(window_s * 2000))
+        return None if counted else (window + 1) * window_s - now
+
+    def acquire(self, tenant: str, quota: str, token: str, limit: int, lease_s: float) -> bool:
+        now = time.time()
+        return bool(self._redis.eval(_ACQUIRE, 1, self._counter_key(tenant, quota), token, limit, now, now + lease_s,
+                                     int(lease_s * 1000)))
+
+    def release(self, tenant: str, quota: str, token: str) -> None:
+        self._redis.zrem(self._counter_key(tenant, quota), token)
 
     # -- names and computations
 

@@ -3,7 +3,8 @@
 Layout under ``data_dir``: ``index.sqlite3`` (WAL) and ``blobs/<content id>.safetensors``.
 The index holds each vector once (``vectors``), the tenants referencing it (``refs``, which
 listings walk), each tenant's names and calibrations (keyed by tenant, and removed with the
-tenant's reference by cascade) and each tenant's usage (kept by triggers).
+tenant's reference by cascade) and each tenant's usage (kept by triggers). Quota counters,
+shared by the server's processes on this host, live apart in ``quotas.sqlite3``.
 A write takes SQLite's write lock first (``BEGIN IMMEDIATE``), so writers in any thread
 or process run one at a time; inside it the blob is written to a temp file, fsynced and
 renamed into place, and only then indexed; the commit is durable (``synchronous=FULL``)
@@ -16,6 +17,7 @@ import contextlib
 import os
 import sqlite3
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ from vector_store.base import (
     ListedVector,
     ListingPage,
     StoredDataDamaged,
+    StoreLimits,
     StoredVector,
     TenantUsage,
     VectorNotFound,
@@ -81,6 +84,19 @@ _TABLES = (
         FOREIGN KEY (tenant, content_id) REFERENCES refs(tenant, content_id) ON DELETE CASCADE
     )""",
     "CREATE TABLE usage (tenant TEXT PRIMARY KEY, vectors INTEGER NOT NULL, bytes INTEGER NOT NULL)",
+)
+_COUNTER_TABLES = (
+    """CREATE TABLE IF NOT EXISTS rates (
+        tenant TEXT NOT NULL, quota TEXT NOT NULL,
+        period INTEGER NOT NULL,  -- which fixed window (time // window_s) `used` counts in
+        used   INTEGER NOT NULL,
+        PRIMARY KEY (tenant, quota)
+    )""",
+    """CREATE TABLE IF NOT EXISTS slots (
+        tenant TEXT NOT NULL, quota TEXT NOT NULL, token TEXT NOT NULL,
+        expires REAL NOT NULL,  -- a slot its process never released is free again after its lease
+        PRIMARY KEY (tenant, quota, token)
+    )""",
 )
 _INDEXES = (
     "CREATE INDEX IF NOT EXISTS refs_by_content_id ON refs(content_id)",
@@ -145,11 +161,14 @@ class SqliteVectorStore(VectorStore):
     def _blob_path(self, content_id: str) -> Path:
         return self.blob_dir / f"{content_id}.safetensors"
 
-    def put(self, vector: StoredVector, *, tenant: str = DEFAULT_TENANT) -> str:
+    def put(self, vector: StoredVector, *, tenant: str = DEFAULT_TENANT, limits: StoreLimits | None = None) -> str:
         check_tenant(tenant)
         entry = codec.encode(vector)
         blob_path = self._blob_path(entry.content_id)
         with self._connect() as connection, _write_transaction(connection):
+            referenced = _referenced(connection, tenant, entry.content_id)
+            if limits is not None and not referenced:  # before any byte is written
+                limits.check(_usage(connection, tenant), len(entry.tensor_bytes))
             known = connection.execute("SELECT 1 FROM vectors WHERE content_id = ?", (entry.content_id,)).fetchone()
             if not known or _read_or_none(blob_path) != entry.tensor_bytes:
                 # New, or its blob was lost or damaged: (re)write the blob; a row already there keeps its meta.
@@ -161,15 +180,22 @@ class SqliteVectorStore(VectorStore):
                     (entry.content_id, entry.meta_json, entry.created, blob_path.name, entry.tensor_sha256,
                      entry.shapes_json, len(entry.tensor_bytes)),
                 )
-            _reference(connection, tenant, entry.content_id)
+            if not referenced:
+                _reference(connection, tenant, entry.content_id)
         return entry.content_id
 
-    def add_reference(self, content_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
+    def add_reference(self, content_id: str, *, tenant: str = DEFAULT_TENANT, limits: StoreLimits | None = None) -> None:
         check_tenant(tenant)
         codec.check_content_id(content_id)
         with self._connect() as connection, _write_transaction(connection):
-            if not _reference(connection, tenant, content_id):
+            if _referenced(connection, tenant, content_id):
+                return
+            row = connection.execute("SELECT nbytes FROM vectors WHERE content_id = ?", (content_id,)).fetchone()
+            if row is None:
                 raise VectorNotFound(f"no vector with id {content_id}")
+            if limits is not None:
+                limits.check(_usage(connection, tenant), row[0])
+            _reference(connection, tenant, content_id)
 
     def get(self, content_id: str) -> StoredVector:
         codec.check_content_id(content_id)
@@ -252,8 +278,53 @@ class SqliteVectorStore(VectorStore):
     def usage(self, *, tenant: str = DEFAULT_TENANT) -> TenantUsage:
         check_tenant(tenant)
         with self._connect() as connection:
-            row = connection.execute("SELECT vectors, bytes FROM usage WHERE tenant = ?", (tenant,)).fetchone()
-        return TenantUsage(*row) if row else TenantUsage(0, 0)
+            return _usage(connection, tenant)
+
+    # -- quota counters: a file of their own, written often and worthless after a crash, so
+    # never fsynced (synchronous=OFF) and never contending with vector writes for the index's lock.
+
+    @contextlib.contextmanager
+    def _counters(self) -> Iterator[sqlite3.Connection]:
+        connection = sqlite3.connect(self.data_dir / "quotas.sqlite3", timeout=self.timeout_s, isolation_level=None)
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            connection.execute("PRAGMA synchronous=OFF")
+            with _write_transaction(connection):
+                for statement in _COUNTER_TABLES:
+                    connection.execute(statement)
+                yield connection
+        finally:
+            connection.close()
+
+    def charge(self, tenant: str, quota: str, amount: int, limit: int, window_s: float) -> float | None:
+        now = time.time()
+        window = int(now // window_s)
+        with self._counters() as connection:
+            row = connection.execute("SELECT period, used FROM rates WHERE tenant = ? AND quota = ?",
+                                     (tenant, quota)).fetchone()
+            used = row[1] if row and row[0] == window else 0
+            if used + amount > limit:
+                return (window + 1) * window_s - now
+            connection.execute("INSERT INTO rates (tenant, quota, period, used) VALUES (?, ?, ?, ?) ON CONFLICT"
+                               " (tenant, quota) DO UPDATE SET period = excluded.period, used = excluded.used",
+                               (tenant, quota, window, used + amount))
+        return None
+
+    def acquire(self, tenant: str, quota: str, token: str, limit: int, lease_s: float) -> bool:
+        now = time.time()
+        with self._counters() as connection:
+            connection.execute("DELETE FROM slots WHERE tenant = ? AND quota = ? AND expires < ?", (tenant, quota, now))
+            (taken,) = connection.execute("SELECT count(*) FROM slots WHERE tenant = ? AND quota = ?",
+                                          (tenant, quota)).fetchone()
+            if taken >= limit:
+                return False
+            connection.execute("INSERT INTO slots (tenant, quota, token, expires) VALUES (?, ?, ?, ?)",
+                               (tenant, quota, token, now + lease_s))
+        return True
+
+    def release(self, tenant: str, quota: str, token: str) -> None:
+        with self._counters() as connection:
+            connection.execute("DELETE FROM slots WHERE tenant = ? AND quota = ? AND token = ?", (tenant, quota, token))
 
     def set_name(self, name: str, content_id: str, *, tenant: str = DEFAULT_TENANT) -> None:
         check_tenant(tenant)
@@ -325,6 +396,11 @@ class SqliteVectorStore(VectorStore):
             row = connection.execute("SELECT body FROM calibrations WHERE tenant = ? AND content_id = ?",
                                      (tenant, content_id)).fetchone()
         return codec.decode_calibration(content_id, row[0]) if row else None
+
+
+def _usage(connection: sqlite3.Connection, tenant: str) -> TenantUsage:
+    row = connection.execute("SELECT vectors, bytes FROM usage WHERE tenant = ?", (tenant,)).fetchone()
+    return TenantUsage(*row) if row else TenantUsage(0, 0)
 
 
 def _referenced(connection: sqlite3.Connection, tenant: str, content_id: str) -> bool:

@@ -77,6 +77,10 @@ class SweepPlan:
         return [Cell("unsteered")] * self.baseline + [Cell(arm, layer, coeff) for layer in self.layers
                                                       for coeff in self.coeffs for arm in arms]
 
+    def generated_tokens(self) -> int:
+        """The most tokens the run generates: every completion of every cell at max_tokens."""
+        return len(self.cells()) * len(self.prompts) * self.sampling.samples * self.sampling.max_tokens
+
     def header(self, model: str) -> dict:
         """What makes two runs the same run (for resuming)."""
         return {"model": model, "steering": self.steering.describe(), "prompts": list(self.prompts),

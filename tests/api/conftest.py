@@ -140,23 +140,33 @@ class TinyServer:
 
 
 TINY_MAX_DOSE = 3.0
-# The tiny server's keys: API_KEY is the default tenant's admin; two more tenants, each with an
-# admin and an inference key (tests/api/test_api_tenants.py).
+# The tiny server's keys: API_KEY is the default tenant's admin; more tenants, each with an admin
+# and an inference key (tests/api/test_api_tenants.py); team-q and team-r have quotas
+# (QUOTAS, tests/api/test_api_quotas.py), the others none.
 TENANT_KEYS = {
     "team-a": {"admin": "a-admin-5c1e", "inference": "a-inference-77d0"},
     "team-b": {"admin": "b-admin-0f3a", "inference": "b-inference-e914"},
+    "team-q": {"admin": "q-admin-81b2", "inference": "q-inference-3d6c"},
+    "team-r": {"admin": "r-admin-c47e", "inference": "r-inference-59a1"},
+}
+QUOTAS = {
+    "team-q": {"vectors": 3, "capture_tokens_per_minute": 60, "steered_in_flight": 1},
+    "team-r": {"bytes": 1000},
 }
 
 
 def tiny_server_args(model_dir: str, store: Path) -> list[str]:
     """A tiny random Llama in float32 (where the engine and transformers agree to float32
-    rounding, so comparisons with the reference can be tight), with the tenants' keys file
-    (written beside the store)."""
-    keys = store.parent / "keys"
+    rounding, so comparisons with the reference can be tight), with the tenants' keys and
+    quotas files (written beside the store)."""
+    keys, quotas = store.parent / "keys", store.parent / "quotas"
     keys.write_text(f"admin {API_KEY}\n" + "".join(
         f"{role} {key} {tenant}\n" for tenant, roles in TENANT_KEYS.items() for role, key in roles.items()))
+    quotas.write_text("".join(f"{tenant} " + " ".join(f"{quota}={limit}" for quota, limit in limits.items()) + "\n"
+                              for tenant, limits in QUOTAS.items()))
     return ["--model", model_dir, "--store", str(store), "--dtype", "float32", "--max-model-len", "256",
-            "--max-dose", str(TINY_MAX_DOSE), "--seed", "0", "--api-keys-file", str(keys), "--metrics-tenant-label"]
+            "--max-dose", str(TINY_MAX_DOSE), "--seed", "0", "--api-keys-file", str(keys), "--metrics-tenant-label",
+            "--quotas-file", str(quotas)]
 
 
 @pytest.fixture(scope="session")

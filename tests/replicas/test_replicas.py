@@ -3,6 +3,8 @@ one real redis-server store, behind a real nginx running the shipped config.
 
 - a vector created through one replica is usable through every replica (and the balancer) at
   once, with the same steered output everywhere;
+- a tenant's quotas hold across the replicas (counted in the shared Redis): its vectors, its
+  capture tokens a minute and its steered requests in flight, whichever replica takes them;
 - killing a replica (SIGKILL, its whole process group) in the middle of a load of vector
   writes and steered requests through nginx loses no vector, fails no request (nginx retries
   on the other replica, and marks the dead one down), and the other replica keeps serving.
@@ -28,6 +30,8 @@ from models import make_tiny_llama
 pytestmark = pytest.mark.slow
 
 ADMIN_KEY = "admin-" + uuid.uuid4().hex
+QUOTA_KEY = "quota-admin-" + uuid.uuid4().hex  # tenant team-q's, with QUOTAS
+QUOTAS = {"vectors": 2, "capture_tokens_per_minute": 40, "steered_in_flight": 1}
 REDIS_DB = 3  # the session's redis-server is shared: this module owns db 3 and empties it first
 PROMPT = "The old harbour town was quiet in the early morning"
 
@@ -45,13 +49,22 @@ def fleet(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     redis.Redis.from_url(store).flushdb()
     model = make_tiny_llama(tmp_path_factory.mktemp("replicas-tiny") / "llama")
     keys = tmp_path_factory.mktemp("replicas-keys") / "keys"
-    keys.write_text(f"admin {ADMIN_KEY}\n")
+    keys.write_text(f"admin {ADMIN_KEY}\nadmin {QUOTA_KEY} team-q\n")
+    quotas = keys.with_name("quotas")
+    quotas.write_text("team-q " + " ".join(f"{quota}={limit}" for quota, limit in QUOTAS.items()) + "\n")
     replicas: list[ServerProcess] = []
     nginx = None
+    workdirs = [tmp_path_factory.mktemp(f"replica-{index}") for index in range(2)]
     try:
-        for index in range(2):
-            replicas.append(start_tiny_server(model, tmp_path_factory.mktemp(f"replica-{index}"), store,
-                                              ["--api-keys-file", str(keys)]))
+        # Both replicas start at once: each start is mostly one process at a time on one core, so two overlap.
+        with ThreadPoolExecutor(2) as pool:
+            starts = [pool.submit(start_tiny_server, model, workdir, store,
+                                  ["--api-keys-file", str(keys), "--quotas-file", str(quotas)])
+                      for workdir in workdirs]
+        replicas.extend(start.result() for start in starts if start.exception() is None)
+        for start in starts:
+            if start.exception() is not None:
+                raise start.exception()
         port = free_port()
         balancer = f"http://127.0.0.1:{port}"
         config = nginx_config(tmp_path_factory.mktemp("nginx"), [r.url.removeprefix("http://") for r in replicas], port)
@@ -64,8 +77,8 @@ def fleet(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             stop(replica)
 
 
-def _client(url: str) -> httpx.Client:
-    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {ADMIN_KEY}"}, timeout=120)
+def _client(url: str, key: str = ADMIN_KEY) -> httpx.Client:
+    return httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120)
 
 
 def _steered_text(url: str, vector: str) -> str:
@@ -111,6 +124,65 @@ def test_vectors_created_through_the_balancer_are_on_every_replica(fleet):
 
 def _upload(name: str, seed: int) -> dict:
     return {"name": name, "layers": {"2": [((seed * 31 + i * 7) % 13 - 6) / 60 for i in range(128)]}}
+
+
+def test_a_tenants_quotas_hold_across_replicas(fleet):
+    """Each quota reached through one replica holds on the other: the counts are in Redis."""
+    one, two = (_client(replica.url, QUOTA_KEY) for replica in fleet.replicas)
+
+    def quota_of(response: httpx.Response) -> str:
+        assert response.status_code == 429, response.text
+        return response.json()["error"]["message"].split("'")[1]
+
+    # Capture tokens: pair computations alternate replicas until the minute's 40 are spent.
+    refused = None
+    for attempt in range(6):
+        words = " ".join(f"w{uuid.uuid4().hex[:5]}" for _ in range(3))
+        response = (one, two)[attempt % 2].post("/v1/steering/vectors", json={
+            "layer": 2, "pairs": [{"positive": f"Calm {words}", "negative": f"Angry {words}"}]})
+        if response.status_code == 429:
+            refused = response
+            break
+        assert response.status_code == 201, response.text
+        assert one.delete(f"/v1/steering/vectors/{response.json()['id']}").status_code == 200
+    assert refused is not None and quota_of(refused) == "capture_tokens_per_minute"
+    assert 1 <= int(refused.headers["retry-after"]) <= 60
+    # Vectors: one stored through each replica fills the quota of 2, for both.
+    for http, seed in ((one, 1), (two, 2)):
+        rows = [[0.01 * ((i * seed) % 13) for i in range(128)]]
+        assert http.post("/v1/steering/vectors", json={"name": f"q{seed}", "layers": {"2": rows}}).status_code == 201
+    for http in (one, two):
+        third = http.post("/v1/steering/vectors", json={"name": "q3", "layers": {"2": [[0.5] * 128]}})
+        assert quota_of(third) == "vectors"
+    # Steered requests in flight: one held open on the first replica refuses the next on the second.
+    steering = {"additions": [{"vector": "q1", "coeff": 1.0}]}
+    started, finish = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with one.stream("POST", "/v1/completions", json={
+                "model": "tiny", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "logprobs": 5,
+                "stream": True, "steering": steering}) as response:
+            for _ in response.iter_lines():
+                started.set()
+                finish.wait(60)
+        started.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert started.wait(120)
+        second = two.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2,
+                                                   "steering": steering})
+        assert quota_of(second) == "steered_in_flight"
+        unsteered = two.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2})
+        assert unsteered.status_code == 200
+    finally:
+        finish.set()
+        holder.join(120)
+    after = two.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "steering": steering})
+    assert after.status_code == 200, after.text
+    one.close()
+    two.close()
 
 
 def test_killing_a_replica_mid_load_loses_no_vector(fleet):

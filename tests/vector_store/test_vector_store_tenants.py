@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -366,3 +367,49 @@ def test_tenants_at_the_limits_are_accepted(store, make_vector):
         store.set_name("n", content_id, tenant=tenant)
         assert store.resolve("n", tenant=tenant) == content_id and listed_ids(store, tenant) == [content_id]
     assert store.usage(tenant="x" * 64) == TenantUsage(1, stored_size(make_vector(1)))
+
+
+# ---------------------------------------------------------------- quotas
+
+
+def test_store_limits_refuse_a_new_reference_in_the_write_itself(store, make_vector):
+    from vector_store.base import QuotaExceeded, StoreLimits
+
+    size = len(codec.encode(make_vector(1)).tensor_bytes)
+    two = StoreLimits(vectors=2)
+    first = store.put(make_vector(1), tenant="t", limits=two)
+    store.put(make_vector(2), tenant="t", limits=two)
+    with pytest.raises(QuotaExceeded) as refused:
+        store.put(make_vector(3), tenant="t", limits=two)
+    assert (refused.value.quota, refused.value.limit) == ("vectors", 2)
+    assert not store.has(make_vector(3).content_id, tenant="t") and store.usage(tenant="t").vectors == 2
+    assert store.put(make_vector(1), tenant="t", limits=two) == first  # held already: no new reference
+    with pytest.raises(QuotaExceeded):
+        store.add_reference(store.put(make_vector(3), tenant="other"), tenant="t", limits=two)
+    with pytest.raises(QuotaExceeded) as refused:
+        store.put(make_vector(4), tenant="u", limits=StoreLimits(bytes=size - 1))
+    assert (refused.value.quota, refused.value.limit) == ("bytes", size - 1)
+    assert store.usage(tenant="u") == (0, 0)
+
+
+def test_rate_counters_fill_per_window_and_tenant(store):
+    window_s = 2.0
+    assert store.charge("t", "tokens", 30, 50, window_s) is None
+    wait = store.charge("t", "tokens", 30, 50, window_s)
+    assert wait is not None and 0 < wait <= window_s
+    assert store.charge("t", "tokens", 20, 50, window_s) is None  # exactly the limit
+    assert store.charge("other", "tokens", 50, 50, window_s) is None  # tenants count apart
+    time.sleep(wait + 0.05)
+    assert store.charge("t", "tokens", 50, 50, window_s) is None  # a new window
+
+
+def test_slots_are_taken_released_and_expire(store):
+    assert store.acquire("t", "flight", "r1", 2, lease_s=60)
+    assert store.acquire("t", "flight", "r2", 2, lease_s=60)
+    assert not store.acquire("t", "flight", "r3", 2, lease_s=60)
+    assert store.acquire("other", "flight", "r3", 2, lease_s=60)
+    store.release("t", "flight", "r1")
+    assert store.acquire("t", "flight", "r3", 2, lease_s=0.2)
+    assert not store.acquire("t", "flight", "r4", 2, lease_s=60)
+    time.sleep(0.3)  # r3's process "died": its lease ends
+    assert store.acquire("t", "flight", "r4", 2, lease_s=60)
