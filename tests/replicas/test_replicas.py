@@ -18,7 +18,7 @@ import signal
 import threading
 import uuid
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
 import httpx
@@ -55,12 +55,15 @@ def fleet(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
     replicas: list[ServerProcess] = []
     nginx = None
     workdirs = [tmp_path_factory.mktemp(f"replica-{index}") for index in range(2)]
+    # Both replicas start at once: each start is mostly one process at a time on one core, so two
+    # overlap. The pool's threads live until the replicas are stopped: a server is spawned with
+    # PR_SET_PDEATHSIG, which fires when the *thread* that spawned it exits.
+    pool = ThreadPoolExecutor(2)
     try:
-        # Both replicas start at once: each start is mostly one process at a time on one core, so two overlap.
-        with ThreadPoolExecutor(2) as pool:
-            starts = [pool.submit(start_tiny_server, model, workdir, store,
-                                  ["--api-keys-file", str(keys), "--quotas-file", str(quotas)])
-                      for workdir in workdirs]
+        starts = [pool.submit(start_tiny_server, model, workdir, store,
+                              ["--api-keys-file", str(keys), "--quotas-file", str(quotas)])
+                  for workdir in workdirs]
+        wait(starts)
         replicas.extend(start.result() for start in starts if start.exception() is None)
         for start in starts:
             if start.exception() is not None:
@@ -75,6 +78,7 @@ def fleet(redis_server: str, tmp_path_factory: pytest.TempPathFactory) -> Iterat
             stop(nginx)
         for replica in replicas:
             stop(replica)
+        pool.shutdown()
 
 
 def _client(url: str, key: str = ADMIN_KEY) -> httpx.Client:
