@@ -49,6 +49,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 
 from steer_server import metrics
 from steer_server.client import VECTORS_PATH
+from steer_server.config_lines import config_lines
 from steer_server.settings import Settings, load_settings
 from vector_store.base import DEFAULT_TENANT, VectorStoreError, check_tenant
 
@@ -93,19 +94,9 @@ def _unique(keys: tuple) -> tuple:
 def read_keys_file(path: str | Path) -> ApiKeys:
     """``ROLE KEY [TENANT]`` per line (ROLE: inference | admin; no TENANT: the default tenant);
     blank lines and ``#`` comments skipped."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise AccessConfigError(f"cannot read the API keys file {path}: {exc}") from None
     roles: dict[str, str] = {}
     tenants: dict[str, str] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        fields = line.split()
-        where = f"{path}, line {number}"
+    for where, fields in config_lines(path, "API keys file", AccessConfigError):
         if len(fields) not in (2, 3):
             raise AccessConfigError(f"{where}: expected 'ROLE KEY' or 'ROLE KEY TENANT', got {len(fields)} fields")
         role, key, tenant = (*fields, DEFAULT_TENANT)[:3]

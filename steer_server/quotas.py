@@ -14,7 +14,7 @@ counters live in the vector store (``VectorStore.charge`` / ``acquire``), so wit
 every replica shares them, and with an SQLite store every API process of the host.
 
 ``--quotas-file``: one tenant a line, ``TENANT quota=N ...`` (``*`` for every tenant the file
-does not name; a quota left out is unlimited), ``#`` comments.
+does not name; a quota left out is unlimited); blank lines and ``#`` comment lines skipped.
 """
 from __future__ import annotations
 
@@ -24,6 +24,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+from steer_server.config_lines import config_lines
 from vector_store.async_access import AsyncStore
 from vector_store.base import (
     QuotaExceeded,
@@ -74,18 +75,8 @@ class Quotas:
 
 
 def read_quotas_file(path: str | Path) -> Quotas:
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise QuotaConfigError(f"cannot read the quotas file {path}: {exc}") from None
     per_tenant: dict[str, TenantQuota] = {}
-    for number, line in enumerate(text.splitlines(), start=1):
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        where = f"{path}, line {number}"
-        tenant, *settings = line.split()
+    for where, (tenant, *settings) in config_lines(path, "quotas file", QuotaConfigError):
         if tenant != EVERY_TENANT:
             try:
                 check_tenant(tenant)

@@ -10,12 +10,14 @@ with only the replicas' addresses, the listen port and the scrape interval chang
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
 import subprocess
+import threading
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -147,3 +149,31 @@ def metric_samples(text: str) -> dict[str, float]:
             labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()) if v != "")
             samples[sample.name + (f"{{{labels}}}" if labels else "")] = sample.value
     return samples
+
+
+@contextlib.contextmanager
+def stream_held_open(client: httpx.Client, body: dict) -> Iterator[int]:
+    """A streamed completion started with ``body`` and held open (its first event read, the rest
+    unread until the block ends) while the with-block runs: the server is answering it all the
+    while. Yields its HTTP status."""
+    first_event, finish = threading.Event(), threading.Event()
+    status: list[int] = []
+
+    def hold() -> None:
+        try:
+            with client.stream("POST", "/v1/completions", json={**body, "stream": True}) as response:
+                status.append(response.status_code)
+                for _ in response.iter_lines():
+                    first_event.set()
+                    finish.wait(60)
+        finally:
+            first_event.set()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert first_event.wait(120) and status, "the held stream never started"
+        yield status[0]
+    finally:
+        finish.set()
+        holder.join(120)

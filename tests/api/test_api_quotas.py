@@ -5,7 +5,6 @@ slot), nothing stored; meanwhile the tenant's unsteered requests and other tenan
 flow. Redis-backed quotas across replicas: tests/replicas/test_replicas.py."""
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 
@@ -14,6 +13,8 @@ import numpy as np
 import pytest
 from api_helpers import error_of
 from conftest import QUOTAS, TENANT_KEYS, TinyServer, http_client
+
+from fleet_processes import stream_held_open
 
 from vector_store.codec import encode
 from vector_store.sqlite import SqliteVectorStore
@@ -139,29 +140,12 @@ def test_one_steered_request_in_flight_refuses_the_next_until_it_ends(tiny_serve
     assert made.status_code == 201, made.text
     steering = {"additions": [{"vector": mine, "coeff": 1.0}]}
     long_body = {"model": tiny_server.model, "prompt": "Once", "max_tokens": 200, "ignore_eos": True, "logprobs": 5,
-                 "temperature": 0, "stream": True, "steering": steering}
-    first_chunk, finish = threading.Event(), threading.Event()
-    streamed: list[int] = []
-
-    def hold_a_slot() -> None:
-        with clients["team-q"].stream("POST", "/v1/completions", json=long_body) as response:
-            streamed.append(response.status_code)
-            for _ in response.iter_lines():
-                first_chunk.set()
-                finish.wait(60)
-        first_chunk.set()
-
-    holder = threading.Thread(target=hold_a_slot)
-    holder.start()
-    try:
-        assert first_chunk.wait(120)
-        assert streamed == [200]
+                 "temperature": 0, "steering": steering}
+    with stream_held_open(clients["team-q"], long_body) as status:
+        assert status == 200
         assert_quota_refusal(completion(clients["team-q"], tiny_server.model, steering), "steered_in_flight", limit,
                              retry=True)
         assert completion(clients["team-q"], tiny_server.model).status_code == 200
         other = completion(clients["team-a"], tiny_server.model, {"additions": [{"vector": name, "coeff": 1.0}]})
         assert other.status_code == 200, other.text
-    finally:
-        finish.set()
-        holder.join(120)
     assert completion(clients["team-q"], tiny_server.model, steering).status_code == 200

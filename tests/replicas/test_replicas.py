@@ -24,7 +24,15 @@ from dataclasses import dataclass
 import httpx
 import pytest
 import redis
-from fleet_processes import ServerProcess, free_port, nginx_config, start_nginx, start_tiny_server, stop
+from fleet_processes import (
+    ServerProcess,
+    free_port,
+    nginx_config,
+    start_nginx,
+    start_tiny_server,
+    stop,
+    stream_held_open,
+)
 from models import make_tiny_llama
 
 pytestmark = pytest.mark.slow
@@ -160,29 +168,14 @@ def test_a_tenants_quotas_hold_across_replicas(fleet):
         assert quota_of(third) == "vectors"
     # Steered requests in flight: one held open on the first replica refuses the next on the second.
     steering = {"additions": [{"vector": "q1", "coeff": 1.0}]}
-    started, finish = threading.Event(), threading.Event()
-
-    def hold() -> None:
-        with one.stream("POST", "/v1/completions", json={
-                "model": "tiny", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True, "logprobs": 5,
-                "stream": True, "steering": steering}) as response:
-            for _ in response.iter_lines():
-                started.set()
-                finish.wait(60)
-        started.set()
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert started.wait(120)
+    with stream_held_open(one, {"model": "tiny", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
+                                "logprobs": 5, "steering": steering}) as status:
+        assert status == 200
         second = two.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2,
                                                    "steering": steering})
         assert quota_of(second) == "steered_in_flight"
         unsteered = two.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2})
         assert unsteered.status_code == 200
-    finally:
-        finish.set()
-        holder.join(120)
     after = two.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "steering": steering})
     assert after.status_code == 200, after.text
     one.close()
