@@ -89,7 +89,8 @@ def test_helm_chart_lints_without_errors():
 
 @pytest.mark.parametrize("tensor_parallel", [1, 4])
 def test_helm_chart_renders_valid_kubernetes_objects(tensor_parallel):
-    objects = _render({"tensorParallelSize": tensor_parallel, "apiKeys": {"existingSecret": "steer-keys"}})
+    objects = _render({"tensorParallelSize": tensor_parallel, "apiKeys": {"existingSecret": "steer-keys"},
+                       "quotas": {"existingConfigMap": "steer-quotas"}})
     _validate(objects)
     assert sorted(o["kind"] for o in objects) == ["Deployment", "PersistentVolumeClaim", "Service", "Service", "StatefulSet"]
     server = _server(objects)
@@ -104,6 +105,8 @@ def test_helm_chart_renders_valid_kubernetes_objects(tensor_parallel):
     redis_service = next(o for o in objects if o["kind"] == "Service" and o["metadata"]["name"].endswith("-redis"))
     assert args[args.index("--store") + 1] == f"redis://{redis_service['metadata']['name']}:6379/0"
     assert args[args.index("--api-keys-file") + 1].startswith(mounts["api-keys"] + "/")
+    assert args[args.index("--quotas-file") + 1] == mounts["quotas"] + "/quotas"
+    assert server["volumes"]["quotas"]["configMap"]["name"] == "steer-quotas"
     service = next(o for o in objects if o["kind"] == "Service" and o is not redis_service)
     pod_labels = server["deployment"]["spec"]["template"]["metadata"]["labels"]
     assert service["spec"]["selector"].items() <= pod_labels.items()
@@ -118,6 +121,7 @@ def test_helm_chart_on_cpu_with_an_external_redis_and_an_existing_model_volume()
     server = _server(objects)
     assert "nvidia.com/gpu" not in server["container"]["resources"].get("limits", {})
     assert "--model" not in server["args"]  # the CPU image's embedded model
+    assert "--quotas-file" not in server["args"] and "--api-keys-file" not in server["args"]
     assert server["args"][server["args"].index("--store") + 1] == "redis://cache:6379/2"
     assert server["volumes"]["models"]["persistentVolumeClaim"]["claimName"] == "shared-models"
 
