@@ -85,6 +85,7 @@ from vector_store import (
     VectorStoreError,
     layer_outside,
 )
+from vector_store.base import shown
 
 
 class SteeringError(Exception):
@@ -472,7 +473,7 @@ class SteeringResolver:
             content_id = await self.store.resolve(ref, tenant=self.tenant)
             vector = await self.store.get(content_id)
         except VectorNotFound:
-            raise SteeringError(404, f"{param}: no vector named or with id {ref!r}", param) from None
+            raise SteeringError(404, f"{param}: no vector named or with id {shown(ref)}", param) from None
         except (StoreUnavailable, StoredDataDamaged) as exc:
             raise store_failure(param, exc) from None
         if vector.meta.model_fingerprint != self.model.fingerprint or vector.meta.hidden_size != self.model.hidden_size:

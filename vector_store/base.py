@@ -20,6 +20,14 @@ from typing import NamedTuple
 import torch
 
 
+def shown(value: object, limit: int = 64) -> str:
+    """``repr`` of a client's value for an error message, cut short: a 10k-character name
+    is not echoed back whole."""
+    if isinstance(value, str) and len(value) > limit:
+        return f"{value[:limit]!r}... ({len(value)} characters)"
+    return repr(value)
+
+
 def layer_outside(layer: int, num_layers: int) -> str | None:
     """None if ``layer`` is a stream of a model with ``num_layers`` blocks (0 = the
     embeddings .. num_layers = after the last block), else why not ("L is outside 0..N"),
@@ -110,8 +118,7 @@ _TENANT_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 def check_tenant(tenant: object) -> str:
     """A tenant's name as keys files and stores hold it; VectorStoreError naming the rule if not one."""
     if not isinstance(tenant, str) or not _TENANT_PATTERN.fullmatch(tenant):
-        shown = repr(tenant[:64]) + "..." if isinstance(tenant, str) and len(tenant) > 64 else repr(tenant)
-        raise VectorStoreError(f"bad tenant {shown}: a tenant is {TENANT_RULE}")
+        raise VectorStoreError(f"bad tenant {shown(tenant)}: a tenant is {TENANT_RULE}")
     return tenant
 
 
@@ -325,4 +332,4 @@ class VectorStore(abc.ABC):
             return target
         if name_or_id.startswith("v-") and self.has(name_or_id, tenant=tenant):
             return name_or_id
-        raise VectorNotFound(f"no vector named or with id {name_or_id!r}")
+        raise VectorNotFound(f"no vector named or with id {shown(name_or_id)}")

@@ -23,6 +23,7 @@ from vector_store.base import (
     VectorNotFound,
     VectorStoreError,
     content_id_of,
+    shown,
 )
 
 KINDS = ("actadd", "constant")
@@ -41,14 +42,6 @@ def check_name(name: object) -> str:
     if not is_valid_name(name):
         raise VectorStoreError(f"bad vector name {shown(name)}: a name is {NAME_RULE}")
     return name  # type: ignore[return-value]
-
-
-def shown(value: object, limit: int = 64) -> str:
-    """``repr`` of a client's value for an error message, cut short: a 10k-character name
-    is not echoed back whole."""
-    if isinstance(value, str) and len(value) > limit:
-        return f"{value[:limit]!r}... ({len(value)} characters)"
-    return repr(value)
 
 
 def is_content_id(content_id: object) -> bool:

@@ -224,3 +224,12 @@ def test_steering_metrics_carry_the_tenant(tiny_server, clients, a_vector):
     before = count("team-b")
     assert steer(clients["b"], tiny_server.model, {"additions": [{"vector": a_vector["name"], "coeff": 1.0}]}).status_code == 200
     assert count("team-b") - before == 1
+
+
+def test_a_long_unknown_name_is_not_echoed_whole(tiny_server, clients):
+    name = "n" * 10_000
+    for response in (steer(clients["a"], tiny_server.model, {"additions": [{"vector": name, "coeff": 1.0}]}),
+                     clients["a"].get(f"{ROUTE}/{name}")):
+        assert response.status_code == 404
+        message = error_of(response)["message"]
+        assert "(10000 characters)" in message and len(message) < 300, message
