@@ -5,13 +5,14 @@ log-probabilities within float32 noise), with vectors computed through each engi
 One NUMA node here: vLLM's automatic CPU binding gives each rank a NUMA node of its own and
 refuses with fewer ("Not enough allowed NUMA nodes to bind threads of 2 local CPUWorkers",
 ``vllm/utils/ompmultiprocessing.py``, ``_get_autobind_cpu_ids``), so the ranks are bound by hand,
-one core each (``VLLM_CPU_OMP_THREADS_BIND="0|1"``). The servers run one after another.
+one core each (``VLLM_CPU_OMP_THREADS_BIND="0|1"``). The servers run two at a time.
 """
 from __future__ import annotations
 
 import math
 import re
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
 import pytest
@@ -72,8 +73,22 @@ def _serve_and_collect(tiny_model, tmp_path_factory, name: str, args: list[str],
 
 
 @pytest.fixture(scope="module")
-def single_worker(tiny_model, tmp_path_factory) -> dict:
-    return _serve_and_collect(tiny_model, tmp_path_factory, "tp1", [])
+def collected(tiny_model, tmp_path_factory) -> Iterator[dict[str, Future]]:
+    """The three servers' outputs, two servers at a time (each start is mostly one process at
+    a time on one core, so two overlap): the single worker and TP 2 at once, DP 2 as soon as
+    one is done. Each server is started, read and stopped in one pool thread (a server is
+    spawned with PR_SET_PDEATHSIG, which fires when the thread that spawned it exits)."""
+    runs = {"tp1": ([], None),
+            "tp2": (["--tensor-parallel-size", "2"], ONE_CORE_PER_RANK),
+            "dp2": (["--data-parallel-size", "2", "--api-server-count", "1"], ONE_CORE_PER_RANK)}
+    with ThreadPoolExecutor(2) as pool:
+        yield {name: pool.submit(_serve_and_collect, tiny_model, tmp_path_factory, name, args, env)
+               for name, (args, env) in runs.items()}
+
+
+@pytest.fixture(scope="module")
+def single_worker(collected) -> dict:
+    return collected["tp1"].result()
 
 
 def _assert_same_steering(reference: dict, other: dict) -> None:
@@ -92,14 +107,12 @@ def test_steering_changes_the_single_worker_output(single_worker):
         assert outputs[("constant", prompt)][0] != unsteered
 
 
-def test_tensor_parallel_2_steers_as_one_worker(single_worker, tiny_model, tmp_path_factory):
-    tensor_parallel = _serve_and_collect(tiny_model, tmp_path_factory, "tp2", ["--tensor-parallel-size", "2"],
-                                         ONE_CORE_PER_RANK)
+def test_tensor_parallel_2_steers_as_one_worker(single_worker, collected):
+    tensor_parallel = collected["tp2"].result()
     _assert_same_steering(single_worker, tensor_parallel)
 
 
-def test_data_parallel_2_steers_as_one_engine(single_worker, tiny_model, tmp_path_factory):
-    data_parallel = _serve_and_collect(tiny_model, tmp_path_factory, "dp2",
-                                       ["--data-parallel-size", "2", "--api-server-count", "1"], ONE_CORE_PER_RANK)
+def test_data_parallel_2_steers_as_one_engine(single_worker, collected):
+    data_parallel = collected["dp2"].result()
     assert data_parallel["engines"] == {"0", "1"}, "the requests did not reach both engines"
     _assert_same_steering(single_worker, data_parallel)
