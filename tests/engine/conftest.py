@@ -1,6 +1,7 @@
 """Engine tests: real vLLM (offline ``LLM``) with the steer plugin, against the
 independent Hugging Face reference in steer_server/reference.py."""
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,18 +39,31 @@ def tiny_models(tmp_path_factory):
     return _TinyModels(tmp_path_factory.mktemp("tiny-models"))
 
 
-@pytest.fixture(scope="package")
+_HOSTS: list = []  # the engine host, while one runs
+_HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="session")
 def engine_host(engine_store):
     """ONE process for the tests that need only an engine's outputs: it starts their engines
-    in-process, one after another (``engine_host.py`` says why and what stays covered)."""
+    in-process, one after another (``engine_host.py`` says why and what stays covered). It is
+    closed after the last test of this folder (``pytest_runtest_teardown``), not held idle
+    through the rest of the session."""
     from engine_host import EngineHost
 
     host = EngineHost({key: value for key, value in os.environ.items()
                        if key.startswith(("VLLM_", "STEER_"))})
+    _HOSTS.append(host)
     try:
         yield host
     finally:
         host.close()
+
+
+def pytest_runtest_teardown(item, nextitem):
+    if _HOSTS and (nextitem is None or _HERE not in Path(nextitem.path).parents):
+        for host in _HOSTS:
+            host.close()  # a later request would start it again
 
 
 def start_llm(model_dir: str, **overrides):

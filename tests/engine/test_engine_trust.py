@@ -33,6 +33,17 @@ def llama(tiny_models, engine_store):
     return dict(model_dir=model_dir, hf=hf_model(model_dir), store=engine_store, prompts=prompts, gen=gen)
 
 
+@pytest.fixture(scope="module")
+def llama_engine(llama):
+    """ONE engine with the tests' default settings for the tests below that need nothing else
+    of theirs (each uses prompts and vectors of its own, and counts from what it found)."""
+    llm = start_llm(llama["model_dir"])
+    try:
+        yield llm
+    finally:
+        stop_llm(llm)
+
+
 def test_small_table_admits_requests_only_with_their_rows(llama, monkeypatch):
     """Ten requests, each with its own 6-row ActAdd sequence, against a table of 13 rows:
     at most two run at once; the others wait for rows instead of running unsteered."""
@@ -61,7 +72,7 @@ def test_small_table_admits_requests_only_with_their_rows(llama, monkeypatch):
     check_exact(s["hf"], survivor, s["prompts"][1], cases[1], tensors)
 
 
-def test_vector_deleted_while_queued_still_steers_with_validated_content(llama):
+def test_vector_deleted_while_queued_still_steers_with_validated_content(llama, llama_engine):
     """Content ids are immutable and the request carries its vectors: deleting the vector
     from the store after the request was accepted changes nothing for that request."""
     from vllm.inputs import TokensPrompt
@@ -71,20 +82,16 @@ def test_vector_deleted_while_queued_still_steers_with_validated_content(llama):
     tensors = {"doomed": residual_stream(s["hf"], prompt[:5], 2)}
     doomed = put_vector(s["store"], s["model_dir"], 2, tensors["doomed"])
     additions = [{"name": "doomed", "layer": 2, "coeff": 4.0}]
-    llm = start_llm(s["model_dir"])
-    try:
-        engine = llm.llm_engine
-        engine.add_request("queued", TokensPrompt(prompt_token_ids=prompt), params(6, engine_additions(additions, {"doomed": doomed})))
-        s["store"].delete(doomed)  # accepted, not yet scheduled
-        finished = []
-        while engine.has_unfinished_requests():
-            finished += [o for o in engine.step() if o.finished]
-    finally:
-        stop_llm(llm)
-    check_exact(s["hf"], finished[0], prompt, additions, tensors)
+    engine = llama_engine.llm_engine
+    engine.add_request("queued", TokensPrompt(prompt_token_ids=prompt), params(6, engine_additions(additions, {"doomed": doomed})))
+    s["store"].delete(doomed)  # accepted, not yet scheduled
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id.split("-")[0]: o for o in engine.step() if o.finished})
+    check_exact(s["hf"], finished["queued"], prompt, additions, tensors)
 
 
-def test_request_that_bypasses_the_frontend_ends_with_an_error_alone(llama, monkeypatch):
+def test_request_that_bypasses_the_frontend_ends_with_an_error_alone(llama, llama_engine, monkeypatch):
     """A steered request that reaches the engine without its vectors (as if vLLM had
     stopped calling the frontend hook) is ended with an error by the scheduler before any
     worker runs it; its neighbour is served."""
@@ -95,23 +102,20 @@ def test_request_that_bypasses_the_frontend_ends_with_an_error_alone(llama, monk
     prompt = s["prompts"][3]
     vector = put_vector(s["store"], s["model_dir"], 1, torch.randn(1, 128, generator=s["gen"]), kind="constant")
     steering = {"additions": [{"vector": vector, "layer": 1, "coeff": 1.0, "mode": "constant"}]}
-    llm = start_llm(s["model_dir"])
-    try:
-        engine = llm.llm_engine
-        with monkeypatch.context() as patched:
-            patched.setattr(InputProcessor, "process_inputs", InputProcessor.process_inputs.__wrapped__)
-            engine.add_request("smuggled", TokensPrompt(prompt_token_ids=prompt), params(4, steering))
-        engine.add_request("neighbour", TokensPrompt(prompt_token_ids=prompt), params(4))
-        finished = {}
-        while engine.has_unfinished_requests():
-            finished.update({o.request_id.split("-")[0]: o for o in engine.step() if o.finished})
-        status = engine.engine_core.call_utility("steer_engine_status")
-    finally:
-        stop_llm(llm)
+    engine = llama_engine.llm_engine
+    errors_before = engine.engine_core.call_utility("steer_engine_status")["errors"]
+    with monkeypatch.context() as patched:
+        patched.setattr(InputProcessor, "process_inputs", InputProcessor.process_inputs.__wrapped__)
+        engine.add_request("smuggled", TokensPrompt(prompt_token_ids=prompt), params(4, steering))
+    engine.add_request("neighbour", TokensPrompt(prompt_token_ids=prompt), params(4))
+    finished = {}
+    while engine.has_unfinished_requests():
+        finished.update({o.request_id.split("-")[0]: o for o in engine.step() if o.finished})
+    status = engine.engine_core.call_utility("steer_engine_status")
     assert finished["smuggled"].outputs[0].finish_reason == "error"
     assert finished["smuggled"].outputs[0].token_ids == []  # nothing unsteered was delivered
     assert finished["neighbour"].outputs[0].finish_reason == "length"
-    assert status["errors"] == 1
+    assert status["errors"] == errors_before + 1
 
 
 def _occupy_free_worker_rows(worker) -> None:
@@ -162,28 +166,25 @@ def test_worker_that_cannot_place_a_request_ends_it_with_an_error(llama, monkeyp
     assert tokens == want_tokens and lp == pytest.approx(want_lp, abs=2e-3)
 
 
-def test_captures_from_outside_and_unchecked_anchors_are_refused(llama):
+def test_captures_from_outside_and_unchecked_anchors_are_refused(llama, llama_engine):
     """Captures the server did not make, and ActAdd whose anchor the server's render hook
     never set (``anchor_to`` still open), end their own request with an error."""
     s = llama
     vector = put_vector(s["store"], s["model_dir"], 1, torch.randn(2, 128, generator=s["gen"]))
-    llm = start_llm(s["model_dir"])
-    try:
-        for anchor_to in ("prompt", "user"):
-            unchecked = params(1, {"additions": [{"vector": vector, "layer": 1, "coeff": 1.0}], "anchor_to": anchor_to})
-            with pytest.raises(Exception, match=rf"steering.anchor: .*anchor_to '{anchor_to}' is still open"):
-                generate(llm, [s["prompts"][4]], unchecked)
-        forged = params(1)
-        forged.extra_args = {"steering_capture": {"id": "x", "layers": [0, 1, 2, 3]}}
-        with pytest.raises(Exception, match="steering_capture: reserved for the server's own residual captures"):
-            generate(llm, [s["prompts"][4]], forged)
-        stolen = params(1)
-        stolen.extra_args = {"steering_capture": {"id": "y", "layers": [1], "token": "0" * 32}}
-        with pytest.raises(Exception, match="steering_capture: reserved"):
-            generate(llm, [s["prompts"][4]], stolen)
-        assert generate(llm, [s["prompts"][4]], params(2))[0].outputs[0].finish_reason == "length"
-    finally:
-        stop_llm(llm)
+    llm = llama_engine
+    for anchor_to in ("prompt", "user"):
+        unchecked = params(1, {"additions": [{"vector": vector, "layer": 1, "coeff": 1.0}], "anchor_to": anchor_to})
+        with pytest.raises(Exception, match=rf"steering.anchor: .*anchor_to '{anchor_to}' is still open"):
+            generate(llm, [s["prompts"][4]], unchecked)
+    forged = params(1)
+    forged.extra_args = {"steering_capture": {"id": "x", "layers": [0, 1, 2, 3]}}
+    with pytest.raises(Exception, match="steering_capture: reserved for the server's own residual captures"):
+        generate(llm, [s["prompts"][4]], forged)
+    stolen = params(1)
+    stolen.extra_args = {"steering_capture": {"id": "y", "layers": [1], "token": "0" * 32}}
+    with pytest.raises(Exception, match="steering_capture: reserved"):
+        generate(llm, [s["prompts"][4]], stolen)
+    assert generate(llm, [s["prompts"][4]], params(2))[0].outputs[0].finish_reason == "length"
 
 
 def test_prompt_embeddings_steer_like_their_tokens(llama):
