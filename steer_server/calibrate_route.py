@@ -200,7 +200,8 @@ async def _job(server: SteerServer, name: str, content_id: str, vector, body: Ca
     async def run(on_progress) -> dict:
         with tempfile.TemporaryDirectory(prefix="steer-calibrate-") as out_dir:
             async with client:
-                result = await run_sweep(client, plan, Path(out_dir), concurrency=CONCURRENCY, on_progress=on_progress)
+                result = await run_sweep(client, plan, Path(out_dir), on_progress=on_progress,
+                                         concurrency=server.quotas.concurrency(tenant, CONCURRENCY))
         unsteered_nll, cells = await score_cells(result, concept)
         if unsteered_nll.value is None:
             raise CalibrationError("the unsteered completions produced no tokens to score")

@@ -120,6 +120,12 @@ class QuotaKeeper:
             raise QuotaExceeded(name, limit, f"quota '{name}': {what} needs {tokens} tokens and the tenant's limit "
                                 f"of {limit} a minute is spent; retry in {wait_s:.0f} s", retry_after_s=wait_s)
 
+    def concurrency(self, tenant: str, wanted: int) -> int:
+        """How many steered requests a job of the tenant (a sweep, a calibration) may send at
+        once: ``wanted``, within its in-flight quota."""
+        limit = self.quotas.of(tenant).steered_in_flight
+        return wanted if limit is None else min(wanted, limit)
+
     async def enter_steered(self, tenant: str) -> str | None:
         """Take one of the tenant's in-flight slots; its token for ``leave_steered`` (None: unlimited)."""
         limit = self.quotas.of(tenant).steered_in_flight

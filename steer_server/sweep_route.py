@@ -150,21 +150,22 @@ def sweep_router(plugin: SteerApiPlugin) -> APIRouter:
         await server.quotas.charge_tokens(tenant, plan.generated_tokens(), "this sweep")
         _, token = get_authorization_scheme_param(request.headers.get("authorization"))
         client = SteerClient(IN_PROCESS_URL, token or None, transport=httpx.ASGITransport(app=request.app))
+        concurrency = server.quotas.concurrency(tenant, CONCURRENCY)
         if not body.stream:
             try:
-                return await _run(client, plan, None)
+                return await _run(client, plan, concurrency, None)
             except EvalError as exc:
                 return JSONResponse(_failure(exc), status_code=exc.status or 502)
-        return event_stream(progress_events(functools.partial(_run, client, plan),
+        return event_stream(progress_events(functools.partial(_run, client, plan, concurrency),
                                             lambda exc: _failure(exc) if isinstance(exc, EvalError) else None))
 
     return router
 
 
-async def _run(client: SteerClient, plan: SweepPlan, on_progress) -> dict:
+async def _run(client: SteerClient, plan: SweepPlan, concurrency: int, on_progress) -> dict:
     with tempfile.TemporaryDirectory(prefix="steer-sweep-") as out_dir:
         async with client:
-            return (await run_sweep(client, plan, Path(out_dir), concurrency=CONCURRENCY, on_progress=on_progress)).as_dict()
+            return (await run_sweep(client, plan, Path(out_dir), concurrency=concurrency, on_progress=on_progress)).as_dict()
 
 
 async def progress_events(job: Callable[[Callable[[int, int], None]], Awaitable[dict]], failure: Callable[[Exception], dict | None]):

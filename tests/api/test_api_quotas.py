@@ -92,6 +92,16 @@ def test_the_bytes_quota_counts_the_stored_tensors(tiny_server, clients):
     assert SqliteVectorStore(tiny_server.store).usage(tenant="team-r") == (1, size)
 
 
+def test_a_sweep_within_the_quotas_runs_its_cells_one_at_a_time(tiny_server, clients):
+    """team-q may run 1 steered request at once: its sweep sends its cells within that, so its
+    own cells are never refused (the route's concurrency is otherwise 8)."""
+    sweep = {"steering": {"prompts": [{"prompt": " weddings", "weight": 1}]}, "prompts": ["The weather today"],
+             "layers": [LAYER], "coeffs": [1.0, 2.0], "samples": 1, "max_tokens": 4, "temperature": 0}
+    response = emptied(clients["team-q"]).post("/v1/steering/sweeps", json=sweep)  # (its prompt vector is stored)
+    assert response.status_code == 200, response.text
+    assert len(response.json()["cells"]) == 3
+
+
 def test_the_capture_quota_is_a_rate_with_retry_after(tiny_server, clients):
     limit = QUOTAS["team-q"]["capture_tokens_per_minute"]
     emptied(clients["team-q"])
