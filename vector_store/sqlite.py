@@ -137,6 +137,7 @@ class SqliteVectorStore(VectorStore):
         except OSError as error:
             raise VectorStoreError(f"cannot create the vector store directory {self.blob_dir}: {error}") from None
         self.index_path = self.data_dir / "index.sqlite3"
+        self._counters_made = False
         with self._connect() as connection:
             connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
             _upgrade(connection, self.blob_dir)
@@ -253,15 +254,17 @@ class SqliteVectorStore(VectorStore):
                 page = rows[:limit]
                 names: dict[str, list[str]] = {}
                 ids = [row[0] for row in page]
+                # Sorted here, not by SQL: an ORDER BY name makes SQLite walk the tenant's whole
+                # (tenant, name) key rather than search names_by_content_id.
                 for content_id, name in connection.execute(
-                    f"SELECT content_id, name FROM names WHERE tenant = ? AND content_id IN ({','.join('?' * len(ids))})"
-                    " ORDER BY name", (tenant, *ids)
+                    f"SELECT content_id, name FROM names WHERE tenant = ? AND content_id IN ({','.join('?' * len(ids))})",
+                    (tenant, *ids)
                 ):
                     names.setdefault(content_id, []).append(name)
             finally:
                 connection.execute("COMMIT")
         entries = [
-            ListedVector(content_id, codec.decode_meta(content_id, meta_json), names.get(content_id, []),
+            ListedVector(content_id, codec.decode_meta(content_id, meta_json), sorted(names.get(content_id, [])),
                          codec.decode_shapes(content_id, shapes_json))
             for content_id, meta_json, shapes_json, _ in page
         ]
@@ -272,8 +275,8 @@ class SqliteVectorStore(VectorStore):
         check_tenant(tenant)
         codec.check_content_id(content_id)
         with self._connect() as connection:
-            return [row[0] for row in connection.execute(
-                "SELECT name FROM names WHERE tenant = ? AND content_id = ? ORDER BY name", (tenant, content_id))]
+            return sorted(row[0] for row in connection.execute(  # (sorted here: see listing_page)
+                "SELECT name FROM names WHERE tenant = ? AND content_id = ?", (tenant, content_id)))
 
     def usage(self, *, tenant: str = DEFAULT_TENANT) -> TenantUsage:
         check_tenant(tenant)
@@ -285,13 +288,17 @@ class SqliteVectorStore(VectorStore):
 
     @contextlib.contextmanager
     def _counters(self) -> Iterator[sqlite3.Connection]:
+        """A write transaction on the counters' file (its tables made by this process's first use)."""
         connection = sqlite3.connect(self.data_dir / "quotas.sqlite3", timeout=self.timeout_s, isolation_level=None)
         try:
-            connection.execute("PRAGMA journal_mode=WAL")
+            if not self._counters_made:
+                connection.execute("PRAGMA journal_mode=WAL")  # kept by the file
+                with _write_transaction(connection):
+                    for statement in _COUNTER_TABLES:
+                        connection.execute(statement)
+                self._counters_made = True
             connection.execute("PRAGMA synchronous=OFF")
             with _write_transaction(connection):
-                for statement in _COUNTER_TABLES:
-                    connection.execute(statement)
                 yield connection
         finally:
             connection.close()

@@ -325,6 +325,8 @@ def test_sqlite_pages_and_names_are_index_searches(tmp_path, make_vector):
                     assert ("named_refs_by_created" in step) == ("name_count > 0" in sql), (sql, plan)
                 if "SEARCH vectors" in step:  # one row per listed reference, by its id
                     assert "(content_id=?)" in step, plan
+                if "SEARCH names" in step:  # the names of the page's vectors, not all the tenant's
+                    assert "content_id=?" in step, plan
             if "FROM refs" in sql:
                 assert "TEMP B-TREE" not in " ".join(plan) and "LIMIT" in sql, (sql, plan)
 
