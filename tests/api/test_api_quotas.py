@@ -151,11 +151,17 @@ def test_one_steered_request_in_flight_refuses_the_next_until_it_ends(tiny_serve
     steering = {"additions": [{"vector": mine, "coeff": 1.0}]}
     long_body = {"model": tiny_server.model, "prompt": "Once", "max_tokens": 200, "ignore_eos": True, "logprobs": 5,
                  "temperature": 0, "steering": steering}
-    with stream_held_open(clients["team-q"], long_body) as status:
-        assert status == 200
-        assert_quota_refusal(completion(clients["team-q"], tiny_server.model, steering), "steered_in_flight", limit,
-                             retry=True)
-        assert completion(clients["team-q"], tiny_server.model).status_code == 200
-        other = completion(clients["team-a"], tiny_server.model, {"additions": [{"vector": name, "coeff": 1.0}]})
-        assert other.status_code == 200, other.text
+    # The held request's slot goes back once the server has sent its last token, read or not;
+    # on a loaded machine that can come before the next request does, so it is held up to 3 times.
+    for _ in range(3):
+        with stream_held_open(clients["team-q"], long_body) as status:
+            assert status == 200
+            second = completion(clients["team-q"], tiny_server.model, steering)
+            assert completion(clients["team-q"], tiny_server.model).status_code == 200
+            other = completion(clients["team-a"], tiny_server.model, {"additions": [{"vector": name, "coeff": 1.0}]})
+            assert other.status_code == 200, other.text
+        if second.status_code == 429:
+            break
+        assert second.status_code == 200, second.text
+    assert_quota_refusal(second, "steered_in_flight", limit, retry=True)
     assert completion(clients["team-q"], tiny_server.model, steering).status_code == 200
