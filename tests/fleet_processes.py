@@ -16,8 +16,9 @@ import re
 import shutil
 import subprocess
 import threading
+import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -177,3 +178,15 @@ def stream_held_open(client: httpx.Client, body: dict) -> Iterator[int]:
     finally:
         finish.set()
         holder.join(120)
+
+
+def after_the_slot_returns(send: Callable[[], httpx.Response], within_s: float = 20.0) -> httpx.Response:
+    """``send()`` repeated while it is refused for ``steered_in_flight``, for up to ``within_s``:
+    a held request's slot goes back just after its last byte is sent, so the next request can
+    still meet it for a moment."""
+    deadline = time.monotonic() + within_s
+    while True:
+        response = send()
+        if response.status_code != 429 or "steered_in_flight" not in response.text or time.monotonic() > deadline:
+            return response
+        time.sleep(0.2)

@@ -14,7 +14,7 @@ import pytest
 from api_helpers import error_of
 from conftest import QUOTAS, TENANT_KEYS, TinyServer, http_client
 
-from fleet_processes import stream_held_open
+from fleet_processes import after_the_slot_returns, stream_held_open
 
 from vector_store.codec import encode
 from vector_store.sqlite import SqliteVectorStore
@@ -164,4 +164,4 @@ def test_one_steered_request_in_flight_refuses_the_next_until_it_ends(tiny_serve
             break
         assert second.status_code == 200, second.text
     assert_quota_refusal(second, "steered_in_flight", limit, retry=True)
-    assert completion(clients["team-q"], tiny_server.model, steering).status_code == 200
+    assert after_the_slot_returns(lambda: completion(clients["team-q"], tiny_server.model, steering)).status_code == 200

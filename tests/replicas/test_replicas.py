@@ -26,6 +26,7 @@ import pytest
 import redis
 from fleet_processes import (
     ServerProcess,
+    after_the_slot_returns,
     free_port,
     nginx_config,
     start_nginx,
@@ -181,7 +182,8 @@ def test_a_tenants_quotas_hold_across_replicas(fleet):
             break
         assert second.status_code == 200, second.text
     assert quota_of(second) == "steered_in_flight"
-    after = two.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2, "steering": steering})
+    after = after_the_slot_returns(lambda: two.post("/v1/completions", json={
+        "model": "tiny", "prompt": PROMPT, "max_tokens": 2, "steering": steering}))
     assert after.status_code == 200, after.text
     one.close()
     two.close()
