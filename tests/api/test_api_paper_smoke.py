@@ -25,7 +25,8 @@ def sample(client, server, prompt: str, steering: dict | None, n: int = SAMPLES)
     extra = {"repetition_penalty": 1.2}
     if steering is not None:
         extra["steering"] = steering
-    response = client.completions.create(
+    # a long timeout: every request is answered only when the whole batch is (minutes on a slow machine)
+    response = client.with_options(timeout=900).completions.create(
         model=server.model, prompt=BOS + prompt, n=n, max_tokens=40, temperature=1.0, top_p=0.3,
         extra_body=extra,
     )
