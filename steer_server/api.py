@@ -63,6 +63,7 @@ from steer_server.sweep_route import sweep_router
 from steer_server.vector_routes import vector_router
 from steer_vllm.self_test import SelfTestFailed, prove_steering
 from steer_vllm.spec import STEERING_KEY
+from steer_vllm.validate import ModelLimits
 from vector_store import StoredVector, VectorStoreError
 from vector_store.async_access import AsyncStore
 
@@ -135,8 +136,8 @@ class _CountingStore:
 class SteerServer:
     """Everything the routes need once the engine is up: model, tokenizer, store, computer."""
 
-    def __init__(self, *, engine_client, state, settings: Settings, store: AsyncStore, computer, tokenizer,
-                 model_dir: str, model_type: str, default_pad_id: int | None, quotas: QuotaKeeper):
+    def __init__(self, *, engine_client, state, settings: Settings, store: AsyncStore, computer, limits: ModelLimits,
+                 tokenizer, model_dir: str, model_type: str, default_pad_id: int | None, quotas: QuotaKeeper):
         self.engine_client = engine_client
         self.quotas = quotas
         self.state = state
@@ -149,6 +150,7 @@ class SteerServer:
         self.model_type = model_type
         self.resolver = SteeringResolver(
             computer=computer,
+            limits=limits,
             tokenize=self.tokenize,
             default_pad_id=default_pad_id,
             max_additions=settings.max_additions,
@@ -208,12 +210,14 @@ class SteerServer:
 
         computer = VectorComputer(_CountingStore(store), capture, model, max_prompt_tokens=settings.max_prompt_tokens,
                                   charge=keeper.charge_tokens)
+        limits = ModelLimits.of(engine_client.vllm_config, settings, fingerprint)
         server = cls(
             engine_client=engine_client,
             state=state,
             settings=settings,
             store=store,
             computer=computer,
+            limits=limits,
             tokenizer=tokenizer,
             model_dir=model_dir,
             model_type=getattr(model_config.hf_config, "model_type", None) or "unknown",
@@ -229,15 +233,13 @@ class SteerServer:
             statuses = await prove_steering(engine_client, model, server.tokenize)
         except (SteeringNotInstalled, SelfTestFailed) as exc:
             raise RuntimeError(f"steer-server cannot start: {exc}") from None
-        from steer_vllm.limits import table_rows_for_config
-
         logger.info(
             "steer_api: steering proven end to end in %d worker(s) and %d engine(s) (self-test passed); "
             "model %s (%d layers, hidden %d); steering table %d rows (--steering-table-rows); store %r "
             "(timeout %g s, names trusted %g s); pad %r (token %s); max %d additions, steering prompts up to "
             "%d tokens, bodies up to %d bytes",
             len(statuses["workers"]), len(statuses["engines"]), fingerprint, model.num_layers, model.hidden_size,
-            table_rows_for_config(engine_client.vllm_config, settings), store, settings.store_timeout_s, settings.store_fresh_s,
+            limits.table_capacity + 1, store, settings.store_timeout_s, settings.store_fresh_s,
             settings.pad, server.resolver.default_pad_id, settings.max_additions, settings.max_prompt_tokens,
             settings.max_body_bytes,
         )

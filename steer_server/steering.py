@@ -58,11 +58,12 @@ import base64
 import binascii
 import copy
 import math
+import re
 import uuid
 from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 import torch
 
@@ -72,8 +73,20 @@ from steer_vllm.spec import (
     EngineAddition,
     EngineProjection,
     EngineSteering,
+    FiniteFloat,
     Positions,
+    PositiveFinite,
     steering_text,
+)
+from steer_vllm.validate import (
+    ModelLimits,
+    SteeringInvalid,
+    check_actadd_fits,
+    check_constant_rows,
+    check_layer,
+    check_made_for_model,
+    check_projection_direction,
+    validate,
 )
 from vector_store import (
     QuotaExceeded,
@@ -83,7 +96,6 @@ from vector_store import (
     VectorMeta,
     VectorNotFound,
     VectorStoreError,
-    layer_outside,
 )
 from vector_store.base import shown
 
@@ -119,6 +131,11 @@ def bad_request(param: str, reason: str) -> SteeringError:
     return SteeringError(400, f"{param}: {reason}", param)
 
 
+def refused(exc: SteeringInvalid, param: str | None = None) -> SteeringError:
+    """A 400 for what ``steer_vllm.validate`` refused, at the request's own field ``param``."""
+    return bad_request(param or exc.field, exc.reason)
+
+
 def quota_refusal(exc: QuotaExceeded) -> SteeringError:
     """A 429 naming the tenant's quota and its limit; ``Retry-After`` where waiting frees it."""
     headers = None if exc.retry_after_s is None else {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
@@ -133,21 +150,7 @@ def store_failure(param: str, exc: StoreUnavailable | StoredDataDamaged) -> Stee
 # ---------------------------------------------------------------- the typed field
 
 
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError(f"must be a finite number, got {value}")
-    return value
-
-
-def _dose(value: float) -> float:
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"must be a finite number above 0 (a share of the stream's norm), got {value}")
-    return value
-
-
-# Wire numbers shared by the request field, the vector routes, sweeps and calibration.
-FiniteFloat = Annotated[float, AfterValidator(_finite)]
-Dose = Annotated[float, AfterValidator(_dose)]  # a relative dose ‖Δh‖/‖h‖
+Dose = PositiveFinite  # a relative dose ‖Δh‖/‖h‖: a share of the stream's norm
 
 
 class FiniteCoeff(BaseModel):
@@ -332,6 +335,8 @@ class Resolved:
     actadd_lengths: list[tuple[str, int]] = field(default_factory=list)  # (field, k rows)
     vectors: dict[str, StoredVector] = field(default_factory=dict)  # content id -> what was validated
     calibrated: list[dict] = field(default_factory=list)  # additions that took their vector's calibrated default
+    # the request's field each engine addition / projection came from ("steering.additions[i]")
+    origins: dict[str, list[str]] = field(default_factory=dict)
 
     def engine_json(self) -> str:
         return steering_text(self.engine)
@@ -363,15 +368,23 @@ class Resolved:
 
     def check_prompt_length(self, prompt_len: int) -> None:
         """ActAdd rows land on positions anchor..anchor+k-1: the prompt must reach that far."""
-        available = prompt_len - self.engine.anchor
         for param, rows in self.actadd_lengths:
-            if rows > available:
-                where = "" if not self.engine.anchor else f" from its anchor at position {self.engine.anchor}"
-                raise bad_request(
-                    param,
-                    f"the steering sequence has {rows} tokens but the request's prompt has only {available}{where} "
-                    "(ActAdd adds one row per prompt position, front-aligned)",
-                )
+            try:
+                check_actadd_fits(rows, prompt_len, self.engine.anchor, param)
+            except SteeringInvalid as exc:
+                raise refused(exc) from None
+
+    def request_field(self, exc: SteeringInvalid) -> str:
+        """The request's field an engine-spec field names: engine additions and projections
+        map back to the request's entries they came from (a vector addition may make several)."""
+        match = re.fullmatch(r"(additions|projections)\[(\d+)\](?:\.(\w+))?", exc.field)
+        if match is None:
+            return f"steering.{exc.field}"
+        kind, index, leaf = match.groups()
+        origin = self.origins[kind][int(index)]
+        if leaf in ("layer", "source_layer"):
+            return origin + (".layers" if kind == "projections" else ".layer")
+        return origin if leaf is None else f"{origin}.{leaf}"
 
 
 def _decode_inline(inline: InlineVector, hidden_size: int, param: str) -> torch.Tensor:
@@ -396,6 +409,10 @@ def _decode_inline(inline: InlineVector, hidden_size: int, param: str) -> torch.
 _POSITIONS_ACTADD = "only applies to mode 'constant' (actadd adds its rows front-aligned from the anchor)"
 
 
+def _name(ref) -> str:
+    return f"vector {ref!r}" if isinstance(ref, str) else "the inline vector"
+
+
 def _layers_of(layers, vector: StoredVector, num_layers: int) -> list[int]:
     if layers is None:
         return vector.layers
@@ -413,11 +430,12 @@ class SteeringResolver:
     finds only that tenant's vectors (the store refuses a call without a tenant).
     """
 
-    def __init__(self, *, computer, tokenize, default_pad_id: int | None, max_additions: int, max_prompt_tokens: int,
-                 max_dose: float | None = None):
+    def __init__(self, *, computer, limits: ModelLimits, tokenize, default_pad_id: int | None, max_additions: int,
+                 max_prompt_tokens: int, max_dose: float | None = None):
         self.computer = computer
         self.store = computer.store
         self.model = computer.model
+        self.limits = limits
         self.tokenize = tokenize
         self.default_pad_id = default_pad_id
         self.max_additions = max_additions
@@ -439,11 +457,10 @@ class SteeringResolver:
         return ids[0]
 
     def check_layer(self, layer: int, param: str) -> None:
-        outside = layer_outside(layer, self.model.num_layers)
-        if outside:
-            raise bad_request(
-                param, f"{outside} (layer L is the stream entering block L; this model has {self.model.num_layers} blocks)"
-            )
+        try:
+            check_layer(layer, self.limits, param)
+        except SteeringInvalid as exc:
+            raise refused(exc) from None
 
     def prompt_ids(self, text: str, param: str, add_special_tokens: bool) -> list[int]:
         ids = self.tokenize(text, add_special_tokens)
@@ -476,12 +493,10 @@ class SteeringResolver:
             raise SteeringError(404, f"{param}: no vector named or with id {shown(ref)}", param) from None
         except (StoreUnavailable, StoredDataDamaged) as exc:
             raise store_failure(param, exc) from None
-        if vector.meta.model_fingerprint != self.model.fingerprint or vector.meta.hidden_size != self.model.hidden_size:
-            raise bad_request(
-                param,
-                f"{ref!r} was made for model {vector.meta.model_fingerprint} (hidden {vector.meta.hidden_size}), "
-                f"not the served {self.model.fingerprint} (hidden {self.model.hidden_size})",
-            )
+        try:
+            check_made_for_model(vector.meta, self.limits, param, _name(ref))
+        except SteeringInvalid as exc:
+            raise refused(exc) from None
         return content_id, vector
 
     @staticmethod
@@ -491,10 +506,9 @@ class SteeringResolver:
             return vector.layers[0]
         if layer in vector.directions:
             return layer
-        name = ref if isinstance(ref, str) else "the inline vector"
         raise bad_request(
             param,
-            f"vector {name!r} has directions for layers {vector.layers}; {layer} is not one of them "
+            f"{_name(ref)} has directions for layers {vector.layers}; {layer} is not one of them "
             "(a single-layer vector may be moved to any layer)",
         )
 
@@ -581,7 +595,7 @@ class SteeringResolver:
         except VectorStoreError as exc:  # checked above; a store refusal still names itself
             raise bad_request("steering.additions", str(exc)) from None
 
-        additions, lengths = [], []
+        additions, lengths, origins = [], [], []
         strength_of_layer: dict[int, tuple[str, int]] = {}  # layer -> ("coeff" | "dose", addition index)
         calibrated = []
         for i, (addition, steps) in enumerate(zip(steering.additions, planned)):
@@ -613,16 +627,23 @@ class SteeringResolver:
                         positions=(own_positions or positions) if step_mode == "constant" else "all",
                     )
                 )
+                origins.append(f"steering.additions[{i}]")
                 if step_mode == "actadd":
                     kind = "prompt" if isinstance(addition, PromptAddition) else "vector"
                     lengths.append((f"steering.additions[{i}].{kind}", step["rows"]))
         engine = EngineSteering(
             additions=additions,
-            projections=projections,
+            projections=[projection for projection, _ in projections],
             preserve_norm=sorted(preserve),
             receipt=uuid.uuid4().hex if steering.receipt else None,
         )
-        return Resolved(engine, mode, lengths, vectors, calibrated)
+        resolved = Resolved(engine, mode, lengths, vectors, calibrated,
+                            {"additions": origins, "projections": [where for _, where in projections]})
+        try:  # what the engine's frontend will check, but for the prompt vLLM has not rendered yet
+            validate(engine, vectors, self.limits)
+        except SteeringInvalid as exc:
+            raise refused(exc, resolved.request_field(exc)) from None
+        return resolved
 
     def _check_strength(self, addition, mode: str, where: str) -> None:
         if addition.coeff is not None and addition.dose is not None:
@@ -679,20 +700,21 @@ class SteeringResolver:
                       "rows": vector.directions[source].shape[0]}]
         if mode == "constant":
             for step in steps:
-                if step["rows"] != 1:
-                    raise bad_request(
-                        f"{where}.vector",
-                        f"constant mode needs one row per layer; this vector is an ActAdd sequence of "
-                        f"{step['rows']} rows at layer {step.get('source_layer', step['layer'])}",
-                    )
+                try:
+                    check_constant_rows(step["rows"], step.get("source_layer", step["layer"]), f"{where}.vector",
+                                        _name(addition.vector))
+                except SteeringInvalid as exc:
+                    raise refused(exc) from None
         if calibration is not None:
             for step in steps:
                 step["calibration"] = calibration
         return steps
 
-    async def _projections(self, steering: SteeringField, vectors: dict, preserve: set[int]) -> list[EngineProjection]:
-        """Ablations and clamps -> one engine projection per (entry, layer); one per layer."""
-        projections: dict[int, EngineProjection] = {}
+    async def _projections(self, steering: SteeringField, vectors: dict,
+                           preserve: set[int]) -> list[tuple[EngineProjection, str]]:
+        """Ablations and clamps -> one engine projection per (entry, layer), with the entry's
+        field; one per layer."""
+        projections: dict[int, tuple[EngineProjection, str]] = {}
         entries = [("ablate", i, e) for i, e in enumerate(steering.ablate)] + [("clamp", i, e) for i, e in enumerate(steering.clamp)]
         for op, i, entry in entries:
             where = f"steering.{op}[{i}]"
@@ -701,13 +723,15 @@ class SteeringResolver:
             for layer in _layers_of(entry.layers, vector, self.model.num_layers):
                 self.check_layer(layer, f"{where}.layers")
                 source = self.source_layer(vector, layer, entry.vector, f"{where}.layers")
-                direction = vector.directions[source]
-                if direction.shape[0] != 1 or not float(direction.norm()) > 0:
-                    raise bad_request(f"{where}.vector", f"{op} needs one non-zero direction per layer, not {direction.shape[0]} rows")
+                try:
+                    check_projection_direction(vector.directions[source], op, f"{where}.vector")
+                except SteeringInvalid as exc:
+                    raise refused(exc) from None
                 if layer in projections:
                     raise bad_request(f"{where}.layers", f"layer {layer} already has an ablate or clamp; one per layer")
-                projections[layer] = EngineProjection(vector=content_id, layer=layer, source_layer=source, op=op,
-                                                      value=getattr(entry, "value", 0.0), positions=entry.positions)
+                projections[layer] = (EngineProjection(vector=content_id, layer=layer, source_layer=source, op=op,
+                                                       value=getattr(entry, "value", 0.0), positions=entry.positions),
+                                      where)
                 if entry.norm == "preserve":
                     preserve.add(layer)
         if len(projections) > MAX_ADDITIONS:

@@ -19,17 +19,15 @@ import hashlib
 import hmac
 import uuid
 
-import torch
 from vllm.exceptions import VLLMNotFoundError
 
 from steer_vllm.capture import CAPTURE_TOKEN
 from steer_vllm.content import VECTORS_KEY, attach_vectors
 from steer_vllm.hooks import patch
-from steer_vllm.limits import table_rows_for_config
-from steer_vllm.plans import plan_layers
 from steer_vllm.settings import EngineSettings, load_engine_settings
 from steer_vllm.spec import CAPTURE_KEY, EngineSteering, SteeringSpecError, capture_of, steering_of
 from steer_vllm.support import check_request
+from steer_vllm.validate import ModelLimits, validate
 from vector_store import StoredVector, VectorNotFound, VectorStore, layer_outside
 from vector_store.cache import VectorCache, process_cache
 
@@ -57,27 +55,25 @@ def prompt_length(request) -> int:
 
 
 class SteeringValidator:
+    """Attaches each request's vectors and checks its steering (``steer_vllm.validate``)."""
+
     def __init__(self, vllm_config, settings: EngineSettings, vectors: VectorCache | None = None,
                  store: VectorStore | None = None):
-        model_config = vllm_config.model_config
+        self.vllm_config = vllm_config
         self.settings = settings
-        self.num_layers = model_config.hf_text_config.num_hidden_layers
-        self.hidden_size = model_config.get_hidden_size()
-        self.model_dir = model_config.model
-        self.dtype_max = torch.finfo(model_config.dtype).max
-        self.table_capacity = table_rows_for_config(vllm_config, settings) - 1
+        self.num_layers = vllm_config.model_config.hf_text_config.num_hidden_layers
         self.vectors = vectors or process_cache()
         self._store = store
-        self._fingerprint: str | None = None
-        self._finite: dict[str, bool] = {}
+        self._limits: ModelLimits | None = None
 
     @property
-    def fingerprint(self) -> str:
-        if self._fingerprint is None:
+    def limits(self) -> ModelLimits:
+        if self._limits is None:  # on the first steered request: the fingerprint reads the model's files
             from vector_store.keys import model_fingerprint
 
-            self._fingerprint = model_fingerprint(self.model_dir, cache_home=self.settings.cache_home)
-        return self._fingerprint
+            fingerprint = model_fingerprint(self.vllm_config.model_config.model, cache_home=self.settings.cache_home)
+            self._limits = ModelLimits.of(self.vllm_config, self.settings, fingerprint)
+        return self._limits
 
     def _vector(self, content_id: str, where: str) -> StoredVector:
         vector = self.vectors.get(content_id)
@@ -102,67 +98,13 @@ class SteeringValidator:
                 f"(anchor_to {steering.anchor_to!r} is still open: steer-server's render hook did not run)"
             )
         vectors: dict[str, StoredVector] = {}
-        kinds = [("additions", a) for a in steering.additions] + [("projections", p) for p in steering.projections]
-        counters = {"additions": 0, "projections": 0}
-        for kind, use in kinds:
-            where = f"steering.{kind}[{counters[kind]}]"
-            counters[kind] += 1
-            outside = layer_outside(use.layer, self.num_layers)
-            if outside:
-                raise SteeringSpecError(f"{where}.layer: {outside} for this model")
-            vector = vectors.get(use.vector) or self._vector(use.vector, where)
-            vectors[use.vector] = vector
-            direction = self._direction(use, vector, where)
-            if kind == "projections":
-                if direction.shape[0] != 1 or not float(direction.norm()) > 0:
-                    raise SteeringSpecError(f"{where}.vector: {use.op} needs one non-zero direction, not {direction.shape[0]} rows")
-                continue
-            if use.mode == "actadd" and direction.shape[0] > prompt_len - steering.anchor:
-                raise SteeringSpecError(
-                    f"{where}: the actadd sequence has {direction.shape[0]} positions but the prompt has only "
-                    f"{prompt_len - steering.anchor} tokens from position {steering.anchor}"
-                )
-            if use.mode == "constant" and direction.shape[0] != 1:
-                raise SteeringSpecError(
-                    f"{where}.mode: constant mode needs a single vector, {use.vector} is a sequence of {direction.shape[0]}"
-                )
-            if use.coeff is not None and abs(use.coeff) * float(direction.abs().max()) > self.dtype_max:
-                raise SteeringSpecError(f"{where}.coeff: {use.coeff} times this vector overflows the model's dtype")
-        if steering.anchor and steering.anchor >= prompt_len:
-            raise SteeringSpecError(f"steering.anchor: position {steering.anchor} is past the prompt's {prompt_len} tokens")
-        if any(layer_outside(layer, self.num_layers) for layer in steering.preserve_norm):
-            raise SteeringSpecError(f"steering.preserve_norm: layers are in 0..{self.num_layers}")
-        rows = sum(p.num_rows for p in plan_layers(steering, lambda a: vectors[a.vector].directions[a.direction_layer].shape[0]))
-        if rows > self.table_capacity:
-            raise SteeringSpecError(
-                f"steering.additions: this steering needs {rows} rows of the steering table, which has "
-                f"{self.table_capacity} (--steering-table-rows)"
-            )
+        uses = [("additions", i, a) for i, a in enumerate(steering.additions)]
+        uses += [("projections", i, p) for i, p in enumerate(steering.projections)]
+        for kind, i, use in uses:
+            if use.vector not in vectors:
+                vectors[use.vector] = self._vector(use.vector, f"steering.{kind}[{i}]")
+        validate(steering, vectors, self.limits, prompt_len)
         return vectors
-
-    def _direction(self, use, vector: StoredVector, where: str) -> torch.Tensor:
-        if vector.meta.hidden_size != self.hidden_size:
-            raise SteeringSpecError(
-                f"{where}.vector: hidden size {vector.meta.hidden_size} does not match the served model's {self.hidden_size}"
-            )
-        if vector.meta.model_fingerprint != self.fingerprint:
-            raise SteeringSpecError(
-                f"{where}.vector: made for model {vector.meta.model_fingerprint}, not the served {self.fingerprint}"
-            )
-        direction = vector.directions.get(use.direction_layer)
-        if direction is None:
-            raise SteeringSpecError(
-                f"{where}.source_layer: vector {use.vector} has no direction for layer {use.direction_layer} "
-                f"(it has {vector.layers})"
-            )
-        if not self._is_finite(use.vector, vector):
-            raise SteeringSpecError(f"{where}.vector: {use.vector} holds NaN or infinite values")
-        return direction
-
-    def _is_finite(self, content_id: str, vector) -> bool:
-        if content_id not in self._finite:
-            self._finite[content_id] = all(bool(torch.isfinite(t).all()) for t in vector.directions.values())
-        return self._finite[content_id]
 
     def check_capture(self, capture, prompt_len: int) -> None:
         if not hmac.compare_digest(capture.token, CAPTURE_TOKEN):

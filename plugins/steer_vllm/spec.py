@@ -18,7 +18,7 @@ import threading
 from typing import Annotated, Any, Literal, Union
 
 import cachetools
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 from vllm.exceptions import VLLMValidationError
 
 from steer_vllm.limits import MAX_ADDITIONS
@@ -35,16 +35,21 @@ class SteeringSpecError(VLLMValidationError, ValueError):
     __str__ = Exception.__str__  # the message already names the field
 
 
-def _finite(value: float) -> float:
+def finite(value: float) -> float:
     if not math.isfinite(value):
-        raise ValueError("must be a finite number")
+        raise ValueError(f"must be a finite number, got {value}")
     return value
 
 
-def _positive_finite(value: float | None) -> float | None:
-    if value is not None and not (math.isfinite(value) and value > 0):
+def positive_finite(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
         raise ValueError(f"must be a finite number above 0, got {value}")
     return value
+
+
+# The numbers of the wire formats (the engine's here, the HTTP layer's and its routes').
+FiniteFloat = Annotated[float, AfterValidator(finite)]
+PositiveFinite = Annotated[float, AfterValidator(positive_finite)]
 
 
 class PositionWindow(BaseModel):
@@ -108,13 +113,10 @@ class EngineAddition(EngineDirection):
     for t, h_t the stream before steering), so ‖Δh‖/‖h‖ = d whatever the layer or model.
     ActAdd rows keep their front alignment (``positions`` stays "all")."""
 
-    coeff: float | None = None
-    dose: float | None = None
+    coeff: FiniteFloat | None = None
+    dose: PositiveFinite | None = None
     mode: Literal["actadd", "constant"] = "actadd"
     positions: Positions = "all"
-
-    _coeff_finite = field_validator("coeff")(lambda v: None if v is None else _finite(v))
-    _dose_positive = field_validator("dose")(_positive_finite)
 
     @model_validator(mode="after")
     def _one_strength(self) -> "EngineAddition":
@@ -136,10 +138,8 @@ class EngineProjection(EngineDirection):
     Applied after the layer's additions, so it also acts on what they added."""
 
     op: Literal["ablate", "clamp"]
-    value: float = 0.0
+    value: FiniteFloat = 0.0
     positions: Positions = "all"
-
-    _value_finite = field_validator("value")(_finite)
 
 
 class EngineSteering(BaseModel):

@@ -161,6 +161,20 @@ def test_vector_of_another_model_is_refused(server, http):
     assert http.get("/v1/steering/vectors/foreign").json()["served_model"] is False
 
 
+def test_an_engine_refusal_names_the_requests_own_field(server, http):
+    """A vector addition without a layer becomes one engine addition per stored layer; what
+    the validator refuses in a later engine addition is reported at the request's entry."""
+    row = [0.01] * 576
+    created = http.post("/v1/steering/vectors", json={"name": "two-layers", "layers": {"1": row, "2": row}})
+    assert created.status_code == 201, created.text
+    steering = {"additions": [{"vector": "two-layers", "coeff": 1}, add(coeff=1e300)]}
+    response = http.post("/v1/completions", json=body(server, steering))
+    assert response.status_code == 400, response.text
+    error = error_of(response)
+    assert error["param"] == "steering.additions[1].coeff", error
+    assert "1e+300 times this vector overflows the model's dtype" in error["message"], error
+
+
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_vllm_own_errors_still_come_from_vllm(server, http, path):
     """A steered request that vLLM itself refuses gets vLLM's 400, not a 500 from us."""

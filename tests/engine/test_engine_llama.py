@@ -139,13 +139,13 @@ def test_bad_payloads_fail_alone_with_clear_errors(setup):
     cases = [
         ({"vector": "v-" + "0" * 40, "layer": 1, "coeff": 1.0}, "unknown vector id"),
         ({"vector": s["ids"]["love"], "layer": 4, "coeff": 1.0}, r"layer: 4 is outside 0\.\.3"),
-        ({"vector": s["ids"]["seq20"], "layer": 1, "coeff": 1.0}, "20 positions but the prompt has only 5 tokens"),
+        ({"vector": s["ids"]["seq20"], "layer": 1, "coeff": 1.0}, "has 20 tokens but the request.s prompt has only 5 "),
         ({"vector": s["ids"]["love"], "layer": 1, "coeff": math.nan}, r"steering.additions\[0\].coeff: must be a finite number"),
         ({"vector": s["ids"]["love"], "layer": 1, "coeff": math.inf}, r"steering.additions\[0\].coeff: must be a finite number"),
         ({"vector": s["ids"]["love"], "layer": 1, "coeff": 1e39}, "overflows"),
         ({"vector": put_vector(store, model_dir, 1, s["tensors"]["wide"], "constant"), "layer": 1, "coeff": 1.0}, "hidden size 64"),
         ({"vector": s["ids"]["love"], "layer": 2, "coeff": 1.0}, "has no direction for layer 2"),
-        ({"vector": s["ids"]["love"], "layer": 1, "coeff": 1.0, "mode": "constant"}, "constant mode needs a single vector"),
+        ({"vector": s["ids"]["love"], "layer": 1, "coeff": 1.0, "mode": "constant"}, "constant mode needs one row per layer"),
     ]
     for addition, message in cases:
         with pytest.raises(ValueError, match=message):
