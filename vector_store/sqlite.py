@@ -139,7 +139,7 @@ class SqliteVectorStore(VectorStore):
         self.index_path = self.data_dir / "index.sqlite3"
         self._counters_made = False
         with self._connect() as connection:
-            connection.execute("PRAGMA journal_mode=WAL")  # readers never wait for the writer
+            _use_wal(connection, self.timeout_s)
             _upgrade(connection, self.blob_dir)
 
     def __repr__(self) -> str:
@@ -292,7 +292,7 @@ class SqliteVectorStore(VectorStore):
         connection = sqlite3.connect(self.data_dir / "quotas.sqlite3", timeout=self.timeout_s, isolation_level=None)
         try:
             if not self._counters_made:
-                connection.execute("PRAGMA journal_mode=WAL")  # kept by the file
+                _use_wal(connection, self.timeout_s)  # kept by the file
                 with _write_transaction(connection):
                     for statement in _COUNTER_TABLES:
                         connection.execute(statement)
@@ -421,6 +421,22 @@ def _reference(connection: sqlite3.Connection, tenant: str, content_id: str) -> 
         "INSERT OR IGNORE INTO refs (tenant, content_id, created, nbytes)"
         " SELECT ?, content_id, created, nbytes FROM vectors WHERE content_id = ?", (tenant, content_id))
     return _referenced(connection, tenant, content_id)
+
+
+def _use_wal(connection: sqlite3.Connection, timeout_s: float) -> None:
+    """Switch a file to WAL, so readers never wait for the writer. On an index still in
+    rollback mode (an earlier release's) while another process writes it, SQLite answers
+    BUSY at once rather than calling its busy handler (the switch could deadlock), so the
+    wait for that writer is done here, up to the same busy timeout."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() >= deadline:
+                raise VectorStoreError(f"cannot open the vector store index: {error}") from None
+            time.sleep(0.02)
 
 
 def _upgrade(connection: sqlite3.Connection, blob_dir: Path) -> None:

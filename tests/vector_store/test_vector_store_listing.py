@@ -277,6 +277,41 @@ def test_a_store_written_by_the_previous_release_lists_every_vector(old_location
     assert len(walk(reopen(old_location), 1000)) == 28
 
 
+def test_a_store_opened_while_the_previous_release_writes_waits_for_that_write(tmp_path, make_vector):
+    # The earlier release's index is in rollback-journal mode; a replica of this release
+    # opening it mid-write must wait for the write (SQLite refuses the WAL switch at once).
+    old = _unopened_sqlite(tmp_path / "old")
+    vector = make_vector(1)
+    write_old_layout(old, [make_vector(0)], {}, {})
+    entry = codec.encode(vector)
+    (old.data_dir / "blobs" / f"{entry.content_id}.safetensors").write_bytes(entry.tensor_bytes)
+    writer = sqlite3.connect(old.index_path, isolation_level=None, check_same_thread=False)
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO vectors VALUES (?, ?, ?, ?, ?, ?)",
+                   (entry.content_id, entry.meta_json, entry.created, f"{entry.content_id}.safetensors",
+                    entry.tensor_sha256, entry.shapes_json))
+    committer = threading.Timer(0.5, writer.execute, ("COMMIT",))
+    committer.start()
+    try:
+        store = SqliteVectorStore(old.data_dir)
+    finally:
+        committer.join()
+        writer.close()
+    assert {e.content_id for e in walk(store, 10)} == {make_vector(0).content_id, entry.content_id}
+
+
+def test_a_store_still_locked_after_the_busy_timeout_is_a_store_error(tmp_path, make_vector):
+    old = _unopened_sqlite(tmp_path / "old")
+    write_old_layout(old, [make_vector(0)], {}, {})
+    writer = sqlite3.connect(old.index_path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(VectorStoreError, match="cannot open the vector store index: database is locked"):
+            SqliteVectorStore(old.data_dir, timeout_s=0.3)
+    finally:
+        writer.close()
+
+
 # --- O(page), not O(store): proved by what the store asks of its engine, not by timing
 
 def _traced_sqlite(store: SqliteVectorStore, statements: list[str]) -> None:
