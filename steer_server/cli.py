@@ -2,7 +2,7 @@
 
 - ``serve`` starts vLLM's own OpenAI-compatible server in this process (vLLM's ``serve``
   subcommand, ``steer_server.vllm_serve``) with the engine plugin (``steer``) and the HTTP plugin
-  (``steer_api``, ``steer_server.api``) enabled; flags it does not know go to vLLM.
+  (``steer_api``, ``steer_server.serving.api``) enabled; flags it does not know go to vLLM.
 - ``vectors`` and ``compare`` are HTTP clients of a running server.
 - ``bench`` runs ``steer_server.bench.cli.main(argv)``; ``eval`` runs ``steer_server.eval.cli.main(argv)``.
 """
@@ -17,16 +17,15 @@ from pathlib import Path
 
 from steer_server.client import (
     DEFAULT_DOSES,
-    DEFAULT_URL,
     LIST_PAGE_MAX,
     MAX_CELLS,
     VECTORS_PATH,
     auth_headers,
+    client_args,
     error_message,
     positions_arg,
 )
 from steer_server.settings import (
-    ClientSettings,
     Settings,
     SettingsError,
     load_client_settings,
@@ -133,7 +132,7 @@ def serve(argv: list[str]) -> None:
         parser.error(f"--max-additions is at most {MAX_ADDITIONS} (the engine's limit)")
     if not args.steering_pad:
         parser.error("--steering-pad must be a token's text, or 'none'")
-    from steer_server.access import AccessConfigError, check_access_flags
+    from steer_server.serving.access import AccessConfigError, check_access_flags
 
     try:
         # Keys travel to the API processes in the environment (or stay in the file), never as arguments.
@@ -141,7 +140,7 @@ def serve(argv: list[str]) -> None:
     except AccessConfigError as exc:
         parser.error(str(exc))
     if args.quotas_file is not None:
-        from steer_server.quotas import QuotaConfigError, read_quotas_file
+        from steer_server.serving.quotas import QuotaConfigError, read_quotas_file
 
         try:
             read_quotas_file(args.quotas_file)  # a bad file stops the server before vLLM starts
@@ -191,7 +190,7 @@ def serve(argv: list[str]) -> None:
     prepare_environment(settings)
     # vLLM only logs an endpoint plugin that fails to load and then serves without it,
     # silently dropping every `steering` field: make such a failure stop us here instead.
-    from steer_server.api import SteerApiPlugin
+    from steer_server.serving.api import SteerApiPlugin
 
     SteerApiPlugin()
     from steer_server.vllm_serve import run_vllm_serve
@@ -237,13 +236,6 @@ def prepare_environment(settings: Settings) -> None:
 
 
 # ------------------------------------------------------------------------ HTTP clients
-
-
-def _client_args(parser: argparse.ArgumentParser, client: ClientSettings) -> None:
-    parser.add_argument("--url", default=client.url,
-                        help=f"server address (default: ${ClientSettings.variable('url')} or {DEFAULT_URL})")
-    parser.add_argument("--api-key", default=client.api_key,
-                        help="the server's --api-key (default: $STEER_API_KEY or $OPENAI_API_KEY)")
 
 
 class ClientError(Exception):
@@ -392,7 +384,7 @@ def vectors_calibrate(args) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    from steer_server.eval.data import read_prompts
+    from steer_server.measure.data import read_prompts
 
     body: dict = {"stream": True, "budget": args.budget, "samples": args.samples, "max_tokens": args.max_tokens}
     layers = _layers_arg(args.layers)
@@ -617,7 +609,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=vectors_delete)
     client = load_client_settings()
     for p in vsub.choices.values():
-        _client_args(p, client)
+        client_args(p, client)
 
     p = sub.add_parser("compare", help="unsteered vs steered completions, side by side")
     p.add_argument("--prompt", required=True)
@@ -632,7 +624,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None)
     p.add_argument("--repetition-penalty", type=float, default=None)
     p.add_argument("--seed", type=int, default=None, help="per-request seed (a GPU server; vLLM's CPU build refuses it)")
-    _client_args(p, client)
+    client_args(p, client)
     p.set_defaults(func=compare)
 
     p = sub.add_parser("check", help="is steering exact on a model? vLLM against plain transformers, in fp32")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import argparse
 
-DEFAULT_URL = "http://127.0.0.1:8000"
+from steer_server.settings import DEFAULT_URL, ClientSettings, load_client_settings
+
 VECTORS_PATH = "/v1/steering/vectors"  # the one definition: the server's routes are declared under it too
 # A listing page (GET VECTORS_PATH?limit=&after=): its size unless asked, and the most one holds.
 LIST_PAGE_DEFAULT = 100
@@ -23,16 +24,12 @@ DEFAULT_DOSES = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
 
 
 def default_url() -> str:
-    """``$STEER_SERVER_URL``, else DEFAULT_URL (``steer_server.settings.ClientSettings``)."""
-    from steer_server.settings import load_client_settings
-
+    """``$STEER_SERVER_URL``, else ``steer_server.settings.DEFAULT_URL`` (``ClientSettings``)."""
     return load_client_settings().url
 
 
 def default_api_key() -> str | None:
     """``$STEER_API_KEY``, else ``$OPENAI_API_KEY`` (``steer_server.settings.ClientSettings``)."""
-    from steer_server.settings import load_client_settings
-
     return load_client_settings().api_key
 
 
@@ -62,3 +59,11 @@ def positions_arg(text: str) -> str | dict:
     except ValueError:
         raise argparse.ArgumentTypeError(
             f"expected all, prompt, generated, after_anchor or START:END, got {text!r}") from None
+
+
+def client_args(parser: argparse.ArgumentParser, client: ClientSettings) -> None:
+    """``--url`` and ``--api-key``, the same on every client command (defaults from ``client``)."""
+    parser.add_argument("--url", default=client.url,
+                        help=f"server address (default: ${ClientSettings.variable('url')} or {DEFAULT_URL})")
+    parser.add_argument("--api-key", default=client.api_key,
+                        help="the server's --api-key (default: $STEER_API_KEY or $OPENAI_API_KEY)")

@@ -28,13 +28,13 @@ from typing import Any
 
 from pydantic import AliasChoices, Field, field_validator
 
-from steer_server.client import DEFAULT_URL
 from steer_vllm.settings import EngineSettings, EnvironmentSettings, SettingsError, build, load
 from vector_store.async_access import DEFAULT_FRESH_S
 
 __all__ = ["ClientSettings", "Settings", "SettingsError", "child_environment", "exported", "load_client_settings",
            "load_settings"]
 
+DEFAULT_URL = "http://127.0.0.1:8000"  # where the clients look for a server unless told
 DEFAULT_PAD = " "  # the paper pads with the tokenizer's token for a single space
 DEFAULT_MAX_BODY_BYTES = 32 * 1024 * 1024
 _NO_PAD = "none"

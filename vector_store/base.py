@@ -208,7 +208,7 @@ def check_page_limit(limit: object) -> int:
 class VectorStore(abc.ABC):
     """Content-addressed vectors, the tenants that reference them, each tenant's names, a
     cache of computed contrast pairs, and each tenant's calibrated default per vector
-    (``steer_server.calibration``).
+    (``steer_server.serving.calibration``).
 
     Content is stored once, whoever stores it (same tensors and metadata, same id); a tenant
     sees only the vectors it references: those it stored, imported or computed (a computation

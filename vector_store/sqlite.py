@@ -79,7 +79,7 @@ _TABLES = (
         tenant     TEXT NOT NULL,
         content_id TEXT NOT NULL,
         version    INTEGER NOT NULL,
-        body       TEXT NOT NULL,  -- JSON, steer_server.calibration.Calibration
+        body       TEXT NOT NULL,  -- JSON, steer_server.serving.calibration.Calibration
         PRIMARY KEY (tenant, content_id),
         FOREIGN KEY (tenant, content_id) REFERENCES refs(tenant, content_id) ON DELETE CASCADE
     )""",

@@ -9,7 +9,7 @@ import json, sys, statistics
 import httpx, numpy as np, torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from steer_server.default_model import default_model_dir
-from steer_server.eval.data import neutral_prompts, calibration_prompts, sentiment_pairs_file
+from steer_server.measure.data import neutral_prompts, calibration_prompts, sentiment_pairs_file
 from vector_store.sqlite import SqliteVectorStore
 
 URL = "http://127.0.0.1:18800"

@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from steer_server.default_model import default_model_dir
-from steer_server.eval.data import calibration_prompts, neutral_prompts, sentiment_pairs_file
+from steer_server.measure.data import calibration_prompts, neutral_prompts, sentiment_pairs_file
 from steer_server.reference import contrast_vectors
 
 VECTORS = "/v1/steering/vectors"

@@ -11,6 +11,8 @@ without vLLM (``tests/plugin/test_gpu_op.py``); the wire format comes from ``spe
 """
 from __future__ import annotations
 
+from steer_vllm.hooks import SteeringNotInstalled
+
 _FROM_SPEC = ("CAPTURE_KEY", "STEERING_KEY", "EngineAddition", "EngineSteering", "SteeringSpecError")
 
 
@@ -34,8 +36,6 @@ __all__ = [
 ]
 
 
-class SteeringNotInstalled(RuntimeError):
-    pass
 
 
 def register() -> None:
@@ -130,20 +130,10 @@ def check_engine(llm, *, ran: bool = False) -> dict:
     return _checked(workers, engines, ran)
 
 
-async def workers_rpc_async(engine_client, method: str, args: tuple = ()) -> list:
-    """``method`` on every worker of every engine of a server's engine client. Under data
-    parallelism vLLM's own ``collective_rpc`` reaches the first engine's workers only
-    (``DPLBAsyncMPClient.call_utility_async``); each engine core answers for its own."""
-    core = engine_client.engine_core
-    if hasattr(core, "call_utility_all_async"):
-        per_engine = await core.call_utility_all_async("collective_rpc", method, None, args, None)
-        return [result for engine in per_engine for result in engine]
-    return await engine_client.collective_rpc(method, args=args)
-
-
 async def check_engine_async(engine_client, *, ran: bool = False) -> dict:
     """The same through a running server's engine client (``AsyncLLM``)."""
     from steer_vllm.admission import ENGINE_STATUS_UTILITY
+    from steer_vllm.rpc import workers_rpc_async
     from steer_vllm.runner import STATUS_RPC
 
     core = engine_client.engine_core

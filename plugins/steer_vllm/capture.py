@@ -172,7 +172,7 @@ async def capture_residuals_async(
 
     from vllm.inputs import TokensPrompt
 
-    from steer_vllm import workers_rpc_async
+    from steer_vllm.rpc import workers_rpc_async
 
     async def one(ids: list[int]) -> dict[int, torch.Tensor]:
         capture_id, params = capture_params(layers, steering)

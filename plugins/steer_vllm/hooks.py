@@ -15,6 +15,10 @@ logger = logging.getLogger("steer_vllm")
 HOOK_MARK = "_steer_hook"
 
 
+class SteeringNotInstalled(RuntimeError):
+    """A hook steering needs is not in place (or vLLM moved what it wraps): the engine is refused."""
+
+
 def patch(cls: type, name: str, make: Callable[[Callable], Callable]) -> None:
     """Replace ``cls.name`` with ``make(original)``, once. A missing method is left
     missing: the status report then names it and the server refuses to start."""

@@ -3,7 +3,7 @@
 Pure: it reads an engine steering, the vectors it names and the model's limits, and raises
 ``SteeringInvalid`` naming the field (relative to the steering object) and the reason.
 The frontend hook runs ``validate`` on every request the engine gets, whatever its
-entrypoint (``steer_vllm.frontend``). The HTTP layer (``steer_server.steering``) runs
+entrypoint (``steer_vllm.frontend``). The HTTP layer (``steer_server.serving.steering``) runs
 the same checks: single ones while it resolves names and prompts (a layer before a prompt
 is captured at it), and ``validate`` on what it resolved, mapping each field back to the
 request's own. A request is refused for the same reason whichever way it came in.

@@ -29,7 +29,7 @@ import importlib.util
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from steer_vllm import SteeringNotInstalled
+from steer_vllm.hooks import SteeringNotInstalled
 
 BUILT_FOR = "0.32.0"  # the vLLM version pyproject.toml pins
 
@@ -40,7 +40,7 @@ WHERE = ("engine", "api", "offline")
 RUNNER_HOOKS = ("load_model", "_update_states", "_model_forward", "execute_model", "sample_tokens")
 # Scheduler methods wrapped by steer_vllm.admission (proven by the engine's steer_engine_status).
 SCHEDULER_HOOKS = ("schedule", "_handle_blocked_waiting_request", "_free_request", "update_from_output")
-# OnlineRenderer methods wrapped by steer_server.render_hook (proven at API start).
+# OnlineRenderer methods wrapped by steer_server.serving.render_hook (proven at API start).
 RENDER_METHODS = ("render_completion", "render_chat", "render_responses")
 
 
@@ -119,20 +119,20 @@ INTERNALS: tuple[Internal, ...] = (
     _e("vllm.v1.engine", "EngineCoreOutput", "called", "engine", "the error output of an ended request"),
     _e("vllm.v1.engine", "EngineCoreOutputs", "called", "engine", "holds it for its client"),
     _e("vllm.v1.engine.core", "EngineCore", "patched", "engine", "gains the steer_engine_status utility"),
-    # --- api: the endpoint plugin (steer_server.api, render_hook, access)
+    # --- api: the endpoint plugin (steer_server.serving.api, render_hook, access)
     _e("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.attach_router", "subclassed", "api",
        "SteerApiPlugin wires routes and middleware here"),
     _e("vllm.plugins.endpoint_plugins.interface", "EndpointPlugin.init_state", "subclassed", "api",
        "SteerApiPlugin proves the engine here"),
     *(_e("vllm.renderers.online_renderer", f"OnlineRenderer.{name}", "patched", "api",
-         "ActAdd checks on the prompt as vLLM renders it (steer_server.render_hook)")
+         "ActAdd checks on the prompt as vLLM renders it (steer_server.serving.render_hook)")
       for name in RENDER_METHODS),
     _e("vllm.entrypoints.serve.engine.protocol", "ErrorResponse", "called", "api", "render-hook refusals"),
     _e("vllm.entrypoints.serve.engine.protocol", "ErrorInfo", "called", "api", "render-hook refusals"),
     _e("vllm.entrypoints.serve.middleware.register", "init_entrypoints_middleware", "read", "api",
        "builds the key check from app.state.args.api_key after plugins attach"),
     _e("vllm.entrypoints.serve.middleware.authenticate", "AuthenticationMiddleware", "read", "api",
-       "the key check that must hold the role keys (steer_server.access)"),
+       "the key check that must hold the role keys (steer_server.serving.access)"),
     _e("vllm.v1.engine.async_llm", "AsyncLLM.collective_rpc", "called", "api", "worker status, captures, receipts"),
     _e("vllm.v1.engine.async_llm", "AsyncLLM.generate", "called", "api", "residual captures"),
     _e("vllm.v1.engine.async_llm", "AsyncLLM.get_tokenizer", "called", "api", "the served tokenizer"),

@@ -19,8 +19,7 @@ from steer_server.bench import BenchError
 from steer_server.bench.servers import STORES, ServerOptions, running_server, vector_store
 from steer_server.bench.vectors import MODES
 from steer_server.bench.workload import RunSpec, measure_all, vllm_options
-from steer_server.client import DEFAULT_URL
-from steer_server.settings import ClientSettings, load_client_settings
+from steer_server.settings import DEFAULT_URL, ClientSettings, load_client_settings
 
 SUBCOMMANDS = ("run", "suite", "premium")
 VLLM_OPTIONS_NOTE = ("Any other option is `vllm bench serve`'s (its datasets, sampling, request rate, "

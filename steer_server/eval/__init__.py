@@ -18,12 +18,12 @@
 
     asyncio.run(main())
 """
-from steer_server.eval.client import EvalError, Sampling, SteerClient
-from steer_server.eval.data import hostile_prompts, neutral_prompts, offtopic_texts, wedding_lexicon
-from steer_server.eval.metrics import Estimate, Lexicon
+from steer_server.measure.client import EvalError, Sampling, SteerClient
+from steer_server.measure.data import hostile_prompts, neutral_prompts, offtopic_texts, wedding_lexicon
+from steer_server.measure.metrics import Estimate, Lexicon
 from steer_server.eval.paper import PaperSettings, run_paper
-from steer_server.eval.steerings import ContrastPairs, NamedVector, PromptAdditions
-from steer_server.eval.sweep import SweepPlan, SweepResult, run_sweep
+from steer_server.measure.steerings import ContrastPairs, NamedVector, PromptAdditions
+from steer_server.measure.sweep import SweepPlan, SweepResult, run_sweep
 
 __all__ = [
     "ContrastPairs", "Estimate", "EvalError", "Lexicon", "NamedVector", "PaperSettings", "PromptAdditions",

@@ -8,19 +8,17 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from steer_server.client import positions_arg
-from steer_server.eval import data
-from steer_server.eval.client import EvalError, Sampling, SteerClient
-from steer_server.eval.journal import JournalMismatch
-from steer_server.eval.metrics import Lexicon
-from steer_server.eval.steerings import SERVER_PAD, ContrastPairs, NamedVector, PromptAdditions, Steering
+from steer_server.client import client_args, positions_arg
+from steer_server.measure import data
+from steer_server.measure.client import EvalError, Sampling, SteerClient
+from steer_server.measure.journal import JournalMismatch
+from steer_server.measure.metrics import Lexicon
+from steer_server.measure.steerings import SERVER_PAD, ContrastPairs, NamedVector, PromptAdditions, Steering
+from steer_server.settings import load_client_settings
 
 
 def _server_args(parser: argparse.ArgumentParser) -> None:
-    from steer_server.cli import _client_args  # --url, --api-key: the same as every client command
-    from steer_server.settings import load_client_settings
-
-    _client_args(parser, load_client_settings())
+    client_args(parser, load_client_settings())
     parser.add_argument("--model", help="served model name (default: the server's first)")
     parser.add_argument("--concurrency", type=int, default=8, help="requests in flight (default: %(default)s)")
     parser.add_argument("-o", "--out", type=Path, required=True,
@@ -129,7 +127,7 @@ async def _sweep(args) -> int:
     from rich.console import Console
 
     from steer_server.eval.report import table, write_outputs
-    from steer_server.eval.sweep import SweepPlan, run_sweep
+    from steer_server.measure.sweep import SweepPlan, run_sweep
 
     if args.layers is None and args.vector is None:
         raise EvalError("--layers is required (only a --vector may be swept at its own layers)")

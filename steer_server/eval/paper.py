@@ -27,11 +27,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from steer_server.eval import data, metrics
-from steer_server.eval.client import Sampling, SteerClient
-from steer_server.eval.journal import Journal
-from steer_server.eval.steerings import PromptAdditions
-from steer_server.eval.sweep import CellResult, SweepPlan, SweepResult, run_sweep
+from steer_server.measure import data, metrics
+from steer_server.measure.client import Sampling, SteerClient
+from steer_server.measure.journal import Journal
+from steer_server.measure.steerings import PromptAdditions
+from steer_server.measure.sweep import CellResult, SweepPlan, SweepResult, run_sweep
 
 # What the paper reports for GPT-2-XL (48 blocks), for the report's side-by-side.
 PAPER = {

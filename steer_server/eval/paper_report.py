@@ -4,9 +4,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from steer_server.eval.paper import NLL_BUDGET, PAPER, PaperResult, ratio_by_bin
-from steer_server.eval.metrics import Estimate
+from steer_server.measure.metrics import Estimate
 from steer_server.eval.report import fmt, heatmaps
-from steer_server.eval.sweep import METRICS, CellResult, SweepResult
+from steer_server.measure.sweep import METRICS, CellResult, SweepResult
 
 
 def _pct(value: float | None) -> str:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from steer_server.eval.metrics import Estimate
-from steer_server.eval.sweep import METRICS, SweepResult
+from steer_server.measure.metrics import Estimate
+from steer_server.measure.sweep import METRICS, SweepResult
 
 
 def fmt(est: Estimate, digits: int = 2, sep: str = " ") -> str:

@@ -51,8 +51,8 @@ def test_weddings(client, server):
 def test_love_hate(client, server):
     """+5 "Love" -5 "Hate" at layer 0 on the 16 hostile openings the eval ships, 8 samples
     each: the mean VADER sentiment rises (EVALUATION.md measured +0.20 -> +0.39)."""
-    from steer_server.eval.data import hostile_prompts
-    from steer_server.eval.metrics import sentiment
+    from steer_server.measure.data import hostile_prompts
+    from steer_server.measure.metrics import sentiment
 
     steering = {"additions": [{"prompt": BOS + "Love", "coeff": 5, "layer": 0},
                               {"prompt": BOS + "Hate", "coeff": -5, "layer": 0}]}

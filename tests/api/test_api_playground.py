@@ -25,7 +25,7 @@ import httpx
 import openai
 import pytest
 
-from steer_server.eval.data import sentiment_pairs_file
+from steer_server.measure.data import sentiment_pairs_file
 
 from api_helpers import BOS, error_of
 from conftest import Server, http_client, sdk_client
@@ -412,7 +412,7 @@ def _sweep(http, **fields) -> httpx.Response:
 def test_sweep_route_greedy_cells_agree_with_direct_requests(http, client, server):
     """At coefficient 0 the steered cell is the unsteered answer; at 8 it is the API's steered answer."""
     from steer_server.eval import wedding_lexicon
-    from steer_server.eval.metrics import distinct_n
+    from steer_server.measure.metrics import distinct_n
 
     result = _sweep(http)
     assert result.status_code == 200, result.text

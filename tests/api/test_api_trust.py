@@ -161,7 +161,7 @@ def test_a_render_hook_vllm_would_not_call_refuses_the_server(monkeypatch):
 
     from vllm.renderers.online_renderer import OnlineRenderer
 
-    from steer_server.render_hook import install_render_hooks, render_hook_problems
+    from steer_server.serving.render_hook import install_render_hooks, render_hook_problems
 
     class Overriding(OnlineRenderer):
         async def render_completion(self, request, **kwargs):

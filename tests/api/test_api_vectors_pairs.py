@@ -113,7 +113,7 @@ def test_a_pairs_file_makes_the_vector_the_json_body_makes_and_listings_show_its
 
 
 def test_the_shipped_sentiment_pairs_make_a_vector_under_the_chat_template(http):
-    from steer_server.eval.data import sentiment_pairs_file
+    from steer_server.measure.data import sentiment_pairs_file
 
     data = sentiment_pairs_file().read_bytes()
     pairs = [json.loads(line) for line in data.decode("utf-8").splitlines()]

@@ -6,8 +6,8 @@ import math
 
 import pytest
 
-from steer_server.eval import data, metrics
-from steer_server.eval.journal import Journal, JournalMismatch
+from steer_server.measure import data, metrics
+from steer_server.measure.journal import Journal, JournalMismatch
 
 
 @pytest.mark.parametrize(("successes", "n", "low", "high"), [
@@ -61,7 +61,7 @@ def test_harmonic_mean_is_zero_when_one_score_is():
 
 
 def test_cell_scores_are_measured_against_the_unsteered_cell():
-    from steer_server.eval.sweep import scores
+    from steer_server.measure.sweep import scores
 
     def summary(topic: float, nll: float, pmi: float) -> dict[str, metrics.Estimate]:
         return {"topic": metrics.Estimate(topic, None, None, 32), "nll": metrics.Estimate(nll, None, None, 32),

@@ -147,7 +147,7 @@ def test_sweep_outputs_are_written_and_readable(wedding_sweep, tmp_path):
     import matplotlib.image
 
     from steer_server.eval.report import write_outputs
-    from steer_server.eval.sweep import METRICS
+    from steer_server.measure.sweep import METRICS
 
     result, _ = wedding_sweep
     written = write_outputs(result, tmp_path)
@@ -193,7 +193,7 @@ def test_records_from_before_relevance_resume_with_it_missing(server, wedding_sw
 
 def test_random_floor_has_the_steerings_row_norms(server):
     from steer_server.eval import SteerClient
-    from steer_server.eval.steerings import random_floor
+    from steer_server.measure.steerings import random_floor
 
     steering = wedding_plan().steering
 

@@ -179,7 +179,7 @@ def test_every_patched_vllm_method_is_listed_as_patched_and_every_listed_patch_i
 
 
 def test_render_hooks_have_an_extractor_for_every_listed_name():
-    from steer_server import render_hook
+    from steer_server.serving import render_hook
     from steer_vllm.vllm_internals import RENDER_METHODS
 
     assert set(render_hook._ENGINE_INPUTS_OF) == set(RENDER_METHODS)  # noqa: SLF001
@@ -229,7 +229,7 @@ def test_register_refuses_before_installing_hooks(monkeypatch):
 def test_the_endpoint_plugin_refuses_a_missing_api_symbol(monkeypatch):
     from fastapi import FastAPI
 
-    from steer_server.api import SteerApiPlugin
+    from steer_server.serving.api import SteerApiPlugin
     from steer_vllm import vllm_internals
 
     gone = Internal("vllm.renderers.online_renderer", "OnlineRenderer.render_gone", "patched", "api", "moved")
@@ -253,7 +253,7 @@ def test_vllms_key_check_is_proven_to_hold_the_role_keys(monkeypatch):
     from fastapi import FastAPI
     from vllm.entrypoints.serve.middleware.register import init_entrypoints_middleware
 
-    from steer_server.access import access_problems, install_access_control
+    from steer_server.serving.access import access_problems, install_access_control
 
     monkeypatch.delenv("STEER_API_KEYS_FILE", raising=False)
     monkeypatch.setenv("STEER_ADMIN_API_KEY", "admin-key")

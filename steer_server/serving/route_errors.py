@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException  # FastAPI raises this base class for an undecodable body
 
-from steer_server.steering import SteeringError, bad_request, dotted_path, quota_refusal, store_failure
+from steer_server.serving.steering import SteeringError, bad_request, dotted_path, quota_refusal, store_failure
 from steer_vllm.spec import POSITION_TAGS
 from vector_store import QuotaExceeded, StoredDataDamaged, StoreUnavailable, VectorNotFound, VectorStoreError
 

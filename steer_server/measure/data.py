@@ -5,9 +5,9 @@ from __future__ import annotations
 from importlib.resources import files
 from pathlib import Path
 
-from steer_server.eval.metrics import Lexicon
+from steer_server.measure.metrics import Lexicon
 
-DATA = Path(str(files("steer_server.eval") / "data"))
+DATA = Path(str(files("steer_server.measure") / "data"))
 
 
 def _lines(path: Path) -> list[str]:

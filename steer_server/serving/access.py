@@ -3,7 +3,7 @@ import and delete vectors; every key belongs to a tenant, whose vectors are the 
 
 This module's job: read the API keys, their roles and tenants, hand the keys to vLLM's own key
 check, tell every request its tenant, and refuse vector writes to keys without the admin role. Installed on vLLM's app by
-``steer_server.api.SteerApiPlugin.attach_router`` (``install_access_control``).
+``steer_server.serving.api.SteerApiPlugin.attach_router`` (``install_access_control``).
 
 Where keys come from (every API server process reads them itself at start-up, through its
 ``steer_server.settings.Settings``):
@@ -47,7 +47,7 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse
 from fastapi.security.utils import get_authorization_scheme_param
 
-from steer_server import metrics
+from steer_server.serving import metrics
 from steer_server.client import VECTORS_PATH
 from steer_server.config_lines import config_lines
 from steer_server.settings import Settings, load_settings

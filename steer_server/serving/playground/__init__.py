@@ -12,6 +12,6 @@ keys itself: with inference keys configured, ``/playground`` answers 401 with a 
 or as the cookie the form sets (``PLAYGROUND_COOKIE``, path ``/playground``, SameSite=Strict).
 The page reads that cookie to send the key on its API calls.
 """
-from steer_server.playground.routes import PLAYGROUND_COOKIE, PLAYGROUND_PATH, playground_router
+from steer_server.serving.playground.routes import PLAYGROUND_COOKIE, PLAYGROUND_PATH, playground_router
 
 __all__ = ["PLAYGROUND_COOKIE", "PLAYGROUND_PATH", "playground_router"]

@@ -1,4 +1,4 @@
-"""``POST /v1/steering/sweeps``: a small layer × coefficient sweep (``steer_server.eval``), run by
+"""``POST /v1/steering/sweeps``: a small layer × coefficient sweep (``steer_server.measure``), run by
 the server against itself.
 
 This module's job: the typed body, its bounds (a sweep here shares the engine with everyone
@@ -29,19 +29,19 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from steer_server.access import Tenant
+from steer_server.serving.access import Tenant
 from steer_server.client import MAX_CELLS
-from steer_server.eval.client import EvalError, Sampling, SteerClient
-from steer_server.eval.data import wedding_lexicon
-from steer_server.eval.metrics import Lexicon
-from steer_server.eval.steerings import SERVER_PAD, ContrastPairs, NamedVector, PromptAdditions, Steering
-from steer_server.eval.sweep import SweepPlan, run_sweep
-from steer_server.route_errors import SteeringRoute
-from steer_server.steering import Dose, FiniteFloat, SteeringError
+from steer_server.measure.client import EvalError, Sampling, SteerClient
+from steer_server.measure.data import wedding_lexicon
+from steer_server.measure.metrics import Lexicon
+from steer_server.measure.steerings import SERVER_PAD, ContrastPairs, NamedVector, PromptAdditions, Steering
+from steer_server.measure.sweep import SweepPlan, run_sweep
+from steer_server.serving.route_errors import SteeringRoute
+from steer_server.serving.steering import Dose, FiniteFloat, SteeringError
 from steer_vllm.spec import Positions, positions_json
 
 if TYPE_CHECKING:
-    from steer_server.api import SteerApiPlugin
+    from steer_server.serving.api import SteerApiPlugin
 
 logger = logging.getLogger("steer_server")
 SWEEPS_PATH = "/v1/steering/sweeps"

@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from steer_server.access import ApiKeys, KeyRoles
-from steer_server.eval.data import sentiment_pairs_file, wedding_pairs_file
+from steer_server.serving.access import ApiKeys, KeyRoles
+from steer_server.measure.data import sentiment_pairs_file, wedding_pairs_file
 
 if TYPE_CHECKING:
-    from steer_server.api import SteerApiPlugin
+    from steer_server.serving.api import SteerApiPlugin
 
 PLAYGROUND_PATH = "/playground"
 PLAYGROUND_COOKIE = "steer_api_key"
@@ -25,7 +25,7 @@ _DATA_FILES = {"sentiment_pairs.jsonl": sentiment_pairs_file, "wedding_pairs.jso
 
 @cache
 def _static(name: str) -> str:
-    return (files("steer_server.playground") / "static" / name).read_text(encoding="utf-8")
+    return (files("steer_server.serving.playground") / "static" / name).read_text(encoding="utf-8")
 
 
 def playground_router(plugin: SteerApiPlugin, keys: ApiKeys) -> APIRouter:

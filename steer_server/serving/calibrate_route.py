@@ -1,5 +1,5 @@
 """``POST /v1/steering/vectors/{name}/calibrate``: find a stored vector's default layer, dose
-and positions (``steer_server.calibration``) and store them beside it.
+and positions (``steer_server.serving.calibration``) and store them beside it.
 
 The sweep runs through this server's own app in-process with the caller's key, within the
 bounds of ``/v1/steering/sweeps`` (it shares the engine with everyone else's requests). The
@@ -26,8 +26,8 @@ from fastapi import APIRouter, Request
 from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import Field, model_validator
 
-from steer_server.access import Tenant
-from steer_server.calibration import (
+from steer_server.serving.access import Tenant
+from steer_server.serving.calibration import (
     DEFAULT_BUDGET,
     CalibrationError,
     ProjectionConcept,
@@ -37,14 +37,14 @@ from steer_server.calibration import (
     score_cells,
 )
 from steer_server.client import DEFAULT_DOSES, MAX_CELLS, VECTORS_PATH
-from steer_server.eval.client import EvalError, Sampling, SteerClient
-from steer_server.eval.data import calibration_prompts, wedding_lexicon
-from steer_server.eval.metrics import Lexicon
-from steer_server.eval.steerings import NamedVector
-from steer_server.eval.sweep import SweepPlan, run_sweep
-from steer_server.route_errors import SteeringRoute
-from steer_server.steering import Dose, FiniteFloat, SteeringError, bad_request
-from steer_server.sweep_route import (
+from steer_server.measure.client import EvalError, Sampling, SteerClient
+from steer_server.measure.data import calibration_prompts, wedding_lexicon
+from steer_server.measure.metrics import Lexicon
+from steer_server.measure.steerings import NamedVector
+from steer_server.measure.sweep import SweepPlan, run_sweep
+from steer_server.serving.route_errors import SteeringRoute
+from steer_server.serving.steering import Dose, FiniteFloat, SteeringError, bad_request
+from steer_server.serving.sweep_route import (
     CONCURRENCY,
     IN_PROCESS_URL,
     MAX_PROMPTS,
@@ -57,7 +57,7 @@ from steer_server.sweep_route import (
 from steer_vllm.spec import Positions, positions_json
 
 if TYPE_CHECKING:
-    from steer_server.api import SteerApiPlugin, SteerServer
+    from steer_server.serving.api import SteerApiPlugin, SteerServer
 
 CALIBRATE_PATH = VECTORS_PATH + "/{name}/calibrate"
 CALIBRATION_PATH = VECTORS_PATH + "/{name}/calibration"

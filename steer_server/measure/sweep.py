@@ -27,10 +27,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from steer_server.eval import metrics
-from steer_server.eval.client import Sampling, SteerClient
-from steer_server.eval.journal import Journal
-from steer_server.eval.steerings import RandomFloor, Steering, Strength, random_floor
+from steer_server.measure import metrics
+from steer_server.measure.client import Sampling, SteerClient
+from steer_server.measure.journal import Journal
+from steer_server.measure.steerings import RandomFloor, Steering, Strength, random_floor
 
 Arm = Literal["unsteered", "steered", "random"]
 METRICS = {  # name -> label

@@ -6,7 +6,7 @@ POST /v1/completions, /v1/chat/completions and /v1/responses rewrite the ``steer
 request, keeping the request's vectors pinned in the process cache until vLLM is done
 with it. A ``steering`` field on any other path is refused rather than silently dropped,
 and so are the engine's own ``vllm_xargs`` keys on every path: clients steer only
-through the typed field. Added to vLLM's app by ``steer_server.api.SteerApiPlugin.attach_router``.
+through the typed field. Added to vLLM's app by ``steer_server.serving.api.SteerApiPlugin.attach_router``.
 """
 from __future__ import annotations
 
@@ -17,20 +17,20 @@ from typing import TYPE_CHECKING
 from fastapi.responses import JSONResponse
 from starlette.datastructures import Headers
 
-from steer_server import metrics
-from steer_server.access import scope_tenant
+from steer_server.serving import metrics
+from steer_server.serving.access import scope_tenant
 from steer_server.client import VECTORS_PATH
-from steer_server.dose_probe import check_dose, coefficient_layers
-from steer_server.receipts import ReceiptAttacher
-from steer_server.render_hook import awaiting_prompt
-from steer_server.steering import SteeringError, bad_request, quota_refusal, store_failure
-from steer_server.sweep_route import SWEEPS_PATH
+from steer_server.serving.dose_probe import check_dose, coefficient_layers
+from steer_server.serving.receipts import ReceiptAttacher
+from steer_server.serving.render_hook import awaiting_prompt
+from steer_server.serving.steering import SteeringError, bad_request, quota_refusal, store_failure
+from steer_server.serving.sweep_route import SWEEPS_PATH
 from steer_vllm.content import VECTORS_KEY
 from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY, SteeringSpecError
 from vector_store import QuotaExceeded, StoredDataDamaged, StoreUnavailable
 
 if TYPE_CHECKING:
-    from steer_server.api import SteerApiPlugin
+    from steer_server.serving.api import SteerApiPlugin
 
 logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
 

@@ -3,7 +3,7 @@ rendering so that every prompt is rendered once.
 
 ActAdd rows land on prompt positions ``anchor..anchor+k-1``: the prompt must reach that
 far, and in a chat the anchor is the first token of the last user message
-(``steer_server.anchor``), so both wait for the templated prompt. vLLM's handlers render
+(``steer_server.serving.anchor``), so both wait for the templated prompt. vLLM's handlers render
 it through ``OnlineRenderer`` before they build the sampling parameters and before any
 stream starts; the wrapper here finds the anchor and checks the lengths right there, then
 rewrites the request's ``vllm_xargs.steering`` with the anchor it found. A refusal is an
@@ -23,8 +23,8 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 
-from steer_server.anchor import user_anchor
-from steer_server.steering import Resolved, SteeringError, bad_request
+from steer_server.serving.anchor import user_anchor
+from steer_server.serving.steering import Resolved, SteeringError, bad_request
 from steer_vllm.hooks import is_hooked, patch
 from steer_vllm.spec import STEERING_KEY
 from steer_vllm.vllm_internals import RENDER_METHODS  # the hooked names, in steer-server's one list of vLLM symbols

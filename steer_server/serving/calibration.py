@@ -1,6 +1,6 @@
 """Calibration: a stored vector's default layer, dose and positions, measured on prompts.
 
-A sweep of layers × relative doses (``steer_server.eval``, the same machinery as
+A sweep of layers × relative doses (``steer_server.measure``, the same machinery as
 ``/v1/steering/sweeps``) steers a prompt set through the server; each cell is judged by a
 concept score and by fluency:
 
@@ -26,8 +26,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from steer_server.eval import metrics
-from steer_server.eval.sweep import SweepResult
+from steer_server.measure import metrics
+from steer_server.measure.sweep import SweepResult
 
 DEFAULT_BUDGET = 1.0  # nats/token of fluency a calibrated setting may cost
 MAX_DEFAULT_LAYERS = 4

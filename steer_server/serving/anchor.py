@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from steer_server.steering import bad_request
+from steer_server.serving.steering import bad_request
 
 
 def _text_of(content: Any) -> str | None:

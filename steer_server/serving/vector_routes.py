@@ -3,13 +3,13 @@
 This module's job: the HTTP API over the vector store (create from contrast prompts, a
 dataset of contrast pairs (JSON or a JSONL file), given directions or a safetensors file;
 list; describe; delete; GGUF import and export),
-built by ``vector_router`` and included by ``steer_server.api.SteerApiPlugin.attach_router``.
+built by ``vector_router`` and included by ``steer_server.serving.api.SteerApiPlugin.attach_router``.
 The routes live on the same app as vLLM's handlers, so vLLM's ``--api-key`` middleware
 guards them (it guards every path under ``/v1``).
 
 Request bodies are typed (pydantic), so the routes and their body schemas are in the
 server's ``/openapi.json``. Errors are answered in the steering error format by
-``VectorRoute`` (``steer_server.route_errors.SteeringRoute``), request validation included.
+``VectorRoute`` (``steer_server.serving.route_errors.SteeringRoute``), request validation included.
 """
 from __future__ import annotations
 
@@ -35,16 +35,16 @@ from pydantic import (
     field_validator,
 )
 
-from steer_server.access import Tenant
+from steer_server.serving.access import Tenant
 from steer_server.client import LIST_PAGE_DEFAULT, LIST_PAGE_MAX, VECTORS_PATH
-from steer_server.route_errors import SteeringRoute, validation_error
-from steer_server.steering import FiniteCoeff, SteeringError, bad_request
+from steer_server.serving.route_errors import SteeringRoute, validation_error
+from steer_server.serving.steering import FiniteCoeff, SteeringError, bad_request
 from vector_store import StoredVector, VectorMeta, VectorNotFound, VectorStoreError
 from vector_store.base import parse_order_key
 from vector_store.compute import PCA_METHODS
 
 if TYPE_CHECKING:
-    from steer_server.api import SteerApiPlugin, SteerServer
+    from steer_server.serving.api import SteerApiPlugin, SteerServer
 
 SAFETENSORS_TYPES = ("application/octet-stream", "application/x-safetensors", "application/safetensors")
 # The dtypes an uploaded direction may have: floating types, each read as float32 as the store keeps it.

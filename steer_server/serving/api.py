@@ -9,7 +9,7 @@ Loaded by vLLM's API server process through the ``vllm.endpoint_plugins`` entry 
 
 One request, in order:
 
-1. ``BodyMiddleware`` (``steer_server.middleware``; pure ASGI, in front of vLLM's handlers)
+1. ``BodyMiddleware`` (``steer_server.serving.middleware``; pure ASGI, in front of vLLM's handlers)
    buffers the body, refusing one over ``--max-body-bytes`` with 413, and refuses the
    engine's own ``vllm_xargs`` keys on every path.
 2. On POST /v1/completions and /v1/chat/completions it pops the ``steering`` field,
@@ -20,13 +20,13 @@ One request, in order:
    ``vllm_xargs.steering`` (a JSON string of ``steer_vllm.spec.EngineSteering``). The
    vectors stay pinned in the process cache until vLLM has handled the request.
 3. vLLM's own handler runs; when it renders the prompt (chat template included), the
-   render hook (``steer_server.render_hook``) finds a chat's anchor in it and checks the
+   render hook (``steer_server.serving.render_hook``) finds a chat's anchor in it and checks the
    ActAdd lengths, before any response starts. ``SamplingParams.extra_args["steering"]``
    carries the spec; the engine plugin's frontend hook validates it against the model, attaches
    the pinned vectors' content, salts the prefix cache; the scheduler admits it when its
    table rows are free, and the workers add the vectors.
 
-Vector routes (``/v1/steering/vectors``, ``steer_server.vector_routes``) live on the same
+Vector routes (``/v1/steering/vectors``, ``steer_server.serving.vector_routes``) live on the same
 app, so vLLM's ``--api-key`` middleware guards them (it guards every path under ``/v1``).
 """
 from __future__ import annotations
@@ -41,16 +41,16 @@ from argparse import Namespace
 
 from fastapi import FastAPI
 
-from steer_server import metrics
-from steer_server.access import access_problems, configured_keys, install_access_control
-from steer_server.anchor import last_user_text
-from steer_server.middleware import STEERED_PATHS, BodyMiddleware, note_refusal
-from steer_server.playground import playground_router
-from steer_server.quotas import QuotaKeeper, Quotas, read_quotas_file
-from steer_server.receipts import receipt_body
-from steer_server.render_hook import AwaitingPrompt, install_render_hooks, render_hook_problems
+from steer_server.serving import metrics
+from steer_server.serving.access import access_problems, configured_keys, install_access_control
+from steer_server.serving.anchor import last_user_text
+from steer_server.serving.middleware import STEERED_PATHS, BodyMiddleware, note_refusal
+from steer_server.serving.playground import playground_router
+from steer_server.serving.quotas import QuotaKeeper, Quotas, read_quotas_file
+from steer_server.serving.receipts import receipt_body
+from steer_server.serving.render_hook import AwaitingPrompt, install_render_hooks, render_hook_problems
 from steer_server.settings import Settings, load_settings
-from steer_server.steering import (
+from steer_server.serving.steering import (
     Resolved,
     SteeringError,
     SteeringField,
@@ -58,9 +58,9 @@ from steer_server.steering import (
     bad_request,
     parse_steering,
 )
-from steer_server.calibrate_route import calibrate_router
-from steer_server.sweep_route import sweep_router
-from steer_server.vector_routes import vector_router
+from steer_server.serving.calibrate_route import calibrate_router
+from steer_server.serving.sweep_route import sweep_router
+from steer_server.serving.vector_routes import vector_router
 from steer_vllm.self_test import SelfTestFailed, prove_steering
 from steer_vllm.spec import STEERING_KEY
 from steer_vllm.validate import ModelLimits
@@ -316,7 +316,7 @@ class SteerServer:
 
     async def take_receipt(self, resolved: Resolved) -> dict:
         """What the workers applied for a finished request that asked for a receipt."""
-        from steer_vllm import workers_rpc_async
+        from steer_vllm.rpc import workers_rpc_async
         from steer_vllm.receipts import TAKE_RECEIPT_RPC, merge_worker_receipts
 
         per_worker = await workers_rpc_async(self.engine_client, TAKE_RECEIPT_RPC, (resolved.engine.receipt,))

@@ -27,7 +27,7 @@ from typing import Literal, Protocol
 
 import numpy as np
 
-from steer_server.eval.client import EvalError, SteerClient
+from steer_server.measure.client import EvalError, SteerClient
 
 SERVER_PAD = "server default"  # leave "pad" out of the request: the server's --steering-pad
 

@@ -43,7 +43,7 @@ the vector's stored layers at that layer; with ``layer`` it applies the vector's
 (or its direction for that layer) at ``layer``.
 
 Anchor (chat and responses): ActAdd row 0 falls on the first token of the last user
-message's content in the prompt as vLLM renders it (``steer_server.anchor``);
+message's content in the prompt as vLLM renders it (``steer_server.serving.anchor``);
 ``"template"`` puts it on the templated prompt's first token. Completions use position 0.
 
 Tokenization: steering prompts use the same rule as the request's prompt would with the

@@ -16,10 +16,10 @@ import copy
 import json
 import uuid
 
-from steer_server.access import scope_tenant
-from steer_server.receipts import RECEIPT_FIELD, ReceiptAttacher
-from steer_server.render_hook import awaiting_prompt
-from steer_server.steering import SteeringError, bad_request, parse_steering
+from steer_server.serving.access import scope_tenant
+from steer_server.serving.receipts import RECEIPT_FIELD, ReceiptAttacher
+from steer_server.serving.render_hook import awaiting_prompt
+from steer_server.serving.steering import SteeringError, bad_request, parse_steering
 
 PROBE_TOKENS = 2  # the prompt's step and the first generated token's
 # Where each route takes its token limit; the probe's replaces the request's.
