@@ -127,6 +127,20 @@ INTERNALS: tuple[Internal, ...] = (
     *(_e("vllm.renderers.online_renderer", f"OnlineRenderer.{name}", "patched", "api",
          "ActAdd checks on the prompt as vLLM renders it (steer_server.serving.render_hook)")
       for name in RENDER_METHODS),
+    # --- api: the steered routes (steer_server.serving.steered_routes) replace vLLM's three
+    *(_e(module, f"{cls}.{method}", "called", "api", f"the steered route serves {cls} through it")
+      for module, cls, method in (
+          ("vllm.entrypoints.openai.completion.serving", "OpenAIServingCompletion", "create_completion"),
+          ("vllm.entrypoints.openai.chat_completion.serving", "OpenAIServingChat", "create_chat_completion"),
+          ("vllm.entrypoints.openai.responses.serving", "OpenAIServingResponses", "create_responses"))),
+    *(_e(module, cls, "subclassed", "api", "the steered route's typed request adds the steering field")
+      for module, cls in (("vllm.entrypoints.openai.completion.protocol", "CompletionRequest"),
+                          ("vllm.entrypoints.openai.chat_completion.protocol", "ChatCompletionRequest"),
+                          ("vllm.entrypoints.openai.responses.protocol", "ResponsesRequest"))),
+    *(_e("vllm.entrypoints.serve.utils.api_utils", name, "called", "api", "what vLLM's own routes wrap themselves in")
+      for name in ("with_cancellation", "load_aware_call", "validate_json_request")),
+    _e("vllm.entrypoints.serve.utils.orca_metrics", "metrics_header", "called", "api", "load-metrics response header"),
+    _e("vllm.entrypoints.serve.utils.sse_keep_alive", "with_sse_keep_alive", "called", "api", "stream keep-alives"),
     _e("vllm.entrypoints.serve.engine.protocol", "ErrorResponse", "called", "api", "render-hook refusals"),
     _e("vllm.entrypoints.serve.engine.protocol", "ErrorInfo", "called", "api", "render-hook refusals"),
     _e("vllm.entrypoints.serve.middleware.register", "init_entrypoints_middleware", "read", "api",

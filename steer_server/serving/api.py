@@ -7,24 +7,13 @@ the engine is up (``SteerServer``: model, tokenizer, vector store, computer, res
 Loaded by vLLM's API server process through the ``vllm.endpoint_plugins`` entry point
 ``steer_api`` (only when ``VLLM_PLUGINS`` names it; ``steer-server serve`` does that).
 
-One request, in order:
-
-1. ``BodyMiddleware`` (``steer_server.serving.middleware``; pure ASGI, in front of vLLM's handlers)
-   buffers the body, refusing one over ``--max-body-bytes`` with 413, and refuses the
-   engine's own ``vllm_xargs`` keys on every path.
-2. On POST /v1/completions and /v1/chat/completions it pops the ``steering`` field,
-   validates it (``steering.SteeringField``), resolves it (``steering.SteeringResolver``:
-   names -> content ids; prompts -> stored ActAdd vectors, computed once through the
-   engine's residual capture and cached by the store; every store call off the event
-   loop with a timeout, ``vector_store.async_access``), and re-injects the result as
-   ``vllm_xargs.steering`` (a JSON string of ``steer_vllm.spec.EngineSteering``). The
-   vectors stay pinned in the process cache until vLLM has handled the request.
-3. vLLM's own handler runs; when it renders the prompt (chat template included), the
-   render hook (``steer_server.serving.render_hook``) finds a chat's anchor in it and checks the
-   ActAdd lengths, before any response starts. ``SamplingParams.extra_args["steering"]``
-   carries the spec; the engine plugin's frontend hook validates it against the model, attaches
-   the pinned vectors' content, salts the prefix cache; the scheduler admits it when its
-   table rows are free, and the workers add the vectors.
+One steered request reads top to bottom in ``steer_server.serving.steered_routes`` (the
+typed route, quota slot, dose probe, resolution onto the request's ``vllm_xargs``, vLLM's
+handler, the receipt), then ``render_hook`` (ActAdd checks on the rendered prompt), then the
+engine plugin (``steer_vllm.frontend``: validation against the model, vectors attached,
+prefix cache salted; the scheduler admits it when its table rows are free; the workers add
+the vectors). ``BodyMiddleware`` only caps bodies and refuses steering where it would be
+dropped.
 
 Vector routes (``/v1/steering/vectors``, ``steer_server.serving.vector_routes``) live on the same
 app, so vLLM's ``--api-key`` middleware guards them (it guards every path under ``/v1``).
@@ -36,7 +25,6 @@ import functools
 import inspect
 import logging
 import time
-import uuid
 from argparse import Namespace
 
 from fastapi import FastAPI
@@ -45,6 +33,7 @@ from steer_server.serving import metrics
 from steer_server.serving.access import access_problems, configured_keys, install_access_control
 from steer_server.serving.anchor import last_user_text
 from steer_server.serving.middleware import STEERED_PATHS, BodyMiddleware, note_refusal
+from steer_server.serving.steered_routes import install_steered_routes, steered_route_problems
 from steer_server.serving.playground import playground_router
 from steer_server.serving.quotas import QuotaKeeper, Quotas, read_quotas_file
 from steer_server.serving.receipts import receipt_body
@@ -56,7 +45,6 @@ from steer_server.serving.steering import (
     SteeringField,
     SteeringResolver,
     bad_request,
-    parse_steering,
 )
 from steer_server.serving.calibrate_route import calibrate_router
 from steer_server.serving.sweep_route import sweep_router
@@ -103,13 +91,14 @@ class SteerApiPlugin:
         # read before install_access_control merges the role keys into vLLM's list
         vllm_keys = getattr(getattr(app.state, "args", None), "api_key", None)
         app.include_router(playground_router(self, configured_keys(vllm_keys, self.settings)))
+        install_steered_routes(app, self)
         app.add_middleware(BodyMiddleware, plugin=self)
         install_render_hooks()
         install_access_control(app, self.settings)  # added last: outside the body middleware, inside vLLM's key check
 
     async def init_state(self, engine_client, state, args: Namespace) -> None:
         # vLLM has built its middleware by now: prove its key check took our merged keys.
-        found = access_problems(self._app) if self._app is not None else []
+        found = (access_problems(self._app) + steered_route_problems(self._app)) if self._app is not None else []
         if found:
             raise RuntimeError("steer-server cannot start: " + "; ".join(found))
         if engine_client is None:
@@ -274,37 +263,31 @@ class SteerServer:
 
     # ---------------------------------------------------------------- requests
 
-    async def rewrite_request(self, path: str, payload: dict, headers, counted: bool = True, *,
-                              tenant: str) -> tuple[Resolved, AwaitingPrompt | None]:
-        """Resolve ``payload["steering"]`` (present) into ``vllm_xargs.steering``, in place,
-        with the vectors of ``tenant`` (the caller's).
-        The caller pins ``Resolved.vectors`` while vLLM handles the request, and hands the
-        ``AwaitingPrompt`` (ActAdd: checks that need the rendered prompt) to the render hook.
-        ``counted``: whether the request is a steered request for metrics and logs (a dose
-        probe is not)."""
-        xargs = payload.get("vllm_xargs")
-        if xargs is not None and not isinstance(xargs, dict):
-            raise bad_request("vllm_xargs", f"expected an object, got {type(xargs).__name__}")
-        field: SteeringField = parse_steering(payload.pop("steering"))
+    async def steer_request(self, path: str, request, payload: dict, headers, counted: bool = True, *,
+                            tenant: str) -> Resolved:
+        """Resolve ``request.steering`` (present) with the vectors of ``tenant`` (the caller's)
+        into the request's ``vllm_xargs.steering``. ActAdd checks that need the rendered prompt
+        go on the request for the render hook. ``payload``: the body as sent (a chat's user
+        text). ``counted``: whether the request is a steered request for metrics and logs (a
+        dose probe is not)."""
+        field: SteeringField = request.steering
         if field.anchor is not None and path == "/v1/completions":
             raise bad_request("steering.anchor", "applies to chat and responses; completions steer from the prompt's first token")
-        add_special_tokens = payload.get("add_special_tokens", True) if path == "/v1/completions" else True
+        add_special_tokens = request.add_special_tokens if path == "/v1/completions" else True
         resolved = await self.resolver.for_tenant(tenant).resolve(field, add_special_tokens=bool(add_special_tokens))
         if resolved.waits_for_prompt:  # ActAdd lengths and a chat's anchor wait for the rendered prompt
             to_user = path != "/v1/completions" and field.anchor != "template"
             resolved.engine = resolved.engine.model_copy(update={"anchor_to": "user" if to_user else "prompt"})
-        steering_text = resolved.engine_json()
-        payload["vllm_xargs"] = {**(xargs or {}), STEERING_KEY: steering_text}
-        if "request_id" not in payload and headers.get("x-request-id") is None and path != "/v1/responses":
-            payload["request_id"] = uuid.uuid4().hex
-        request_id = headers.get("x-request-id") or payload.get("request_id", "-")
+        request.vllm_xargs = {**(request.vllm_xargs or {}), STEERING_KEY: resolved.engine_json()}
+        request_id = headers.get("x-request-id") or request.request_id
         label = metrics.tenant_label(tenant, self.settings.metrics_tenant_label)
         accepted = functools.partial(self._accepted, path, request_id, resolved, label) if counted else _nothing
         if resolved.engine.anchor_to is None:
             accepted()
-            return resolved, None
-        return resolved, AwaitingPrompt(resolved, steering_text, last_user_text(path, payload), self._decode, accepted,
-                                        functools.partial(note_refusal, path, tenant_label=label))
+        else:
+            request.await_render(AwaitingPrompt(resolved, last_user_text(path, payload), self._decode, accepted,
+                                                functools.partial(note_refusal, path, tenant_label=label)))
+        return resolved
 
     @staticmethod
     def _accepted(path: str, request_id: str, resolved: Resolved, tenant_label: str) -> None:

@@ -8,17 +8,14 @@ a layer a coefficient steers is over the limit, the request is refused with a 40
 addition before anything is sent; otherwise the request runs as asked. The price is one more
 prefill for coefficient requests on such servers, and the check covers the first two
 positions' steps: later tokens' streams, and so their doses, can differ.
+
+This module says what the probe is and reads its verdict; ``steered_routes`` runs it.
 """
 from __future__ import annotations
 
-import asyncio
 import copy
-import json
 import uuid
 
-from steer_server.serving.access import scope_tenant
-from steer_server.serving.receipts import RECEIPT_FIELD, ReceiptAttacher
-from steer_server.serving.render_hook import awaiting_prompt
 from steer_server.serving.steering import SteeringError, bad_request, parse_steering
 
 PROBE_TOKENS = 2  # the prompt's step and the first generated token's
@@ -61,51 +58,3 @@ def over_limit(steering: dict, receipt: dict, max_dose: float) -> SteeringError 
                     f"{addition.coeff:g} gave a dose of {layer['dose_max']:.3g} at layer {layer['layer']} on the first "
                     f"step, over this server's limit of {max_dose:g} (--max-dose); lower it or give a dose")
     return None
-
-
-class _Collected:
-    """An ASGI ``send`` that keeps the response."""
-
-    def __init__(self):
-        self.status = 0
-        self.body = b""
-
-    async def __call__(self, message: dict) -> None:
-        if message["type"] == "http.response.start":
-            self.status = message["status"]
-        elif message["type"] == "http.response.body":
-            self.body += message.get("body", b"")
-
-
-async def check_dose(app, scope: dict, server, path: str, payload: dict, headers) -> SteeringError | None:
-    """Run the probe of ``payload`` (its ``steering`` field not yet resolved) through ``app``;
-    the refusal when a coefficient went over ``--max-dose``. A probe that fails is not a
-    verdict: the request itself then meets the same error and reports it."""
-    probe = probe_payload(path, payload)
-    resolved, awaiting = await server.rewrite_request(path, probe, headers, counted=False, tenant=scope_tenant(scope))
-    body = json.dumps(probe).encode()
-    probe_scope = dict(scope)
-    probe_scope["headers"] = [(k, v) for k, v in scope["headers"]
-                              if k.lower() not in (b"content-length", b"x-request-id")]
-    probe_scope["headers"].append((b"content-length", str(len(body)).encode()))
-    collected = _Collected()
-    delivered = False
-
-    async def receive():
-        nonlocal delivered
-        if delivered:  # vLLM listens for a disconnect until the answer is ready: none comes
-            await asyncio.Event().wait()
-        delivered = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
-    vectors = server.store.vectors
-    vectors.pin(resolved.vectors)
-    try:
-        with awaiting_prompt(awaiting):
-            await app(probe_scope, receive, ReceiptAttacher(collected, lambda: server.take_receipt(resolved)))
-    finally:
-        vectors.unpin(resolved.vectors)
-    if collected.status != 200:
-        return None
-    receipt = json.loads(collected.body).get(RECEIPT_FIELD) or {}
-    return over_limit(payload["steering"], receipt, server.settings.max_dose)

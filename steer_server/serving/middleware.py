@@ -1,12 +1,11 @@
-"""steer_api's request-body middleware: pure ASGI, in front of vLLM's handlers.
+"""steer_api's request-body middleware: pure ASGI, in front of every route.
 
-This module's job: cap every request body at ``--max-body-bytes`` (413 beyond it), and on
-POST /v1/completions, /v1/chat/completions and /v1/responses rewrite the ``steering`` field into
-``vllm_xargs.steering`` (through ``SteerServer.rewrite_request``) before vLLM parses the
-request, keeping the request's vectors pinned in the process cache until vLLM is done
-with it. A ``steering`` field on any other path is refused rather than silently dropped,
-and so are the engine's own ``vllm_xargs`` keys on every path: clients steer only
-through the typed field. Added to vLLM's app by ``steer_server.serving.api.SteerApiPlugin.attach_router``.
+This module's job: cap every request body at ``--max-body-bytes`` (413 beyond it), refuse a
+``steering`` field on any path but the steered routes' (vLLM would drop it silently and
+answer unsteered), and refuse the engine's own ``vllm_xargs`` keys on every path: clients
+steer only through the typed field, which the steered routes (``steered_routes``) read.
+It reads bodies and never changes them. Added to vLLM's app by
+``steer_server.serving.api.SteerApiPlugin.attach_router``.
 """
 from __future__ import annotations
 
@@ -20,14 +19,10 @@ from starlette.datastructures import Headers
 from steer_server.serving import metrics
 from steer_server.serving.access import scope_tenant
 from steer_server.client import VECTORS_PATH
-from steer_server.serving.dose_probe import check_dose, coefficient_layers
-from steer_server.serving.receipts import ReceiptAttacher
-from steer_server.serving.render_hook import awaiting_prompt
-from steer_server.serving.steering import SteeringError, bad_request, quota_refusal, store_failure
+from steer_server.serving.steering import SteeringError, bad_request
 from steer_server.serving.sweep_route import SWEEPS_PATH
 from steer_vllm.content import VECTORS_KEY
-from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY, SteeringSpecError
-from vector_store import QuotaExceeded, StoredDataDamaged, StoreUnavailable
+from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY
 
 if TYPE_CHECKING:
     from steer_server.serving.api import SteerApiPlugin
@@ -44,8 +39,7 @@ class _TooLarge(Exception):
 
 
 class BodyMiddleware:
-    """Pure ASGI: caps every request body, and rewrites the ``steering`` field of
-    completions and chat requests into ``vllm_xargs`` before vLLM's handlers parse it.
+    """Pure ASGI: caps every request body, and refuses steering where it would be dropped.
 
     Added from ``attach_router``, i.e. before vLLM adds its own middlewares, so it runs
     inside them: an ``--api-key`` check comes first."""
@@ -83,61 +77,13 @@ class BodyMiddleware:
                                  bad_request("body", "JSON nested deeper than this server parses"), label)
         if payload is None or path.startswith((VECTORS_PATH, SWEEPS_PATH)):  # their own "steering" fields
             return await self.app(scope, _replay(body, receive), send)
-        server = self.plugin.server
-        steering = payload.get("steering")
         refusal = _reserved_xargs(payload)
-        if refusal is None and steering is not None:
-            if scope["method"] != "POST" or path not in STEERED_PATHS:
-                # vLLM drops unknown fields silently: refuse rather than answer unsteered.
-                refusal = bad_request("steering", f"not supported on {path}; use {', '.join(STEERED_PATHS)}")
-            elif server is None:
-                refusal = SteeringError(503, "steering is not initialised on this server", "steering")
+        if refusal is None and payload.get("steering") is not None and (
+                scope["method"] != "POST" or path not in STEERED_PATHS):
+            refusal = bad_request("steering", f"not supported on {path}; use {', '.join(STEERED_PATHS)}")
         if refusal is not None:
             return await _refuse(scope, receive, send, path, refusal, label)
-        if steering is None:
-            return await self.app(scope, _replay(body, receive), send)
-        try:
-            slot = await server.quotas.enter_steered(tenant)
-        except QuotaExceeded as exc:
-            return await _refuse(scope, receive, send, path, quota_refusal(exc), label)
-        except (StoreUnavailable, StoredDataDamaged) as exc:
-            return await _refuse(scope, receive, send, path, store_failure("steering", exc), label)
-        try:
-            return await self._steer(scope, receive, send, server, path, payload, tenant, label)
-        finally:
-            await server.quotas.leave_steered(tenant, slot)
-
-    async def _steer(self, scope, receive, send, server, path: str, payload: dict, tenant: str, label: str):
-        """Resolve the steering into the body vLLM reads, and answer the request with it."""
-        headers = Headers(scope=scope)
-        try:
-            if server.settings.max_dose is not None and coefficient_layers(payload["steering"]):
-                refusal = await check_dose(self.app, scope, server, path, payload, headers)
-                if refusal is not None:
-                    raise refusal
-            resolved, awaiting = await server.rewrite_request(path, payload, headers, tenant=tenant)
-        except SteeringError as exc:
-            return await _refuse(scope, receive, send, path, exc, label)
-        except SteeringSpecError as exc:
-            return await _refuse(scope, receive, send, path, SteeringError(400, str(exc)), label)
-        except QuotaExceeded as exc:  # the capture of a steering prompt, or storing its vector
-            return await _refuse(scope, receive, send, path, quota_refusal(exc), label)
-        except Exception as exc:  # noqa: BLE001 - a server fault, reported as one
-            logger.exception("steer_api: resolving steering failed")
-            return await _refuse(scope, receive, send, path, SteeringError(500, f"steering failed: {exc}"), label)
-        body = json.dumps(payload).encode()
-        scope = dict(scope)
-        scope["headers"] = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
-        scope["headers"].append((b"content-length", str(len(body)).encode()))
-        if resolved.engine.receipt is not None:
-            send = ReceiptAttacher(send, lambda: server.take_receipt(resolved))
-        vectors = server.store.vectors
-        vectors.pin(resolved.vectors)
-        try:
-            with awaiting_prompt(awaiting):
-                return await self.app(scope, _replay(body, receive), send)
-        finally:
-            vectors.unpin(resolved.vectors)
+        return await self.app(scope, _replay(body, receive), send)
 
 
 def _json_object(body: bytes) -> dict | None:

@@ -10,17 +10,16 @@ rewrites the request's ``vllm_xargs.steering`` with the anchor it found. A refus
 ``ErrorResponse``, which vLLM's handlers already answer with its status (400 naming the
 field) instead of starting a stream.
 
-The request in flight is handed over in a context variable (set by the body middleware
-around vLLM's handler) and recognised by its exact steering text, so a render of any other
-request, or a second render of this one, is left alone. A request whose checks never ran
-still carries ``anchor_to``, and the engine's frontend refuses it.
+The checks travel on the request object itself (``SteeredChatCompletionRequest`` ... in
+``steered_routes``, which vLLM's handler passes to its renderer) and are taken by its first
+render, so a render of any other request, or a second render of this one, is left alone. A
+request whose checks never ran still carries ``anchor_to``, and the engine's frontend
+refuses it.
 """
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from steer_server.serving.anchor import user_anchor
@@ -42,7 +41,6 @@ class AwaitingPrompt:
     """A steered request whose ActAdd checks wait for its rendered prompt."""
 
     resolved: Resolved
-    steering_text: str  # the request's vllm_xargs.steering as sent: what identifies its render
     user_text: str | None  # anchor "user": the text of the last user message (None: there is none)
     decode: Callable[[list[int]], str]  # the tokenizer's decoding, special tokens kept
     on_checked: Callable[[], None]  # counts and logs the request as steered
@@ -63,19 +61,6 @@ class AwaitingPrompt:
         return self.resolved.engine_json()
 
 
-_AWAITING: ContextVar[AwaitingPrompt | None] = ContextVar("steer_awaiting_prompt", default=None)
-
-
-@contextmanager
-def awaiting_prompt(awaiting: AwaitingPrompt | None) -> Iterator[None]:
-    """Hands ``awaiting`` to the render hook for vLLM's handling of the current request."""
-    token = _AWAITING.set(awaiting)
-    try:
-        yield
-    finally:
-        _AWAITING.reset(token)
-
-
 def _checked_render(engine_inputs_of: Callable):
     def make(original):
         @functools.wraps(original)
@@ -83,15 +68,14 @@ def _checked_render(engine_inputs_of: Callable):
             from vllm.entrypoints.serve.engine.protocol import ErrorInfo, ErrorResponse
 
             result = await original(self, request, *args, **kwargs)
-            awaiting = _AWAITING.get()
-            xargs = getattr(request, "vllm_xargs", None)
-            if (awaiting is None or isinstance(result, ErrorResponse) or not xargs
-                    or xargs.get(STEERING_KEY) != awaiting.steering_text):
+            take_awaiting = getattr(request, "take_awaiting", None)  # a steered route's request
+            awaiting = take_awaiting() if take_awaiting is not None else None
+            if awaiting is None or isinstance(result, ErrorResponse):
                 return result
             # Prompt embeddings carry no ids: the engine's frontend checks those lengths.
             prompts = [list(e["prompt_token_ids"]) for e in engine_inputs_of(result) if e.get("prompt_token_ids") is not None]
             try:
-                xargs[STEERING_KEY] = awaiting.check(prompts)
+                request.vllm_xargs[STEERING_KEY] = awaiting.check(prompts)
             except SteeringError as exc:
                 awaiting.on_refused(exc)
                 return ErrorResponse(error=ErrorInfo(**exc.body()["error"]))

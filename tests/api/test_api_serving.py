@@ -82,3 +82,17 @@ async def test_async_streaming_chat(server):
 def test_prompt_tokens_details_flag_passed_through(client, server):
     response = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=1, temperature=0)
     assert response.usage.prompt_tokens_details is not None  # --enable-prompt-tokens-details reached vLLM
+
+
+def test_openapi_shows_the_steering_field_on_the_three_steered_routes(server):
+    schema = httpx.get(server.url + "/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path in ("/v1/completions", "/v1/chat/completions", "/v1/responses"):
+        body = schema["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        model = components[body["$ref"].rsplit("/", 1)[-1]]
+        steering = model["properties"]["steering"]
+        refs = [option.get("$ref", "") for option in steering["anyOf"]]
+        assert any(ref.endswith("/SteeringField") for ref in refs), steering
+        assert "prompt" in model["properties"] or "messages" in model["properties"] or "input" in model["properties"]
+    field = components["SteeringField"]["properties"]
+    assert {"additions", "ablate", "clamp", "mode", "positions", "receipt"} <= set(field)

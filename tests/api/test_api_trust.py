@@ -178,3 +178,37 @@ def test_a_render_hook_vllm_would_not_call_refuses_the_server(monkeypatch):
     monkeypatch.setattr(OnlineRenderer, "render_chat", OnlineRenderer.render_chat.__wrapped__)
     assert render_hook_problems(state(OnlineRenderer)) == ["the render hook OnlineRenderer.render_chat is not installed"] * 2
 
+
+
+def test_the_steered_routes_take_the_places_of_vllms_and_one_of_vllms_answering_first_refuses_the_server():
+    """vLLM's own routers, as its app includes them: the steered routes replace the three POST
+    routes in place; the startup check names a steered path vLLM's app did not serve."""
+    from types import SimpleNamespace
+
+    from fastapi import FastAPI
+    from vllm.entrypoints.openai.chat_completion.api_router import router as chat_router
+    from vllm.entrypoints.openai.completion.api_router import router as completion_router
+    from vllm.entrypoints.openai.responses.api_router import router as responses_router
+
+    from steer_server.serving.steered_routes import SteeringRoute, install_steered_routes, steered_route_problems
+
+    app = FastAPI()
+    for router in (completion_router, chat_router, responses_router):
+        app.include_router(router)
+    before = [(r.path, sorted(r.methods)) for r in app.router.routes if hasattr(r, "methods")]
+    install_steered_routes(app, SimpleNamespace())
+    assert steered_route_problems(app) == []
+    assert [(r.path, sorted(r.methods)) for r in app.router.routes if hasattr(r, "methods")] == before
+    steered = [r.path for r in app.router.routes if isinstance(r, SteeringRoute)]
+    assert sorted(steered) == ["/v1/chat/completions", "/v1/completions", "/v1/responses"]
+    assert "/v1/responses/{response_id}" in [r.path for r in app.router.routes]  # vLLM's other routes stay
+
+    # A route vLLM would add after the plugins (an upgrade) answers before ours: refused.
+    late = FastAPI()
+    late.include_router(chat_router)
+    install_steered_routes(late, SimpleNamespace())
+    late.include_router(completion_router)
+    late.router.routes.insert(0, late.router.routes.pop())
+    assert steered_route_problems(late) == [
+        "POST /v1/completions is answered by vllm.entrypoints.openai.completion.api_router.create_completion, "
+        "not by steer-server's steered route"]
