@@ -11,6 +11,7 @@ import argparse
 from steer_server.settings import DEFAULT_URL, ClientSettings, load_client_settings
 
 VECTORS_PATH = "/v1/steering/vectors"  # the one definition: the server's routes are declared under it too
+SWEEPS_PATH = "/v1/steering/sweeps"
 # A listing page (GET VECTORS_PATH?limit=&after=): its size unless asked, and the most one holds.
 LIST_PAGE_DEFAULT = 100
 LIST_PAGE_MAX = 1000

@@ -8,7 +8,8 @@ against is what the engine receives, whatever happens to the store meanwhile.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 
 import cachetools
 
@@ -72,6 +73,15 @@ class VectorCache:
                         pass
                 else:
                     self._pinned[content_id] = (vector, count - 1)
+
+    @contextmanager
+    def pinned_while(self, vectors: dict[str, StoredVector]) -> Iterator[None]:
+        """``vectors`` pinned for the ``with`` block."""
+        self.pin(vectors)
+        try:
+            yield
+        finally:
+            self.unpin(vectors)
 
     @property
     def pinned(self) -> int:

@@ -43,6 +43,7 @@ from steer_server.measure.metrics import Lexicon
 from steer_server.measure.steerings import NamedVector
 from steer_server.measure.sweep import SweepPlan, run_sweep
 from steer_server.serving.route_errors import SteeringRoute
+from steer_server.serving.state import Steer
 from steer_server.serving.steering import Dose, FiniteFloat, SteeringError, bad_request
 from steer_server.serving.sweep_route import (
     CONCURRENCY,
@@ -57,7 +58,7 @@ from steer_server.serving.sweep_route import (
 from steer_vllm.spec import Positions, positions_json
 
 if TYPE_CHECKING:
-    from steer_server.serving.api import SteerApiPlugin, SteerServer
+    from steer_server.serving.state import SteerServer
 
 CALIBRATE_PATH = VECTORS_PATH + "/{name}/calibrate"
 CALIBRATION_PATH = VECTORS_PATH + "/{name}/calibration"
@@ -91,16 +92,13 @@ class CalibrateRequest(Strict):
         return self
 
 
-def calibrate_router(plugin: SteerApiPlugin) -> APIRouter:
+def calibrate_router() -> APIRouter:
     router = APIRouter(route_class=SteeringRoute)
 
     @router.post(CALIBRATE_PATH)
-    async def calibrate(name: str, body: CalibrateRequest, request: Request, tenant: Tenant):
+    async def calibrate(name: str, body: CalibrateRequest, request: Request, server: Steer, tenant: Tenant):
         """Sweep layers × doses on prompts; store the best setting within the fluency budget
         as the vector's default (``{"vector": name}`` with no coeff or dose then uses it)."""
-        server = plugin.server
-        if server is None:
-            raise SteeringError(503, "steering is not initialised on this server")
         content_id, vector = await server.resolver.for_tenant(tenant).vector(name, "name")
         job = await _job(server, name, content_id, vector, body, request, tenant)
         if not body.stream:
@@ -111,7 +109,7 @@ def calibrate_router(plugin: SteerApiPlugin) -> APIRouter:
         return event_stream(progress_events(job, lambda exc: _refusal(exc).body()
                                             if isinstance(exc, (EvalError, CalibrationError)) else None))
 
-    _set_calibration_route(router, plugin)
+    _set_calibration_route(router)
     return router
 
 
@@ -132,13 +130,10 @@ class CalibrationBody(Strict):
     samples: int | None = Field(None, ge=1)
 
 
-def _set_calibration_route(router: APIRouter, plugin: SteerApiPlugin) -> None:
+def _set_calibration_route(router: APIRouter) -> None:
     @router.put(CALIBRATION_PATH)
-    async def set_calibration(name: str, body: CalibrationBody, tenant: Tenant):
+    async def set_calibration(name: str, body: CalibrationBody, server: Steer, tenant: Tenant):
         """Store ``body`` as the vector's default layer, dose and positions (the caller's tenant's)."""
-        server = plugin.server
-        if server is None:
-            raise SteeringError(503, "steering is not initialised on this server")
         content_id, vector = await server.resolver.for_tenant(tenant).vector(name, "name")
         mode = _mode_of(vector)
         if mode == "actadd" and body.positions != "all":

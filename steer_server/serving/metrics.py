@@ -25,9 +25,19 @@ so the dashboard's queries read the same either way.
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 from prometheus_client import REGISTRY, Counter, Histogram
+
+if TYPE_CHECKING:
+    from steer_server.serving.steering import SteeringError
+
+logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
+
+# The paths that take a steering field, and each one's ``endpoint`` label.
+STEERED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 
 
 def _get_or_create(factory, name: str, documentation: str, **kwargs):
@@ -91,3 +101,8 @@ def count_rejected(status: int, reason: str, tenant: str = "") -> None:
     """One request refused by the steering layer; ``tenant``: ``tenant_label``'s value."""
     REJECTED_REQUESTS.labels(status=str(status), reason=reason, tenant=tenant).inc()
 
+
+def note_refusal(path: str, error: SteeringError, tenant_label: str = "") -> None:
+    """A request on ``path`` refused with ``error``: counted, and logged."""
+    count_rejected(error.status, error.reason, tenant_label)
+    logger.info("refused steering on %s: %s", path, error.message)

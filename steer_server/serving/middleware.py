@@ -18,18 +18,16 @@ from starlette.datastructures import Headers
 
 from steer_server.serving import metrics
 from steer_server.serving.access import scope_tenant
-from steer_server.client import VECTORS_PATH
+from steer_server.client import SWEEPS_PATH, VECTORS_PATH
 from steer_server.serving.steering import SteeringError, bad_request
-from steer_server.serving.sweep_route import SWEEPS_PATH
 from steer_vllm.content import VECTORS_KEY
 from steer_vllm.spec import CAPTURE_KEY, STEERING_KEY
 
 if TYPE_CHECKING:
-    from steer_server.serving.api import SteerApiPlugin
+    from steer_server.settings import Settings
 
 logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
 
-STEERED_PATHS = {"/v1/completions": "completions", "/v1/chat/completions": "chat", "/v1/responses": "responses"}
 # vllm_xargs keys the engine reads; only the server itself may set them.
 RESERVED_XARGS = (STEERING_KEY, CAPTURE_KEY, VECTORS_KEY)
 
@@ -44,14 +42,14 @@ class BodyMiddleware:
     Added from ``attach_router``, i.e. before vLLM adds its own middlewares, so it runs
     inside them: an ``--api-key`` check comes first."""
 
-    def __init__(self, app, plugin: SteerApiPlugin):
+    def __init__(self, app, settings: Settings):
         self.app = app
-        self.plugin = plugin
+        self.settings = settings
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        limit = self.plugin.settings.max_body_bytes
+        limit = self.settings.max_body_bytes
         headers = Headers(scope=scope)
         declared = headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -67,7 +65,7 @@ class BodyMiddleware:
 
         path = scope["path"].removeprefix(scope.get("root_path", ""))
         tenant = scope_tenant(scope)
-        label = metrics.tenant_label(tenant, self.plugin.settings.metrics_tenant_label)
+        label = metrics.tenant_label(tenant, self.settings.metrics_tenant_label)
         # Only bodies that can name a steering key are parsed here; a key spelled with JSON
         # escapes ("\u0073teering") must not slip past, so escaped bodies are parsed too.
         try:
@@ -79,8 +77,8 @@ class BodyMiddleware:
             return await self.app(scope, _replay(body, receive), send)
         refusal = _reserved_xargs(payload)
         if refusal is None and payload.get("steering") is not None and (
-                scope["method"] != "POST" or path not in STEERED_PATHS):
-            refusal = bad_request("steering", f"not supported on {path}; use {', '.join(STEERED_PATHS)}")
+                scope["method"] != "POST" or path not in metrics.STEERED_PATHS):
+            refusal = bad_request("steering", f"not supported on {path}; use {', '.join(metrics.STEERED_PATHS)}")
         if refusal is not None:
             return await _refuse(scope, receive, send, path, refusal, label)
         return await self.app(scope, _replay(body, receive), send)
@@ -103,13 +101,8 @@ def _reserved_xargs(payload: dict) -> SteeringError | None:
     return None
 
 
-def note_refusal(path: str, error: SteeringError, tenant_label: str = "") -> None:
-    metrics.count_rejected(error.status, error.reason, tenant_label)
-    logger.info("refused steering on %s: %s", path, error.message)
-
-
 async def _refuse(scope, receive, send, path: str, error: SteeringError, tenant_label: str) -> None:
-    note_refusal(path, error, tenant_label)
+    metrics.note_refusal(path, error, tenant_label)
     await _send_error(scope, receive, send, error)
 
 

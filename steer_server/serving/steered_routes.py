@@ -25,7 +25,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -40,11 +40,11 @@ from vllm.entrypoints.serve.utils.orca_metrics import metrics_header
 from vllm.entrypoints.serve.utils.sse_keep_alive import with_sse_keep_alive
 
 from steer_server.serving import metrics
-from steer_server.serving.access import scope_tenant
+from steer_server.serving.access import Tenant, scope_tenant
 from steer_server.serving.dose_probe import coefficient_layers, over_limit, probe_payload
-from steer_server.serving.middleware import note_refusal
 from steer_server.serving.receipts import RECEIPT_FIELD
 from steer_server.serving.render_hook import AwaitingPrompt
+from steer_server.serving.state import SETTINGS_STATE, SteerIfStarted, SteerServer
 from steer_server.serving.steering import (
     SteeringError,
     SteeringField,
@@ -54,9 +54,6 @@ from steer_server.serving.steering import (
 )
 from steer_vllm.spec import SteeringSpecError
 from vector_store import QuotaExceeded, StoredDataDamaged, StoreUnavailable
-
-if TYPE_CHECKING:
-    from steer_server.serving.api import SteerApiPlugin, SteerServer
 
 logger = logging.getLogger("vllm.steer_server")  # under "vllm": printed with vLLM's log handler
 
@@ -203,17 +200,14 @@ class _HeldStream(StreamingResponse):
 
 
 def _refusal(path: str, error: SteeringError, tenant: str, app) -> JSONResponse:
-    plugin = app.state.steer_plugin
-    note_refusal(path, error, metrics.tenant_label(tenant, plugin.settings.metrics_tenant_label))
+    labelled = getattr(app.state, SETTINGS_STATE).metrics_tenant_label
+    metrics.note_refusal(path, error, metrics.tenant_label(tenant, labelled))
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
 
 
-async def _steer(kind: _Kind, request, raw_request: Request) -> Response:
-    plugin: SteerApiPlugin = raw_request.app.state.steer_plugin
+async def _steer(kind: _Kind, request, raw_request: Request, server: SteerServer | None, tenant: str) -> Response:
     if request.steering is None:
         return await serve(kind, request, raw_request)
-    tenant = scope_tenant(raw_request.scope)
-    server = plugin.server
     if server is None:
         return _refusal(kind.path, SteeringError(503, "steering is not initialised on this server", "steering"),
                         tenant, raw_request.app)
@@ -289,11 +283,8 @@ async def _check_dose(kind: _Kind, raw_request: Request, server: SteerServer, pa
     probe_request = Request(scope, raw_request.receive)
     resolved = await server.steer_request(kind.path, probe, probe_body, probe_request.headers, counted=False,
                                           tenant=tenant)
-    server.store.vectors.pin(resolved.vectors)
-    try:
+    with server.store.vectors.pinned_while(resolved.vectors):
         response = await serve(kind, probe, probe_request, lambda: server.take_receipt(resolved))
-    finally:
-        server.store.vectors.unpin(resolved.vectors)
     if response.status_code != 200:
         return None
     receipt = json.loads(response.body).get(RECEIPT_FIELD) or {}
@@ -303,17 +294,17 @@ async def _check_dose(kind: _Kind, raw_request: Request, server: SteerServer, pa
 def _route(kind: _Kind):
     # The body parameter's annotation is the route's typed request: FastAPI parses it, and
     # /openapi.json shows its steering field.
-    async def create(request, raw_request: Request) -> Response:
-        return await _steer(kind, request, raw_request)
+    async def create(request, raw_request: Request, server: SteerIfStarted, tenant: Tenant) -> Response:
+        return await _steer(kind, request, raw_request, server, tenant)
 
-    create.__annotations__ = {"request": kind.request_class, "raw_request": Request, "return": Response}
+    create.__annotations__ = {"request": kind.request_class, "raw_request": Request, "server": SteerIfStarted,
+                              "tenant": Tenant, "return": Response}
     create.__name__ = kind.method
     return with_cancellation(load_aware_call(create))
 
 
-def install_steered_routes(app: FastAPI, plugin: SteerApiPlugin) -> None:
+def install_steered_routes(app: FastAPI) -> None:
     """Put the steered routes in the places of vLLM's, keeping vLLM's documented responses."""
-    app.state.steer_plugin = plugin
     router = APIRouter(route_class=SteeringRoute)
     for index, route in enumerate(list(app.router.routes)):
         if isinstance(route, APIRoute) and route.path in KINDS and "POST" in route.methods:

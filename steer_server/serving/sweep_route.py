@@ -21,7 +21,7 @@ import json
 import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 import httpx
 from fastapi import APIRouter, Request
@@ -30,21 +30,18 @@ from fastapi.security.utils import get_authorization_scheme_param
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from steer_server.serving.access import Tenant
-from steer_server.client import MAX_CELLS
+from steer_server.client import MAX_CELLS, SWEEPS_PATH
 from steer_server.measure.client import EvalError, Sampling, SteerClient
 from steer_server.measure.data import wedding_lexicon
 from steer_server.measure.metrics import Lexicon
 from steer_server.measure.steerings import SERVER_PAD, ContrastPairs, NamedVector, PromptAdditions, Steering
 from steer_server.measure.sweep import SweepPlan, run_sweep
 from steer_server.serving.route_errors import SteeringRoute
+from steer_server.serving.state import Steer
 from steer_server.serving.steering import Dose, FiniteFloat, SteeringError
 from steer_vllm.spec import Positions, positions_json
 
-if TYPE_CHECKING:
-    from steer_server.serving.api import SteerApiPlugin
-
 logger = logging.getLogger("steer_server")
-SWEEPS_PATH = "/v1/steering/sweeps"
 MAX_PROMPTS = 8
 MAX_SAMPLES = 8
 MAX_TOKENS = 64
@@ -133,15 +130,12 @@ class SweepRequest(Strict):
                          strength="coeff" if self.coeffs is not None else "dose")
 
 
-def sweep_router(plugin: SteerApiPlugin) -> APIRouter:
+def sweep_router() -> APIRouter:
     router = APIRouter(route_class=SteeringRoute)
 
     @router.post(SWEEPS_PATH)
-    async def create_sweep(body: SweepRequest, request: Request, tenant: Tenant):
+    async def create_sweep(body: SweepRequest, request: Request, server: Steer, tenant: Tenant):
         """Run a small sweep now; the answer is its result (or, with ``stream``, its progress)."""
-        server = plugin.server
-        if server is None:
-            raise SteeringError(503, "steering is not initialised on this server")
         for i, layer in enumerate(body.layers):
             server.resolver.check_layer(layer, f"layers[{i}]")
         if body.lexicon is not None and not any(w.strip() for w in body.lexicon):

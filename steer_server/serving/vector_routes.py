@@ -17,7 +17,7 @@ import dataclasses
 import json
 import re
 import time
-from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import torch
 from fastapi import APIRouter, Body, Request
@@ -38,13 +38,12 @@ from pydantic import (
 from steer_server.serving.access import Tenant
 from steer_server.client import LIST_PAGE_DEFAULT, LIST_PAGE_MAX, VECTORS_PATH
 from steer_server.serving.route_errors import SteeringRoute, validation_error
+from steer_server.serving.state import Steer, SteerServer
 from steer_server.serving.steering import FiniteCoeff, SteeringError, bad_request
 from vector_store import StoredVector, VectorMeta, VectorNotFound, VectorStoreError
 from vector_store.base import parse_order_key
 from vector_store.compute import PCA_METHODS
 
-if TYPE_CHECKING:
-    from steer_server.serving.api import SteerApiPlugin, SteerServer
 
 SAFETENSORS_TYPES = ("application/octet-stream", "application/x-safetensors", "application/safetensors")
 # The dtypes an uploaded direction may have: floating types, each read as float32 as the store keeps it.
@@ -172,16 +171,11 @@ class VectorRoute(SteeringRoute):
         return _validation_error(error)
 
 
-def vector_router(plugin: SteerApiPlugin) -> APIRouter:
+def vector_router() -> APIRouter:
     router = APIRouter(route_class=VectorRoute)
 
-    def server() -> SteerServer:
-        if plugin.server is None:
-            raise SteeringError(503, "steering is not initialised on this server")
-        return plugin.server
-
     @router.post(VECTORS_PATH, status_code=201, openapi_extra=_UPLOAD_BODIES)
-    async def create_vector(request: Request, spec: Annotated[VectorCreate, Body()], tenant: Tenant,
+    async def create_vector(request: Request, spec: Annotated[VectorCreate, Body()], srv: Steer, tenant: Tenant,
                             name: str | None = None, method: str | None = None, layer: int | None = None,
                             layers: str | None = None, position: str | None = None, template: str | None = None):
         """Create a vector: JSON from contrast prompts (``additions`` or ``pairs``) or given
@@ -189,7 +183,6 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         the raw body with the pairs body's other fields in the query (``?name=&method=&layers=all``,
         ``layers`` comma-separated); or a safetensors file (tensors ``layer.N``, ``[k, hidden]``)
         as the raw body with ``?name=``."""
-        srv = server()
         content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
         options = {key: value for key, value in (("method", method), ("layer", layer), ("layers", layers),
                                                  ("position", position), ("template", template)) if value is not None}
@@ -211,14 +204,13 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         return JSONResponse(await srv.describe(content_id, vector, tenant), status_code=201)
 
     @router.get(VECTORS_PATH)
-    async def list_vectors(tenant: Tenant, all: bool = False,  # noqa: A002 - the query parameter's name
+    async def list_vectors(srv: Steer, tenant: Tenant, all: bool = False,  # noqa: A002 - the query parameter's name
                            limit: int = LIST_PAGE_DEFAULT, after: str | None = None):
         """The caller's tenant's named vectors, oldest first, one page at a time (``?all=true``: also the unnamed ones
         computed for requests): up to ``limit`` of them (default 100, at most 1000) after the
         cursor ``after``, the ``next_cursor`` of the page before (absent: the first page).
         ``has_more``: whether more followed this page when it was read (then ``next_cursor`` is
         set; null on the last page)."""
-        srv = server()
         if not 1 <= limit <= LIST_PAGE_MAX:
             raise bad_request("limit", f"expected 1..{LIST_PAGE_MAX} vectors a page, got {limit}")
         if after is not None:
@@ -253,11 +245,10 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
                 "has_more": page.next_cursor is not None}
 
     @router.post(VECTORS_PATH + "/import/gguf", status_code=201, openapi_extra=_BINARY_BODY)
-    async def import_gguf_route(request: Request, tenant: Tenant, name: str | None = None):
+    async def import_gguf_route(request: Request, srv: Steer, tenant: Tenant, name: str | None = None):
         """A llama.cpp control vector (the raw file as the body): ``direction.N`` becomes layer N+1."""
         from vector_store.gguf_io import import_gguf
 
-        srv = server()
         body = await request.body()
         if not body:
             raise bad_request("body", "empty; send the GGUF file's bytes")
@@ -269,18 +260,16 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         return JSONResponse(await srv.describe(content_id, vector, tenant), status_code=201)
 
     @router.get(VECTORS_PATH + "/{name_or_id}")
-    async def get_vector(name_or_id: str, tenant: Tenant, norms: bool = False):
+    async def get_vector(name_or_id: str, srv: Steer, tenant: Tenant, norms: bool = False):
         """Metadata; ``?norms=true`` adds each row's L2 norm and a typical token's norm at that layer."""
-        srv = server()
         content_id, vector = await srv.lookup(name_or_id, tenant)
         return await srv.describe(content_id, vector, tenant, norms=norms)
 
     @router.delete(VECTORS_PATH + "/{name_or_id}")
-    async def delete_vector(name_or_id: str, tenant: Tenant):
+    async def delete_vector(name_or_id: str, srv: Steer, tenant: Tenant):
         """By name: the name goes, and the vector too once no name of the tenant points at it.
         By content id: the vector and every name of the tenant pointing at it. "Deleted" is the
         tenant's view: the content stays stored while another tenant references it."""
-        srv = server()
         target = await srv.store.name_target(name_or_id, tenant=tenant)
         if target is not None:
             await srv.store.delete_name(name_or_id, tenant=tenant)
@@ -297,13 +286,12 @@ def vector_router(plugin: SteerApiPlugin) -> APIRouter:
         return {"object": "steering.vector.deleted", "names_removed": names, "deleted": content_id}
 
     @router.get(VECTORS_PATH + "/{name_or_id}/gguf")
-    async def export_gguf_route(name_or_id: str, tenant: Tenant):
+    async def export_gguf_route(name_or_id: str, srv: Steer, tenant: Tenant):
         """The vector as a llama.cpp control vector file (constant vectors, layers 2..num_layers)."""
         import io
 
         from vector_store.gguf_io import export_gguf
 
-        srv = server()
         content_id, vector = await srv.lookup(name_or_id, tenant)
         out = io.BytesIO()
         export_gguf(vector, out, srv.model_type, num_layers=srv.model.num_layers)

@@ -183,8 +183,6 @@ def test_a_render_hook_vllm_would_not_call_refuses_the_server(monkeypatch):
 def test_the_steered_routes_take_the_places_of_vllms_and_one_of_vllms_answering_first_refuses_the_server():
     """vLLM's own routers, as its app includes them: the steered routes replace the three POST
     routes in place; the startup check names a steered path vLLM's app did not serve."""
-    from types import SimpleNamespace
-
     from fastapi import FastAPI
     from vllm.entrypoints.openai.chat_completion.api_router import router as chat_router
     from vllm.entrypoints.openai.completion.api_router import router as completion_router
@@ -196,7 +194,7 @@ def test_the_steered_routes_take_the_places_of_vllms_and_one_of_vllms_answering_
     for router in (completion_router, chat_router, responses_router):
         app.include_router(router)
     before = [(r.path, sorted(r.methods)) for r in app.router.routes if hasattr(r, "methods")]
-    install_steered_routes(app, SimpleNamespace())
+    install_steered_routes(app)
     assert steered_route_problems(app) == []
     assert [(r.path, sorted(r.methods)) for r in app.router.routes if hasattr(r, "methods")] == before
     steered = [r.path for r in app.router.routes if isinstance(r, SteeringRoute)]
@@ -206,9 +204,43 @@ def test_the_steered_routes_take_the_places_of_vllms_and_one_of_vllms_answering_
     # A route vLLM would add after the plugins (an upgrade) answers before ours: refused.
     late = FastAPI()
     late.include_router(chat_router)
-    install_steered_routes(late, SimpleNamespace())
+    install_steered_routes(late)
     late.include_router(completion_router)
     late.router.routes.insert(0, late.router.routes.pop())
     assert steered_route_problems(late) == [
         "POST /v1/completions is answered by vllm.entrypoints.openai.completion.api_router.create_completion, "
         "not by steer-server's steered route"]
+
+
+def test_routes_take_the_steering_state_as_a_dependency_and_answer_503_until_it_is_there(monkeypatch):
+    """The plugin on a bare FastAPI app whose engine never came up (vLLM's render-only server):
+    every route that needs the steering state gets it through its dependency, which answers
+    503 naming what is missing instead of failing inside the route."""
+    import asyncio
+    from argparse import Namespace
+
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+    from vllm.entrypoints.openai.completion.api_router import router as completion_router
+
+    from steer_server.serving.api import SteerApiPlugin
+
+    for name in ("STEER_API_KEYS_FILE", "STEER_ADMIN_API_KEY", "VLLM_API_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    app = FastAPI()
+    app.include_router(completion_router)  # as vLLM's app has it before the plugins attach
+    app.state.args = Namespace(api_key=None)
+    plugin = SteerApiPlugin()
+    plugin.attach_router(app)
+    asyncio.run(plugin.init_state(None, app.state, app.state.args))
+    with TestClient(app) as client:
+        for method, path, body in (("GET", "/v1/steering/vectors", None),
+                                   ("GET", "/v1/steering/vectors/love", None),
+                                   ("POST", "/v1/steering/vectors/love/calibrate", {}),
+                                   ("POST", "/v1/completions", {"model": "m", "prompt": "Hi",
+                                                                "steering": {"additions": [{"vector": "love", "coeff": 2, "layer": 3}]}})):
+            response = client.request(method, path, json=body)
+            assert response.status_code == 503, (path, response.text)
+            assert "steering is not initialised on this server" in error_of(response)["message"], path
+        page = client.get("/playground")  # no keys: open, and it says there is no model yet
+        assert page.status_code == 200 and '"num_layers": null' in page.text

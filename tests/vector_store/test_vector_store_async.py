@@ -135,6 +135,19 @@ def test_pinned_vectors_survive_eviction_and_the_cache_stays_bounded():
     assert cache.get(one.content_id) is None and cache.pinned == 0
 
 
+def test_a_vector_pinned_while_a_block_runs_is_unpinned_after_it_even_when_it_fails():
+    one = vector(6, rows=64, hidden=256)
+    cache = VectorCache(max_bytes=100 * 1024)
+    with pytest.raises(RuntimeError, match="probe failed"):
+        with cache.pinned_while({one.content_id: one}):
+            assert cache.pinned == 1
+            for i in range(3):  # 192 KiB put through a 100 KiB cache: the pinned one stays
+                cache.put(str(i), vector(20 + i, rows=64, hidden=256))
+            assert cache.get(one.content_id) is one
+            raise RuntimeError("probe failed")
+    assert cache.pinned == 0
+
+
 def test_one_tenants_cached_answers_are_not_anothers(tmp_path):
     from vector_store.sqlite import SqliteVectorStore
 
