@@ -203,7 +203,10 @@ def engine_defaults(model_dir: str, vllm_args: list[str], settings: Settings) ->
 
     - ``--no-async-scheduling``: steering is not tested with asynchronous scheduling
       (vLLM's default on GPU), so the plugin refuses it; asked for, it is refused loudly;
-    - on CPU, ``--kv-cache-memory-bytes`` sized to the memory free now (``kv_cache``)."""
+    - on CPU, ``--kv-cache-memory-bytes`` sized to the memory free now (``kv_cache``);
+    - on a CPU without bfloat16 instructions, ``--dtype float32`` for a float32 checkpoint.
+      vLLM would run it in bfloat16, which such a CPU emulates: the default model generates
+      about 4x slower so (EVALUATION.md, "Precision on CPU")."""
     from steer_server.kv_cache import NotEnoughMemory, choose_kv_cache_bytes, free_node_memory, user_chose
 
     chosen = []
@@ -211,6 +214,12 @@ def engine_defaults(model_dir: str, vllm_args: list[str], settings: Settings) ->
         chosen.append("--no-async-scheduling")
     from vllm.platforms import current_platform
 
+    if (current_platform.is_cpu() and not any(a.split("=")[0] == "--dtype" for a in vllm_args)
+            and not cpu_has_bfloat16() and checkpoint_dtype(model_dir) == "float32"):
+        print("steer-server: --dtype float32, the checkpoint's own: this CPU has no bfloat16 instructions "
+              "(AVX512-BF16, AMX), so vLLM's bfloat16 default would be emulated, several times slower",
+              file=sys.stderr, flush=True)
+        chosen += ["--dtype", "float32"]
     if current_platform.is_cpu() and not user_chose(vllm_args, settings):
         try:
             choice = choose_kv_cache_bytes(model_dir, free_node_memory())
@@ -219,6 +228,24 @@ def engine_defaults(model_dir: str, vllm_args: list[str], settings: Settings) ->
         print(f"steer-server: {choice.explanation}", file=sys.stderr, flush=True)
         chosen += ["--kv-cache-memory-bytes", str(choice.size_bytes)]
     return [*chosen, *vllm_args]
+
+
+def cpu_has_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (x86: AVX512-BF16 or AMX; Arm: BF16)."""
+    import torch
+
+    capabilities = torch.cpu.get_capabilities()
+    return any(capabilities.get(flag) for flag in ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16"))
+
+
+def checkpoint_dtype(model_dir: str) -> str | None:
+    """The dtype ``config.json`` gives the weights (``torch_dtype``, or ``dtype`` in newer files)."""
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    text = config.get("text_config", config)
+    return text.get("torch_dtype") or text.get("dtype") or config.get("torch_dtype") or config.get("dtype")
 
 
 def prepare_environment(settings: Settings) -> None:

@@ -6,7 +6,9 @@ none, so position 0 then cancels between the +/- prompts), nucleus sampling top_
 repetition_penalty 1.2, 32 samples (the server's --seed; vLLM's CPU build refuses a
 per-request seed). The settings are those EVALUATION.md measured: " weddings" - " " at
 layer 18 with coefficient 4 (47% mention weddings, 0% unsteered); Love - Hate (5) at
-layer 0 on hostile openings, by VADER sentiment.
+layer 0 on hostile openings, by VADER sentiment. The server runs the model in float32, as
+`steer-server serve` does on a CPU without bfloat16 instructions (EVALUATION.md, "Precision
+on CPU").
 """
 from __future__ import annotations
 
@@ -50,7 +52,8 @@ def test_weddings(client, server):
 
 def test_love_hate(client, server):
     """+5 "Love" -5 "Hate" at layer 0 on the 16 hostile openings the eval ships, 8 samples
-    each: the mean VADER sentiment rises (EVALUATION.md measured +0.20 -> +0.39)."""
+    each: the mean VADER sentiment rises (EVALUATION.md measured +0.20 -> +0.39 in bfloat16,
+    +0.16 -> +0.50 in float32)."""
     from steer_server.measure.data import hostile_prompts
     from steer_server.measure.metrics import sentiment
 

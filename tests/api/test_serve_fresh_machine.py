@@ -37,6 +37,14 @@ def clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("VLLM_", "STEER_", "PYTEST"))}
 
 
+BFLOAT16_FLAGS = {"avx512_bf16", "amx_bf16"}
+
+
+def cpu_flags() -> set[str]:
+    flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    return set(flags.split(":", 1)[1].split())
+
+
 def node_memory() -> int:
     from vllm.utils.cpu_resource_utils import get_memory_node_info
 
@@ -70,6 +78,9 @@ def test_make_serve_starts_while_another_process_holds_a_fifth_of_memory(tmp_pat
         assert completion.status_code == 200, completion.text
         text = log.read_text(errors="replace")
         assert "KV cache" in text and "chosen by steer-server" in text
+        # The default model's float32 weights are served in float32 where the CPU has no
+        # bfloat16 instructions (read here from the kernel's flags), in vLLM's bfloat16 elsewhere.
+        assert f"dtype=torch.{'bfloat16' if cpu_flags() & BFLOAT16_FLAGS else 'float32'}" in text, text[-4000:]
     finally:
         os.killpg(server.pid, signal.SIGINT)
         try:
