@@ -150,14 +150,15 @@ async def _response_events(events: AsyncIterator, receipt: Callable[[], Awaitabl
         yield f"event: {getattr(event, 'type', 'unknown')}\ndata: {json.dumps(data)}\n\n"
 
 
-KINDS = {
-    "/v1/completions": _Kind("/v1/completions", SteeredCompletionRequest, "openai_serving_completion",
-                             "create_completion", {}, _text_events, True),
-    "/v1/chat/completions": _Kind("/v1/chat/completions", SteeredChatCompletionRequest, "openai_serving_chat",
-                                  "create_chat_completion", {}, _text_events, True),
-    "/v1/responses": _Kind("/v1/responses", SteeredResponsesRequest, "openai_serving_responses",
-                           "create_responses", {"mode": "json", "by_alias": True}, _response_events, False),
+# Each steered path's route, keyed by its ``endpoint`` label in metrics.STEERED_PATHS (the one
+# list of steered paths).
+_BY_LABEL = {
+    "completions": (SteeredCompletionRequest, "openai_serving_completion", "create_completion", {}, _text_events, True),
+    "chat": (SteeredChatCompletionRequest, "openai_serving_chat", "create_chat_completion", {}, _text_events, True),
+    "responses": (SteeredResponsesRequest, "openai_serving_responses", "create_responses",
+                  {"mode": "json", "by_alias": True}, _response_events, False),
 }
+KINDS = {path: _Kind(path, *_BY_LABEL[label]) for path, label in metrics.STEERED_PATHS.items()}
 
 
 async def serve(kind: _Kind, request, raw_request: Request, receipt: Callable[[], Awaitable[dict]] | None = None,
