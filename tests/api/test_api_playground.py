@@ -251,11 +251,11 @@ def test_sentiment_preset_steers_by_name_at_the_calibrated_setting(page, client,
              "the weddings preset")
     row = page.find_element("css selector", "#steering-rows tr")
     assert Select(row.find_element("css selector", ".row-strength")).first_selected_option.text == "dose"
-    assert http.get("/v1/steering/vectors/weddings").json()["stats"]["18"]["separation"] > 0.5
+    assert http.get("/v1/steering/vectors/weddings").json()["stats"]["12"]["separation"] > 0.5
     generate(page)
     expected = client.completions.create(model=server.model, prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0,
                                          top_p=1, extra_body={"steering": {"mode": "constant", "additions": [
-                                             {"vector": "weddings", "dose": 0.3, "layer": 18}]}})
+                                             {"vector": "weddings", "dose": 0.075, "layer": 12}]}})
     assert text_of(page, "out-steered") == expected.choices[0].text != text_of(page, "out-plain")
     by_id(page, "preset-love-hate").click()  # the page as the other tests expect it: actadd mode
 
