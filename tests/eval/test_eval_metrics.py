@@ -8,6 +8,7 @@ import pytest
 
 from steer_server.measure import data, metrics
 from steer_server.measure.journal import Journal, JournalMismatch
+from steer_server.serving import calibration
 
 
 @pytest.mark.parametrize(("successes", "n", "low", "high"), [
@@ -115,3 +116,25 @@ def test_journal_resumes_and_drops_a_cut_line(tmp_path):
     assert [r["key"] for r in lines] == ["a", "b", "c"]
     with pytest.raises(JournalMismatch):
         Journal(path, {"run": 2})
+
+
+def _cell(layer: int, dose: float, concept: float, nll: float, nll_high: float | None) -> calibration.CellScore:
+    return calibration.CellScore(layer, dose, metrics.Estimate(concept, None, None, 32),
+                                 metrics.Estimate(nll, None, nll_high, 32), metrics.Estimate(0.03, None, None, 32))
+
+
+def test_calibration_keeps_to_the_budget_at_the_upper_end_of_each_cells_cost():
+    # The wedding calibration of EVALUATION.md, "First try", in short: the cell that moved most
+    # cost 0.93 nats on average but up to 1.10, and 1.00 on held-out prompts.
+    edge = _cell(22, 0.15, 0.97, 2.56, 2.73)
+    safe = _cell(17, 0.1, 0.91, 2.45, 2.58)
+    weak = _cell(22, 0.05, 0.41, 1.73, 1.81)
+    assert calibration.choose([edge, safe, weak], unsteered_nll=1.63, budget=1.0) == safe
+    assert calibration.choose([edge, safe, weak], unsteered_nll=1.63, budget=1.2) == edge
+    # One completion a cell gives no interval: its value is the bound.
+    lone = _cell(3, 0.2, 0.5, 2.5, None)
+    assert calibration.choose([lone], unsteered_nll=1.63, budget=1.0) == lone
+    with pytest.raises(calibration.CalibrationError,
+                       match=r"no cell costs at most 0.1 nats/token .*\(the cheapest, layer 22 at dose 0.05, costs 0.10, "
+                             r"up to 0.18\)"):
+        calibration.choose([edge, safe, weak], unsteered_nll=1.63, budget=0.1)
