@@ -34,13 +34,14 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from steer_server.default_model import default_model_dir
-from steer_server.measure.data import (calibration_prompts, neutral_prompts, sentiment_pairs_file, wedding_lexicon,
-                                       wedding_pairs_file)
+from steer_server.measure.data import (calibration_prompts, hostile_prompts, neutral_prompts, sentiment_pairs_file,
+                                       wedding_lexicon, wedding_pairs_file)
 from steer_server.reference import contrast_vectors
 
 VECTORS = "/v1/steering/vectors"
 PAIRS = {"sentiment": sentiment_pairs_file, "wedding": wedding_pairs_file}
 MIDPOINT_TOLERANCE = 0.03
+HELD_OUT = {"neutral": neutral_prompts, "hostile": hostile_prompts}  # the eval's sentence openings
 
 
 def interval(values: list[float]) -> dict:
@@ -56,6 +57,8 @@ def main() -> int:
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--dataset", choices=sorted(PAIRS), default="sentiment",
                         help="the shipped pairs the vector is made from (its name too)")
+    parser.add_argument("--held-out", choices=sorted(HELD_OUT), default="neutral",
+                        help="the prompts the calibrated vector is measured on (none is a calibration prompt)")
     parser.add_argument("--reuse", action="store_true", help="measure the vector already made and calibrated")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=32)
@@ -68,7 +71,7 @@ def main() -> int:
     lexicon = wedding_lexicon() if name == "wedding" else None
     if lexicon is not None:
         args.calibrate = {"lexicon": sorted(lexicon.entries), **args.calibrate}
-    held_out = neutral_prompts()
+    held_out = HELD_OUT[args.held_out]()
     assert not set(held_out) & set(calibration_prompts()), "held-out prompts must not be calibration prompts"
     http = httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.api_key}"}, timeout=3600)
     model_name = http.get("/v1/models").raise_for_status().json()["data"][0]["id"]
@@ -132,7 +135,7 @@ def main() -> int:
                          "position": vector["source"].get("position", "last"), "seconds": round(made_s, 1)},
               "calibrate_seconds": round(calibrate_s, 1), "calibrate_body": args.calibrate,
               "calibration_cells": calibration_cells,
-              "held_out_prompts": len(held_out),
+              "held_out_prompts": {"set": args.held_out, "count": len(held_out)},
               "samples": args.samples, "max_tokens": args.max_tokens, "arms": {}}
     for arm, items in completions.items():
         concept, nll = [], []
