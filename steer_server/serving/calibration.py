@@ -111,7 +111,7 @@ def choose(cells: list[CellScore], unsteered_nll: float, budget: float) -> CellS
 
 def _cost_bound(cell: CellScore) -> float:
     """The upper end of the cell's NLL interval (its value when too few completions give one)."""
-    return cell.nll.value if cell.nll.high is None else max(cell.nll.value, cell.nll.high)
+    return cell.nll.value if cell.nll.high is None else cell.nll.high
 
 
 class ProjectionConcept:
