@@ -3,8 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from default_server import fp32_default_server  # noqa: F401  (a fixture, found by name)
 from redis_fixture import redis_server  # noqa: F401  (a fixture, found by name)
+from shared_starts import group_for_workers
+from shared_starts import pytest_runtest_teardown, pytest_xdist_node_collection_finished  # noqa: F401  (hooks)
 
 # What a test starts, for `-m` (plain `make test` runs everything; e.g. `-m "not engine and not
 # server"` leaves the quick tests). By the fixtures it uses, the session's and each module's own:
@@ -24,9 +28,8 @@ _BY_PATH = {
 _TESTS = Path(__file__).parent
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the xdist_group marks
 def pytest_collection_modifyitems(config, items) -> None:
-    import pytest
-
     for item in items:
         where = Path(item.path).relative_to(_TESTS).as_posix() if Path(item.path).is_relative_to(_TESTS) else ""
         starts = {marker for marker, fixtures in _BY_FIXTURE.items() if fixtures & set(item.fixturenames)}
@@ -36,3 +39,6 @@ def pytest_collection_modifyitems(config, items) -> None:
             starts.add("redis")  # a store fixture parametrized over backends asks for redis_server by value
         for marker in sorted(starts):
             item.add_marker(getattr(pytest.mark, marker))
+    starting = {item.nodeid.split("::")[0] for item in items
+                if item.get_closest_marker("server") or item.get_closest_marker("engine")}
+    group_for_workers(items, long_first=starting)

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from shared_starts import close_with_group
 from steer_server import server_process
 
 INFERENCE_KEY = "fp32-inference-key-51b0"
@@ -49,6 +50,7 @@ def fp32_default_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[De
          "--enforce-eager", "--max-model-len", "1024", "--seed", "0", "--dtype", "float32",
          "--api-key", INFERENCE_KEY],
         port=server_process.free_port(), log=log, env=env, timeout_s=900)
+    close_with_group("fp32_default_server", lambda: server_process.stop(running))
     try:
         models = httpx.get(running.url + "/v1/models", headers={"Authorization": f"Bearer {INFERENCE_KEY}"}).json()
         assert models["data"][0]["id"] == SERVED_NAME, models

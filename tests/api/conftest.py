@@ -16,6 +16,7 @@ import httpx
 import openai
 import pytest
 
+from shared_starts import close_with_group
 from steer_server import server_process
 from steer_server.server_process import ServerProcess
 from steer_server.server_process import free_port as free_loopback_port  # noqa: F401  (tests import it from here)
@@ -62,6 +63,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     workdir = tmp_path_factory.mktemp("steer-server")
     store, log = workdir / "store", workdir / "server.log"
     running = start_steer_server(log, session_args(store))
+    close_with_group("server", lambda: stop_steer_server(running))
     try:
         models = httpx.get(running.url + "/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}).json()
         yield Server(url=running.url, api_key=API_KEY, model=models["data"][0]["id"], store=store, log=log)
@@ -181,6 +183,7 @@ def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TinyServer
     running = start_steer_server(log, tiny_server_args(model_dir, store))
     served = TinyServer(url=running.url, api_key=API_KEY, model=model_dir, store=store, log=log, model_dir=model_dir,
                         running=running)
+    close_with_group("tiny_server", lambda: stop_steer_server(served.running))
     try:
         yield served
     finally:

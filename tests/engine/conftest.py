@@ -1,12 +1,12 @@
 """Engine tests: real vLLM (offline ``LLM``) with the steer plugin, against the
 independent Hugging Face reference in steer_server/reference.py."""
 import os
-from pathlib import Path
 
 import pytest
 import torch
 
 from models import make_tiny
+from shared_starts import close_with_group
 
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
@@ -39,31 +39,21 @@ def tiny_models(tmp_path_factory):
     return _TinyModels(tmp_path_factory.mktemp("tiny-models"))
 
 
-_HOSTS: list = []  # the engine host, while one runs
-_HERE = Path(__file__).parent
-
-
 @pytest.fixture(scope="session")
 def engine_host(engine_store):
     """ONE process for the tests that need only an engine's outputs: it starts their engines
     in-process, one after another (``engine_host.py`` says why and what stays covered). It is
-    closed after the last test of this folder (``pytest_runtest_teardown``), not held idle
-    through the rest of the session."""
+    closed after the last test of its group (``shared_starts``), not held idle through the rest
+    of the session."""
     from engine_host import EngineHost
 
     host = EngineHost({key: value for key, value in os.environ.items()
                        if key.startswith(("VLLM_", "STEER_"))})
-    _HOSTS.append(host)
+    close_with_group("engine_host", host.close)  # a later request would start it again
     try:
         yield host
     finally:
         host.close()
-
-
-def pytest_runtest_teardown(item, nextitem):
-    if _HOSTS and (nextitem is None or _HERE not in Path(nextitem.path).parents):
-        for host in _HOSTS:
-            host.close()  # a later request would start it again
 
 
 def start_llm(model_dir: str, **overrides):
