@@ -180,6 +180,15 @@ def stream_held_open(client: httpx.Client, body: dict) -> Iterator[int]:
         holder.join(120)
 
 
+def held_body(model: str, prompt: str, steering: dict) -> dict:
+    """A steered completion for ``stream_held_open`` that keeps its ``steered_in_flight`` slot
+    while held. The slot goes back once the server has sent the last byte, read or not, so it asks
+    for 3 MB (16 sampled completions of 200 tokens, 20 log-probabilities each), more than the
+    sockets buffer while nothing reads it. On a loaded machine, hold it up to 3 times still."""
+    return {"model": model, "prompt": prompt, "n": 16, "max_tokens": 200, "ignore_eos": True, "logprobs": 20,
+            "temperature": 1.0, "steering": steering}
+
+
 def after_the_slot_returns(send: Callable[[], httpx.Response], within_s: float = 20.0) -> httpx.Response:
     """``send()`` repeated while it is refused for ``steered_in_flight``, for up to ``within_s``:
     a held request's slot goes back just after its last byte is sent, so the next request can

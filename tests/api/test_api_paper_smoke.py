@@ -46,7 +46,9 @@ def test_weddings(client, server):
 
     with ThreadPoolExecutor(2) as pool:  # both at once: the server batches them
         unsteered, steered = map(rate, pool.map(lambda steer: sample(client, server, prompt, steer), (None, steering)))
-    assert unsteered <= 0.05, unsteered
+    # Unsteered, about 2% mention weddings (EVALUATION.md); more than 4 of 32 at that rate is a
+    # 1-in-2400 draw. Which samples come depends on what the seeded server sampled before.
+    assert unsteered <= 4 / SAMPLES, unsteered
     assert steered >= 0.15, steered
 
 

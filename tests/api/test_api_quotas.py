@@ -14,7 +14,7 @@ import pytest
 from api_helpers import error_of
 from conftest import QUOTAS, TENANT_KEYS, TinyServer, http_client
 
-from fleet_processes import after_the_slot_returns, stream_held_open
+from fleet_processes import after_the_slot_returns, held_body, stream_held_open
 
 from vector_store.codec import encode
 from vector_store.sqlite import SqliteVectorStore
@@ -149,10 +149,7 @@ def test_one_steered_request_in_flight_refuses_the_next_until_it_ends(tiny_serve
     made = upload(emptied(clients["team-q"]), mine, seed=300)
     assert made.status_code == 201, made.text
     steering = {"additions": [{"vector": mine, "coeff": 1.0}]}
-    long_body = {"model": tiny_server.model, "prompt": "Once", "max_tokens": 200, "ignore_eos": True, "logprobs": 5,
-                 "temperature": 0, "steering": steering}
-    # The held request's slot goes back once the server has sent its last token, read or not;
-    # on a loaded machine that can come before the next request does, so it is held up to 3 times.
+    long_body = held_body(tiny_server.model, "Once", steering)
     for _ in range(3):
         with stream_held_open(clients["team-q"], long_body) as status:
             assert status == 200

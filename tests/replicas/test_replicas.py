@@ -28,6 +28,7 @@ from fleet_processes import (
     ServerProcess,
     after_the_slot_returns,
     free_port,
+    held_body,
     nginx_config,
     start_nginx,
     start_tiny_server,
@@ -169,10 +170,8 @@ def test_a_tenants_quotas_hold_across_replicas(fleet):
         assert quota_of(third) == "vectors"
     # Steered requests in flight: one held open on the first replica refuses the next on the second.
     steering = {"additions": [{"vector": "q1", "coeff": 1.0}]}
-    # (held up to 3 times: the slot goes back once the server has sent the last token, read or not)
     for _ in range(3):
-        with stream_held_open(one, {"model": "tiny", "prompt": PROMPT, "max_tokens": 200, "ignore_eos": True,
-                                    "logprobs": 5, "steering": steering}) as status:
+        with stream_held_open(one, held_body("tiny", PROMPT, steering)) as status:
             assert status == 200
             second = two.post("/v1/completions", json={"model": "tiny", "prompt": PROMPT, "max_tokens": 2,
                                                        "steering": steering})
