@@ -19,7 +19,7 @@ serve: setup
 	$(VENV)/bin/steer-server serve $(ARGS)
 
 # Two workers (this machine kind has two cores); a shared server's tests stay in one worker
-# (tests/conftest.py groups them), so each server starts once. TEST_WORKERS=0 runs in-process.
+# (tests/shared_starts.py groups them), so each server starts once. TEST_WORKERS=0 runs in-process.
 TEST_WORKERS ?= 2
 test: setup
 	$(PY) -m pytest -q -ra -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder $(PYTEST_ARGS)

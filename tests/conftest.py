@@ -39,6 +39,4 @@ def pytest_collection_modifyitems(config, items) -> None:
             starts.add("redis")  # a store fixture parametrized over backends asks for redis_server by value
         for marker in sorted(starts):
             item.add_marker(getattr(pytest.mark, marker))
-    starting = {item.nodeid.split("::")[0] for item in items
-                if item.get_closest_marker("server") or item.get_closest_marker("engine")}
-    group_for_workers(items, long_first=starting)
+    group_for_workers(items, long_first=("server", "engine"))

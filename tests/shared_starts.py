@@ -47,17 +47,19 @@ def _groups(items) -> dict[str, str]:
     return {module: names[root(module)] for module in {_module(item) for item in items} if module in joined}
 
 
-def group_for_workers(items, long_first: set[str]) -> None:
+def group_for_workers(items, long_first: tuple[str, ...]) -> None:
     """Marks each test's xdist group and puts the longest work first, so the last to finish is
-    short: the shared groups (most modules first), then the modules in ``long_first``, then the
-    rest. Call it from ``pytest_collection_modifyitems`` before xdist's own (``tryfirst``)."""
+    short: the shared groups (most modules first), then the modules with a test marked with one of
+    ``long_first``, then the rest. Call it from ``pytest_collection_modifyitems`` before xdist's
+    own (``tryfirst``)."""
     groups = _groups(items)
     modules_in = Counter(groups.values())
+    starting = {_module(item) for item in items if any(item.get_closest_marker(mark) for mark in long_first)}
 
     def order(module: str) -> tuple[int, str]:
         if module in groups:
             return -modules_in[groups[module]], groups[module]
-        return (0 if module in long_first else 1), module
+        return (0 if module in starting else 1), module
 
     for item in items:
         item.add_marker(pytest.mark.xdist_group(groups.get(_module(item), _module(item))))

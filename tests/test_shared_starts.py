@@ -16,7 +16,7 @@ from shared_starts import pytest_runtest_teardown, pytest_xdist_node_collection_
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
-    group_for_workers(items, long_first=set())
+    group_for_workers(items, long_first=())
 
 
 def log(event):
@@ -38,7 +38,7 @@ def tiny_server():
     yield
     close()
 '''
-USES = "from conftest import log\n\ndef test_first(tiny_server):\n    log('test {m}')\n\n\ndef test_second(request):\n    log('test {m}')\n"
+USES = "from conftest import log\n\ndef test_first(tiny_server):\n    log('test {m}')\n\n\ndef test_second():\n    log('test {m}')\n"
 OTHER = ("import pytest\nfrom conftest import log\n\n@pytest.fixture(scope='module')\ndef own():\n    log('module {m}')\n\n\n"
          "def test_first(own):\n    log('test {m}')\n\n\ndef test_second(own):\n    log('test {m}')\n")
 
